@@ -1,0 +1,60 @@
+"""
+relayer: reliable, ordered, per-target delivery of events to remote targets, on Twisted.
+
+An application submits events for targets; relayer stores each one before acknowledging it,
+batches each target's events into transactions, sends them in order, one at a time per target,
+and retries a failing target with backoff until it is back, without holding up the others.
+"""
+
+from relayer._version import __version__
+from relayer.config import BackoffPolicy, FailurePolicy, TargetConfig
+from relayer.controller import TransactionController
+from relayer.dbpool import DatabasePool, ThreadedDatabasePool
+from relayer.errors import (
+    ConfigurationError,
+    DuplicateTarget,
+    EventTooLarge,
+    InvalidEvent,
+    InvalidTarget,
+    NotRunning,
+    RelayerError,
+    SchemaVersionError,
+    StoreError,
+    UnknownTarget,
+)
+from relayer.grouper import EventGrouper
+from relayer.recoverer import Recoverer
+from relayer.scheduler import Scheduler, TargetStatus
+from relayer.store import DeadLetter, IStore, SQLiteStore, TargetState
+from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
+
+__all__ = [
+    "BackoffPolicy",
+    "ConfigurationError",
+    "DatabasePool",
+    "DeadLetter",
+    "DuplicateTarget",
+    "EventGrouper",
+    "EventTooLarge",
+    "FailurePolicy",
+    "IStore",
+    "ITransport",
+    "InvalidEvent",
+    "InvalidTarget",
+    "NotRunning",
+    "OutcomeKind",
+    "Recoverer",
+    "RelayerError",
+    "SQLiteStore",
+    "Scheduler",
+    "SchemaVersionError",
+    "SendOutcome",
+    "StoreError",
+    "TargetConfig",
+    "TargetState",
+    "TargetStatus",
+    "ThreadedDatabasePool",
+    "TransactionController",
+    "UnknownTarget",
+    "__version__",
+]

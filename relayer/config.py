@@ -1,0 +1,256 @@
+"""
+Configuration of targets and of their retry behaviour.
+
+All configuration objects are frozen attrs classes whose validators raise
+:class:`relayer.errors.ConfigurationError` (or its subclass
+:class:`relayer.errors.InvalidTarget`) at construction, with a message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from relayer.errors import ConfigurationError, InvalidTarget
+
+#: Default cap on the number of events in one transaction.
+DEFAULT_MAX_EVENTS = 100
+#: Default cap on the encoded size of one transaction, in bytes (1 MiB).
+DEFAULT_MAX_BYTES = 1024 * 1024
+#: Default time, in seconds, that one HTTP request may take before it counts as a timeout.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+
+_MAX_EVENTS_LIMIT = 100_000
+_MIN_BYTES = 64
+_MAX_BYTES_LIMIT = 1024 * 1024 * 1024
+_MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def _number(error: type[ConfigurationError], name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{name} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise error(f"{name} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def _seconds(error: type[ConfigurationError], name: str, low: float, value: Any) -> None:
+    v = _number(error, name, value)
+    if not (low < v <= _MAX_SECONDS):
+        raise error(
+            f"{name} must be more than {low:g} and at most {_MAX_SECONDS:g} seconds, not {v!r}"
+        )
+
+
+def _integer(error: type[ConfigurationError], name: str, low: int, high: int, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{name} must be an int, not {type(value).__name__}")
+    if not (low <= value <= high):
+        raise error(f"{name} must be from {low} to {high}, not {value}")
+
+
+class FailurePolicy(enum.Enum):
+    """
+    What a target does with a transaction that failed permanently.
+
+    A permanent failure is a 4xx response other than 408, 413 and 429, or a 413 for a
+    transaction that holds a single event.
+    """
+
+    #: Move the transaction to the dead letters (kept in the store, listed by
+    #: :meth:`relayer.Scheduler.dead_letters`, replayable with :meth:`relayer.Scheduler.replay`)
+    #: and go on with the next one. This is the default.
+    DEAD_LETTER = "dead_letter"
+    #: Keep the transaction at the head of the target's queue and stop delivering to the target
+    #: (state ``BLOCKED``) until :meth:`relayer.Scheduler.wake` is called.
+    BLOCK = "block"
+
+
+def _backoff_number(name: str, low: float, inclusive: bool) -> Callable[[Any, Any, Any], None]:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        v = _number(ConfigurationError, f"backoff {name}", value)
+        if v < low or (v == low and not inclusive):
+            op = ">=" if inclusive else ">"
+            raise ConfigurationError(f"backoff {name} must be {op} {low:g}, not {v!r}")
+        if v > _MAX_SECONDS:
+            raise ConfigurationError(f"backoff {name} must be at most {_MAX_SECONDS:g}, not {v!r}")
+
+    return check
+
+
+@attrs.frozen
+class BackoffPolicy:
+    """
+    Exponential backoff with jitter and a cap, per target.
+
+    After the ``n``-th consecutive failure (``n`` >= 1) the next attempt waits::
+
+        base = min(initial * multiplier ** (n - 1), maximum)
+        delay = base * (1 - jitter * r)
+
+    where ``r`` is drawn from the scheduler's jitter source, uniform in ``[0, 1)``. The delay
+    therefore lies in ``[base * (1 - jitter), base]`` and never exceeds ``maximum``. The defaults
+    follow Synapse's application-service recoverer: 2 s, doubling, capped at 512 s; relayer adds
+    up to 20% of jitter so that targets that failed together do not retry together.
+
+    Attributes:
+        initial: The delay after the first failure, in seconds. Default 2.
+        multiplier: The factor by which the delay grows with each further failure. Default 2.
+        maximum: The cap on the delay, in seconds; also the cap on a ``Retry-After``. Default 512.
+        jitter: The fraction of the delay that is randomised, from 0 (none) to below 1. Default 0.2.
+    """
+
+    initial: float = attrs.field(default=2.0, validator=_backoff_number("initial", 0.0, False))
+    multiplier: float = attrs.field(default=2.0, validator=_backoff_number("multiplier", 1.0, True))
+    maximum: float = attrs.field(default=512.0, validator=_backoff_number("maximum", 0.0, False))
+    jitter: float = attrs.field(default=0.2)
+
+    @jitter.validator
+    def _check_jitter(self, attribute: Any, value: Any) -> None:
+        v = _number(ConfigurationError, "backoff jitter", value)
+        if not (0.0 <= v < 1.0):
+            raise ConfigurationError(f"backoff jitter must be from 0 to below 1, not {v!r}")
+
+    def __attrs_post_init__(self) -> None:
+        if self.maximum < self.initial:
+            raise ConfigurationError(
+                f"backoff maximum ({self.maximum!r}) must not be below initial ({self.initial!r})"
+            )
+
+    @classmethod
+    def constant(cls, delay: float) -> BackoffPolicy:
+        """A policy that always waits ``delay`` seconds, without jitter."""
+        return cls(initial=delay, multiplier=1.0, maximum=delay, jitter=0.0)
+
+    def base_delay(self, failures: int) -> float:
+        """The delay after ``failures`` consecutive failures, before jitter."""
+        if failures < 1:
+            return 0.0
+        try:
+            base = self.initial * self.multiplier ** (failures - 1)
+        except OverflowError:
+            return self.maximum
+        return min(base, self.maximum)
+
+    def delay(self, failures: int, random: Callable[[], float]) -> float:
+        """
+        The delay after ``failures`` consecutive failures, with jitter.
+
+        Args:
+            failures: How many consecutive failures the target has had, 1 or more.
+            random: The jitter source; returns a float in ``[0, 1)``.
+        """
+        r = min(max(random(), 0.0), 1.0)
+        return self.base_delay(failures) * (1.0 - self.jitter * r)
+
+
+def _check_target_id(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, str):
+        raise InvalidTarget(f"target_id must be a str, not {type(value).__name__}")
+    if not value or len(value) > 255:
+        raise InvalidTarget(f"target_id must be 1 to 255 characters long, not {len(value)}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidTarget(f"target_id {value!r} holds a control character or a lone surrogate")
+
+
+def _check_base_url(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, str):
+        raise InvalidTarget(f"base_url must be a str, not {type(value).__name__}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise InvalidTarget(f"base_url {value!r} is not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise InvalidTarget(f"base_url must be an http:// or https:// URL, not {value!r}")
+    if not parts.hostname:
+        raise InvalidTarget(f"base_url {value!r} has no host")
+    if parts.query or parts.fragment:
+        raise InvalidTarget(f"base_url {value!r} must not have a query string or a fragment")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidTarget("base_url must not hold credentials; give the token as token=")
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidTarget(f"base_url {value!r} holds white space or a control character")
+
+
+def _check_token(instance: Any, attribute: Any, value: Any) -> None:
+    # The token itself never appears in a message.
+    if not isinstance(value, str):
+        raise InvalidTarget(f"token must be a str, not {type(value).__name__}")
+    if not value:
+        raise InvalidTarget("token must not be empty: every target needs its access token")
+    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value):
+        raise InvalidTarget(
+            "token must be printable ASCII without white space (it is sent in an HTTP header)"
+        )
+
+
+def _check_max_events(instance: Any, attribute: Any, value: Any) -> None:
+    _integer(InvalidTarget, "max_events", 1, _MAX_EVENTS_LIMIT, value)
+
+
+def _check_max_bytes(instance: Any, attribute: Any, value: Any) -> None:
+    _integer(InvalidTarget, "max_bytes", _MIN_BYTES, _MAX_BYTES_LIMIT, value)
+
+
+def _check_timeout(instance: Any, attribute: Any, value: Any) -> None:
+    _seconds(InvalidTarget, "request_timeout", 0.0, value)
+
+
+def _check_backoff(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, BackoffPolicy):
+        raise InvalidTarget(f"backoff must be a BackoffPolicy, not {type(value).__name__}")
+
+
+def _to_policy(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return FailurePolicy(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _check_policy(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, FailurePolicy):
+        choices = ", ".join(repr(p.value) for p in FailurePolicy)
+        raise InvalidTarget(
+            f"failure_policy must be a FailurePolicy or one of {choices}, not {value!r}"
+        )
+
+
+@attrs.frozen
+class TargetConfig:
+    """
+    A remote target and its delivery settings.
+
+    Attributes:
+        target_id: The target's id, unique within a scheduler and stable across restarts: the
+            store keys the target's queue by it. 1 to 255 characters, no control characters.
+        base_url: The target's base URL, ``http://`` or ``https://``. The default HTTP transport
+            sends to ``{base_url}/_matrix/app/v1/transactions/{txn_id}``.
+        token: The access token sent as ``Authorization: Bearer {token}``. It never appears in a
+            repr, a log line or an exception.
+        max_events: The cap on the number of events in one transaction. Default 100.
+        max_bytes: The cap on the encoded size of one transaction's body. Default 1 MiB.
+        request_timeout: Seconds one request may take before it fails as a timeout. Default 30.
+        backoff: The retry schedule while the target is DOWN.
+        failure_policy: What to do with a transaction that failed permanently; by default it is
+            dead-lettered and delivery goes on (:attr:`FailurePolicy.DEAD_LETTER`).
+    """
+
+    target_id: str = attrs.field(validator=_check_target_id)
+    base_url: str = attrs.field(validator=_check_base_url)
+    token: str = attrs.field(validator=_check_token, repr=False)
+    max_events: int = attrs.field(default=DEFAULT_MAX_EVENTS, validator=_check_max_events)
+    max_bytes: int = attrs.field(default=DEFAULT_MAX_BYTES, validator=_check_max_bytes)
+    request_timeout: float = attrs.field(default=DEFAULT_REQUEST_TIMEOUT, validator=_check_timeout)
+    backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy, validator=_check_backoff)
+    failure_policy: FailurePolicy = attrs.field(
+        default=FailurePolicy.DEAD_LETTER, converter=_to_policy, validator=_check_policy
+    )

@@ -1,0 +1,434 @@
+"""
+The Scheduler: relayer's public entry point.
+
+It wires the :class:`~relayer.grouper.EventGrouper`, the
+:class:`~relayer.controller.TransactionController` and the per-target
+:class:`~relayer.recoverer.Recoverer` together over a store and a transport, all passed in.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from relayer import _encoding
+from relayer.config import TargetConfig
+from relayer.controller import TransactionController
+from relayer.errors import (
+    ConfigurationError,
+    DuplicateTarget,
+    InvalidEvent,
+    InvalidTarget,
+    NotRunning,
+    UnknownTarget,
+)
+from relayer.grouper import EventGrouper
+from relayer.store.base import DeadLetter, IStore, TargetState
+from relayer.transport.base import ITransport
+
+#: How long :meth:`Scheduler.stop` lets sends in flight finish before it abandons them.
+DEFAULT_STOP_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class TargetStatus:
+    """
+    A snapshot of one target, as :meth:`Scheduler.status` reports it.
+
+    Attributes:
+        target_id: The target's id.
+        state: UP, DOWN or BLOCKED.
+        registered: False for a target that has data in the store but is not registered with
+            this scheduler (its events wait until it is registered again).
+        in_flight: Whether a transaction is being sent to it now.
+        pending_events: Events stored and not yet delivered.
+        pending_transactions: Transactions formed and not yet delivered.
+        oldest_pending_age: Seconds since the oldest pending event was submitted, or None.
+        last_success_at: When a transaction was last delivered (clock seconds), or None.
+        consecutive_failures: Failed attempts since the last success.
+        next_retry_at: When a DOWN target is next retried (clock seconds), or None.
+        last_error: A short description of the last failure, or None.
+        dead_letters: Transactions dead-lettered and not replayed.
+    """
+
+    target_id: str
+    state: TargetState
+    registered: bool
+    in_flight: bool
+    pending_events: int
+    pending_transactions: int
+    oldest_pending_age: float | None
+    last_success_at: float | None
+    consecutive_failures: int
+    next_retry_at: float | None
+    last_error: str | None
+    dead_letters: int
+
+
+class _Lifecycle:
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Scheduler:
+    """
+    Delivers events to targets: durably, in order per target, each target independently.
+
+    Args:
+        clock: The reactor, or any :class:`~twisted.internet.interfaces.IReactorTime` such as
+            :class:`twisted.internet.task.Clock` in tests. The scheduler never imports the
+            global reactor.
+        store: Where events, transactions and delivery state are kept, for example
+            :meth:`relayer.SQLiteStore.open_path`.
+        transport: How transactions are sent, for example :class:`relayer.HTTPTransport`.
+        targets: The targets to deliver to; more can be added with :meth:`add_target`.
+        random: The jitter source for backoff, returning floats in ``[0, 1)``. Tests pass a
+            fixed function to make the retry schedule exact.
+        stop_timeout: How long :meth:`stop` waits for sends in flight before abandoning them
+            (they stay pending, and are resent unchanged after a restart).
+
+    Example::
+
+        scheduler = Scheduler(reactor, SQLiteStore.open_path(reactor, "relayer.db"),
+                              HTTPTransport(reactor),
+                              targets=[TargetConfig("bridge", "https://bridge.example", token)])
+        await scheduler.start()
+        await scheduler.submit("bridge", {"type": "m.room.message", "content": {...}})
+    """
+
+    log = Logger(namespace="relayer.scheduler")
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: IStore,
+        transport: ITransport,
+        targets: Iterable[TargetConfig] = (),
+        *,
+        random: Callable[[], float] = _random.random,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    ) -> None:
+        if (
+            isinstance(stop_timeout, bool)
+            or not isinstance(stop_timeout, (int, float))
+            or not (0 <= stop_timeout < float("inf"))
+        ):
+            raise ConfigurationError(f"stop_timeout must be a number >= 0, not {stop_timeout!r}")
+        if not callable(random):
+            raise ConfigurationError("random must be a callable returning floats in [0, 1)")
+        self._clock = clock
+        self._store = store
+        self._stop_timeout = float(stop_timeout)
+        self._configs: dict[str, TargetConfig] = {}
+        self._lifecycle = _Lifecycle.NEW
+        self._controller = TransactionController(clock, store, transport, random)
+        self._grouper = EventGrouper(clock, store, self._limits, self._controller.notify)
+        self._registering: set[Deferred[Any]] = set()
+        for config in targets:
+            self.add_target(config)
+
+    # -- targets --------------------------------------------------------------------------------
+
+    def add_target(self, config: TargetConfig) -> None:
+        """
+        Register a target.
+
+        Targets registered before :meth:`start` are resumed by it; a target registered while the
+        scheduler runs is resumed at once (its stored backlog, if any, is delivered).
+
+        Raises:
+            InvalidTarget: ``config`` is not a :class:`TargetConfig`.
+            DuplicateTarget: A target with the same id is registered already.
+        """
+        if not isinstance(config, TargetConfig):
+            raise InvalidTarget(f"add_target takes a TargetConfig, not {type(config).__name__}")
+        if config.target_id in self._configs:
+            raise DuplicateTarget(f"target {config.target_id!r} is registered already")
+        self._configs[config.target_id] = config
+        if self._lifecycle == _Lifecycle.RUNNING:
+            d = Deferred.fromCoroutine(self._register([config]))
+            self._registering.add(d)
+
+            def done(result: object) -> object:
+                self._registering.discard(d)
+                return result
+
+            d.addBoth(done)
+            d.addErrback(
+                lambda f: self.log.failure(
+                    "Registering target {target_id} failed", f, target_id=config.target_id
+                )
+            )
+
+    @property
+    def targets(self) -> dict[str, TargetConfig]:
+        """The registered targets' configurations, by id."""
+        return dict(self._configs)
+
+    def _limits(self, target_id: str) -> tuple[int, int]:
+        config = self._configs[target_id]
+        return config.max_events, config.max_bytes
+
+    async def _register(self, configs: Sequence[TargetConfig]) -> None:
+        records = await self._store.register_targets([c.target_id for c in configs])
+        for config in configs:
+            if self._lifecycle != _Lifecycle.RUNNING and self._lifecycle != _Lifecycle.STARTING:
+                return
+            self._controller.add(config, records[config.target_id])
+        if self._lifecycle == _Lifecycle.RUNNING:
+            # Events may have been stored for these targets while they were registering.
+            self._controller.notify(c.target_id for c in configs)
+        for target_id, record in records.items():
+            if record.has_pending and target_id not in self._configs:
+                self.log.warn(
+                    "The store holds undelivered events for target {target_id}, which is not "
+                    "registered; they wait until it is",
+                    target_id=target_id,
+                )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """
+        Open the store and resume every target's pending work.
+
+        UP targets with pending events start draining at once; DOWN targets get their
+        Recoverer, with the backoff state stored before the restart. Nothing waits for new
+        traffic.
+
+        Returns:
+            A Deferred that fires once the scheduler runs and accepts submits.
+
+        Raises:
+            NotRunning: The scheduler was started before.
+        """
+        if self._lifecycle != _Lifecycle.NEW:
+            raise NotRunning(f"a scheduler can be started once; this one is {self._lifecycle}")
+        self._lifecycle = _Lifecycle.STARTING
+
+        async def start() -> None:
+            try:
+                await self._store.open()
+                await self._register(list(self._configs.values()))
+            except BaseException:
+                self._lifecycle = _Lifecycle.STOPPED
+                await self._store.close()
+                raise
+            self._lifecycle = _Lifecycle.RUNNING
+            self.log.info("relayer scheduler started with {n} targets", n=len(self._configs))
+
+        return Deferred.fromCoroutine(start())
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop gracefully.
+
+        New submits are refused at once. Events already submitted are stored (their Deferreds
+        fire). Sends in flight may finish for up to ``stop_timeout`` seconds; after that they are
+        abandoned and stay pending, to be resent unchanged after a restart. Scheduled retries are
+        cancelled and the store is closed.
+        """
+        if self._lifecycle in (_Lifecycle.STOPPING, _Lifecycle.STOPPED):
+            raise NotRunning(f"the scheduler is {self._lifecycle} already")
+        if self._lifecycle == _Lifecycle.NEW:
+            self._lifecycle = _Lifecycle.STOPPED
+            return Deferred.fromCoroutine(_nothing())
+        self._lifecycle = _Lifecycle.STOPPING
+
+        async def stop() -> None:
+            await self._grouper.flushed()
+            self._controller.stop_timers()
+            loops = self._controller.running_loops() + list(self._registering)
+            if loops:
+                timer = self._clock.callLater(self._stop_timeout, self._controller.cancel_sends)
+                try:
+                    await DeferredList(loops, consumeErrors=True)
+                finally:
+                    if timer.active():
+                        timer.cancel()
+            await self._store.close()
+            self._lifecycle = _Lifecycle.STOPPED
+            self.log.info("relayer scheduler stopped")
+
+        return Deferred.fromCoroutine(stop())
+
+    @property
+    def running(self) -> bool:
+        """Whether the scheduler is started and not stopping."""
+        return self._lifecycle == _Lifecycle.RUNNING
+
+    def _check_running(self) -> None:
+        if self._lifecycle != _Lifecycle.RUNNING:
+            hint = {
+                _Lifecycle.NEW: "call start() and wait for it first",
+                _Lifecycle.STARTING: "wait for start() to finish",
+            }.get(self._lifecycle, "it no longer accepts events")
+            raise NotRunning(f"the scheduler is {self._lifecycle}: {hint}")
+
+    def _config(self, target_id: str) -> TargetConfig:
+        try:
+            return self._configs[target_id]
+        except (KeyError, TypeError):
+            raise UnknownTarget(f"no target {target_id!r} is registered") from None
+
+    # -- submitting -----------------------------------------------------------------------------
+
+    def submit(self, target_id: str, event: Any) -> Deferred[None]:
+        """
+        Submit one event for delivery to one target.
+
+        The event is encoded as JSON at once, and stored before the returned Deferred fires.
+        From then on it is delivered, in submit order, even across crashes and restarts.
+
+        Args:
+            target_id: A registered target's id.
+            event: A JSON-serialisable value, normally a dict.
+
+        Returns:
+            A Deferred that fires once the event is durably stored.
+
+        Raises:
+            NotRunning: The scheduler is not started, or is stopping.
+            UnknownTarget: No target has this id.
+            InvalidEvent: The event cannot be encoded as JSON.
+            EventTooLarge: The encoded event exceeds the target's ``max_bytes``.
+        """
+        self._check_running()
+        config = self._config(target_id)
+        data = _encoding.encode_event(event, config.max_bytes)
+        return self._grouper.add([(target_id, data)])
+
+    def submit_many(self, events: Iterable[tuple[str, Any]]) -> Deferred[None]:
+        """
+        Submit many events at once, stored together in one database transaction.
+
+        Args:
+            events: ``(target_id, event)`` pairs, in submit order.
+
+        Returns:
+            A Deferred that fires once all of the events are durably stored.
+
+        Raises:
+            The same exceptions as :meth:`submit`, for the first bad pair; then nothing at all
+            is stored.
+        """
+        self._check_running()
+        items: list[tuple[str, bytes]] = []
+        for pair in events:
+            try:
+                target_id, event = pair
+            except (TypeError, ValueError):
+                raise InvalidEvent(
+                    f"submit_many takes (target_id, event) pairs, not {type(pair).__name__}"
+                ) from None
+            config = self._config(target_id)
+            items.append((target_id, _encoding.encode_event(event, config.max_bytes)))
+        if not items:
+            return Deferred.fromCoroutine(_nothing())
+        return self._grouper.add(items)
+
+    # -- operating ------------------------------------------------------------------------------
+
+    def wake(self, target_id: str) -> None:
+        """
+        Retry a target now.
+
+        A DOWN target's backoff is cut short and its oldest transaction sent at once; a BLOCKED
+        target is unblocked and its head transaction sent again. If a send to the target is in
+        flight, no second one starts: if that send fails, the retry follows at once. Waking an UP
+        target makes it look for pending work.
+
+        Raises:
+            NotRunning: The scheduler is not running.
+            UnknownTarget: No target has this id.
+        """
+        self._check_running()
+        self._config(target_id)
+        if target_id in self._controller.targets:
+            self._controller.wake(target_id)
+
+    def status(self) -> Deferred[list[TargetStatus]]:
+        """
+        Report every target's state and backlog.
+
+        Returns:
+            A Deferred firing with a :class:`TargetStatus` per target, sorted by id; this
+            includes targets that have stored data but are not registered.
+        """
+        if self._lifecycle not in (_Lifecycle.RUNNING, _Lifecycle.STOPPING):
+            raise NotRunning(f"the scheduler is {self._lifecycle}: status needs a running one")
+
+        async def status() -> list[TargetStatus]:
+            counts = await self._store.queue_counts()
+            now = self._clock.seconds()
+            result = []
+            for target_id in sorted(set(self._configs) | set(counts)):
+                c = counts.get(target_id)
+                t = self._controller.targets.get(target_id)
+                oldest = c.oldest_pending_at if c is not None else None
+                result.append(
+                    TargetStatus(
+                        target_id=target_id,
+                        state=t.state if t is not None else TargetState.UP,
+                        registered=target_id in self._configs,
+                        in_flight=t is not None and t.in_flight is not None,
+                        pending_events=c.pending_events if c is not None else 0,
+                        pending_transactions=c.pending_transactions if c is not None else 0,
+                        oldest_pending_age=max(0.0, now - oldest) if oldest is not None else None,
+                        last_success_at=t.last_success_at if t is not None else None,
+                        consecutive_failures=t.failures if t is not None else 0,
+                        next_retry_at=t.next_attempt_at if t is not None else None,
+                        last_error=t.last_error if t is not None else None,
+                        dead_letters=c.dead_letters if c is not None else 0,
+                    )
+                )
+            return result
+
+        return Deferred.fromCoroutine(status())
+
+    def dead_letters(self, target_id: str, limit: int = 100) -> Deferred[list[DeadLetter]]:
+        """
+        List a target's dead letters, oldest first.
+
+        Raises:
+            NotRunning: The scheduler is not running.
+        """
+        self._check_running()
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigurationError(f"limit must be an int >= 1, not {limit!r}")
+        return self._store.dead_letters(target_id, limit)
+
+    def replay(self, target_id: str) -> Deferred[int]:
+        """
+        Queue a target's dead letters again, at the end of its queue, and deliver them.
+
+        Replayed events are sent in new transactions, with new ids, after the events already
+        queued. Returns a Deferred firing with the number of events queued again.
+
+        Raises:
+            NotRunning: The scheduler is not running.
+            UnknownTarget: No target has this id.
+        """
+        self._check_running()
+        self._config(target_id)
+
+        async def replay() -> int:
+            n = await self._store.replay(target_id, self._clock.seconds())
+            if n:
+                self._controller.notify([target_id])
+            return n
+
+        return Deferred.fromCoroutine(replay())
+
+
+async def _nothing() -> None:
+    return None

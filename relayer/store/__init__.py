@@ -1,0 +1,28 @@
+"""
+Durable storage of targets' queues, transactions and delivery state.
+
+:class:`IStore` is the interface; :class:`SQLiteStore` is the embedded default.
+"""
+
+from relayer.store.base import (
+    DeadLetter,
+    IStore,
+    QueueCounts,
+    TargetRecord,
+    TargetState,
+    Transaction,
+)
+from relayer.store.sql import SQLStore
+from relayer.store.sqlite import SQLiteStore, sqlite_engine
+
+__all__ = [
+    "DeadLetter",
+    "IStore",
+    "QueueCounts",
+    "SQLStore",
+    "SQLiteStore",
+    "TargetRecord",
+    "TargetState",
+    "Transaction",
+    "sqlite_engine",
+]

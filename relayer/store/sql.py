@@ -1,0 +1,507 @@
+"""
+The store on SQLAlchemy Core, shared by every SQL backend.
+
+Each public method runs one database transaction, as one function handed to the store's
+:class:`relayer.dbpool.DatabasePool`, so no database work ever happens on the reactor thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relayer import _encoding
+from relayer.dbpool import DatabasePool
+from relayer.errors import StoreError
+from relayer.store import schema
+from relayer.store.base import (
+    DeadLetter,
+    IStore,
+    QueueCounts,
+    TargetRecord,
+    TargetState,
+    Transaction,
+)
+
+T = TypeVar("T")
+
+_t = schema.targets
+_q = schema.queue
+_x = schema.transactions
+_d = schema.dead_letters
+
+
+@implementer(IStore)
+class SQLStore:
+    """
+    A store on a SQLAlchemy engine.
+
+    Use a backend's constructor, such as :meth:`relayer.store.SQLiteStore.open_path`, rather than
+    this class directly.
+
+    Args:
+        engine: The SQLAlchemy engine, set up for the backend.
+        pool: Where database work runs.
+    """
+
+    schema_version = schema.SCHEMA_VERSION
+    log = Logger(namespace="relayer.store")
+
+    def __init__(self, engine: sa.Engine, pool: DatabasePool) -> None:
+        self._engine = engine
+        self._pool = pool
+
+    def __repr__(self) -> str:
+        # The URL is shown without its password.
+        return f"<{type(self).__name__} {self._engine.url.render_as_string(hide_password=True)}>"
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        def in_transaction() -> T:
+            with self._engine.begin() as conn:
+                return f(conn, *args)
+
+        return self._pool.run(in_transaction)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def open(self) -> Deferred[None]:
+        self._pool.start()
+
+        def upgrade(conn: sa.Connection) -> None:
+            before, after = schema.upgrade(conn)
+            if before != after:
+                self.log.info(
+                    "Upgraded the relayer schema from version {before} to {after}",
+                    before=before,
+                    after=after,
+                )
+
+        return self._run(upgrade)
+
+    def close(self) -> Deferred[None]:
+        async def close() -> None:
+            try:
+                await self._pool.run(self._engine.dispose)
+            finally:
+                await self._pool.stop()
+
+        return Deferred.fromCoroutine(close())
+
+    # -- targets --------------------------------------------------------------------------------
+
+    def register_targets(self, target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
+        return self._run(self._register_targets, list(target_ids))
+
+    def _register_targets(
+        self, conn: sa.Connection, target_ids: list[str]
+    ) -> dict[str, TargetRecord]:
+        existing = set(conn.execute(sa.select(_t.c.target_id)).scalars())
+        missing = [t for t in dict.fromkeys(target_ids) if t not in existing]
+        if missing:
+            conn.execute(
+                sa.insert(_t),
+                [
+                    {
+                        "target_id": t,
+                        "state": TargetState.UP.value,
+                        "failures": 0,
+                        "next_attempt_at": None,
+                        "last_success_at": None,
+                        "last_txn_id": 0,
+                        "last_error": None,
+                    }
+                    for t in missing
+                ],
+            )
+        pending = set(conn.execute(sa.select(_q.c.target_id).distinct()).scalars())
+        pending.update(conn.execute(sa.select(_x.c.target_id).distinct()).scalars())
+        records = {}
+        for row in conn.execute(sa.select(_t)):
+            records[row.target_id] = TargetRecord(
+                target_id=row.target_id,
+                state=TargetState(row.state),
+                failures=row.failures,
+                next_attempt_at=row.next_attempt_at,
+                last_success_at=row.last_success_at,
+                last_txn_id=row.last_txn_id,
+                last_error=row.last_error,
+                has_pending=row.target_id in pending,
+            )
+        # A queue without a state row would be invisible to status(); report it all the same.
+        for target_id in pending - records.keys():
+            raise StoreError(f"the store holds events for target {target_id!r} without its state")
+        return records
+
+    # -- the queue ------------------------------------------------------------------------------
+
+    def add_events(self, runs: Sequence[tuple[str, Sequence[bytes]]], now: float) -> Deferred[None]:
+        rows = [
+            {
+                "target_id": target_id,
+                "pos": 0,
+                "n_events": len(events),
+                "events": _encoding.join_events(events),
+                "oldest_at": now,
+            }
+            for target_id, events in runs
+            if events
+        ]
+
+        def add(conn: sa.Connection) -> None:
+            if rows:
+                conn.execute(sa.insert(_q), rows)
+
+        return self._run(add)
+
+    def _form(
+        self, conn: sa.Connection, target_id: str, max_events: int, max_bytes: int, now: float
+    ) -> Transaction | None:
+        """Form a new transaction from the head of the queue; None if the queue is empty."""
+        runs: list[bytes] = []
+        n_events = 0
+        size = _encoding.ENVELOPE_BYTES
+        oldest: float | None = None
+        consumed: list[int] = []
+        remainder: tuple[int, list[bytes]] | None = None
+        sep = len(_encoding.SEPARATOR)
+        result = conn.execute(
+            sa.select(_q.c.id, _q.c.n_events, _q.c.events, _q.c.oldest_at)
+            .where(_q.c.target_id == target_id)
+            .order_by(_q.c.pos, _q.c.id)
+        )
+        try:
+            for row_id, run_n, run, run_oldest in result:
+                run = bytes(run)
+                extra = len(run) + (sep if n_events else 0)
+                if n_events + run_n <= max_events and size + extra <= max_bytes:
+                    # The whole run fits: take it as it is, without splitting it.
+                    runs.append(run)
+                    n_events += run_n
+                    size += extra
+                    consumed.append(row_id)
+                    oldest = run_oldest if oldest is None else min(oldest, run_oldest)
+                    if n_events >= max_events:
+                        break
+                    continue
+                # Only part of the run fits. A transaction always takes at least one event, so
+                # an event larger than the cap (the cap was lowered since) still goes out.
+                events = _encoding.split_events(run)
+                take = 0
+                for event in events:
+                    extra = len(event) + (sep if n_events else 0)
+                    if n_events and (n_events >= max_events or size + extra > max_bytes):
+                        break
+                    n_events += 1
+                    size += extra
+                    take += 1
+                if take:
+                    runs.append(_encoding.join_events(events[:take]))
+                    oldest = run_oldest if oldest is None else min(oldest, run_oldest)
+                if take == len(events):
+                    consumed.append(row_id)
+                else:
+                    remainder = (row_id, events[take:])
+                break
+        finally:
+            result.close()
+        if not n_events:
+            return None
+        if consumed:
+            conn.execute(sa.delete(_q).where(_q.c.id.in_(consumed)))
+        if remainder is not None:
+            row_id, rest = remainder
+            conn.execute(
+                sa.update(_q)
+                .where(_q.c.id == row_id)
+                .values(n_events=len(rest), events=_encoding.join_events(rest))
+            )
+        txn_id = self._next_txn_id(conn, target_id)
+        body = _encoding.transaction_body(_encoding.SEPARATOR.join(runs))
+        assert oldest is not None
+        conn.execute(
+            sa.insert(_x).values(
+                target_id=target_id,
+                txn_id=txn_id,
+                n_events=n_events,
+                body=body,
+                oldest_at=oldest,
+                created_at=now,
+                attempts=1,
+                last_attempt_at=now,
+            )
+        )
+        return Transaction(target_id, txn_id, body, n_events, 1, oldest)
+
+    def _next_txn_id(self, conn: sa.Connection, target_id: str) -> int:
+        last = conn.execute(
+            sa.update(_t)
+            .where(_t.c.target_id == target_id)
+            .values(last_txn_id=_t.c.last_txn_id + 1)
+            .returning(_t.c.last_txn_id)
+        ).scalar_one_or_none()
+        if last is None:
+            raise StoreError(f"target {target_id!r} is not registered in the store")
+        return int(last)
+
+    def _claim(
+        self, conn: sa.Connection, target_id: str, max_events: int, max_bytes: int, now: float
+    ) -> Transaction | None:
+        row = conn.execute(
+            sa.select(_x.c.txn_id, _x.c.body, _x.c.n_events, _x.c.attempts, _x.c.oldest_at)
+            .where(_x.c.target_id == target_id)
+            .order_by(_x.c.txn_id)
+            .limit(1)
+        ).first()
+        if row is not None:
+            attempts = row.attempts + 1
+            conn.execute(
+                sa.update(_x)
+                .where(_x.c.target_id == target_id, _x.c.txn_id == row.txn_id)
+                .values(attempts=attempts, last_attempt_at=now)
+            )
+            return Transaction(
+                target_id, row.txn_id, bytes(row.body), row.n_events, attempts, row.oldest_at
+            )
+        txn = self._form(conn, target_id, max_events, max_bytes, now)
+        if txn is None:
+            # Nothing is left: the target is UP. This happens in the same database transaction
+            # that found the queue empty, so no event stored before it can be stranded, and an
+            # event stored after it finds the target UP.
+            conn.execute(
+                sa.update(_t)
+                .where(_t.c.target_id == target_id, _t.c.state != TargetState.UP.value)
+                .values(state=TargetState.UP.value, failures=0, next_attempt_at=None)
+            )
+        return txn
+
+    def claim(
+        self, target_id: str, max_events: int, max_bytes: int, now: float
+    ) -> Deferred[Transaction | None]:
+        return self._run(self._claim, target_id, max_events, max_bytes, now)
+
+    def complete(
+        self, target_id: str, txn_id: int, max_events: int, max_bytes: int, now: float
+    ) -> Deferred[Transaction | None]:
+        def complete(conn: sa.Connection) -> Transaction | None:
+            conn.execute(sa.delete(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id))
+            conn.execute(
+                sa.update(_t)
+                .where(_t.c.target_id == target_id)
+                .values(last_success_at=now, failures=0, next_attempt_at=None, last_error=None)
+            )
+            return self._claim(conn, target_id, max_events, max_bytes, now)
+
+        return self._run(complete)
+
+    def fail(
+        self,
+        target_id: str,
+        txn_id: int,
+        failures: int,
+        next_attempt_at: float,
+        error: str,
+        now: float,
+    ) -> Deferred[None]:
+        def fail(conn: sa.Connection) -> None:
+            conn.execute(
+                sa.update(_t)
+                .where(_t.c.target_id == target_id)
+                .values(
+                    state=TargetState.DOWN.value,
+                    failures=failures,
+                    next_attempt_at=next_attempt_at,
+                    last_error=error[:500],
+                )
+            )
+
+        return self._run(fail)
+
+    def block(self, target_id: str, txn_id: int, error: str, now: float) -> Deferred[None]:
+        def block(conn: sa.Connection) -> None:
+            conn.execute(
+                sa.update(_t)
+                .where(_t.c.target_id == target_id)
+                .values(
+                    state=TargetState.BLOCKED.value, next_attempt_at=None, last_error=error[:500]
+                )
+            )
+
+        return self._run(block)
+
+    def dead_letter(
+        self,
+        target_id: str,
+        txn_id: int,
+        reason: str,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+    ) -> Deferred[Transaction | None]:
+        def dead_letter(conn: sa.Connection) -> Transaction | None:
+            row = conn.execute(
+                sa.select(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
+            ).first()
+            if row is not None:
+                conn.execute(
+                    sa.insert(_d).values(
+                        target_id=target_id,
+                        txn_id=txn_id,
+                        n_events=row.n_events,
+                        body=row.body,
+                        oldest_at=row.oldest_at,
+                        attempts=row.attempts,
+                        reason=reason[:500],
+                        dead_at=now,
+                    )
+                )
+                conn.execute(
+                    sa.delete(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
+                )
+            conn.execute(
+                sa.update(_t).where(_t.c.target_id == target_id).values(last_error=reason[:500])
+            )
+            return self._claim(conn, target_id, max_events, max_bytes, now)
+
+        return self._run(dead_letter)
+
+    def split(self, target_id: str, txn_id: int, now: float) -> Deferred[Transaction | None]:
+        def split(conn: sa.Connection) -> Transaction | None:
+            row = conn.execute(
+                sa.select(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
+            ).first()
+            if row is None or row.n_events < 2:
+                return None
+            events = _encoding.events_of_body(bytes(row.body))
+            half = len(events) // 2
+            first, second = events[:half], events[half:]
+            head = conn.execute(
+                sa.select(sa.func.min(_q.c.pos)).where(_q.c.target_id == target_id)
+            ).scalar()
+            conn.execute(
+                sa.insert(_q).values(
+                    target_id=target_id,
+                    pos=min(head if head is not None else 0, 0) - 1,
+                    n_events=len(second),
+                    events=_encoding.join_events(second),
+                    oldest_at=row.oldest_at,
+                )
+            )
+            conn.execute(sa.delete(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id))
+            new_id = self._next_txn_id(conn, target_id)
+            body = _encoding.transaction_body(_encoding.join_events(first))
+            conn.execute(
+                sa.insert(_x).values(
+                    target_id=target_id,
+                    txn_id=new_id,
+                    n_events=len(first),
+                    body=body,
+                    oldest_at=row.oldest_at,
+                    created_at=now,
+                    attempts=1,
+                    last_attempt_at=now,
+                )
+            )
+            return Transaction(target_id, new_id, body, len(first), 1, row.oldest_at)
+
+        return self._run(split)
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def queue_counts(self) -> Deferred[dict[str, QueueCounts]]:
+        def counts(conn: sa.Connection) -> dict[str, QueueCounts]:
+            acc: dict[str, dict[str, Any]] = {}
+
+            def slot(target_id: str) -> dict[str, Any]:
+                return acc.setdefault(
+                    target_id,
+                    {
+                        "pending_events": 0,
+                        "pending_transactions": 0,
+                        "oldest_pending_at": None,
+                        "dead_letters": 0,
+                    },
+                )
+
+            def older(a: float | None, b: float | None) -> float | None:
+                return b if a is None else a if b is None else min(a, b)
+
+            for target_id, n, oldest in conn.execute(
+                sa.select(
+                    _q.c.target_id, sa.func.sum(_q.c.n_events), sa.func.min(_q.c.oldest_at)
+                ).group_by(_q.c.target_id)
+            ):
+                s = slot(target_id)
+                s["pending_events"] += int(n)
+                s["oldest_pending_at"] = older(s["oldest_pending_at"], oldest)
+            for target_id, count, n, oldest in conn.execute(
+                sa.select(
+                    _x.c.target_id,
+                    sa.func.count(),
+                    sa.func.sum(_x.c.n_events),
+                    sa.func.min(_x.c.oldest_at),
+                ).group_by(_x.c.target_id)
+            ):
+                s = slot(target_id)
+                s["pending_transactions"] += int(count)
+                s["pending_events"] += int(n)
+                s["oldest_pending_at"] = older(s["oldest_pending_at"], oldest)
+            for target_id, count in conn.execute(
+                sa.select(_d.c.target_id, sa.func.count()).group_by(_d.c.target_id)
+            ):
+                slot(target_id)["dead_letters"] = int(count)
+            return {t: QueueCounts(**v) for t, v in acc.items()}
+
+        return self._run(counts)
+
+    def dead_letters(self, target_id: str, limit: int) -> Deferred[list[DeadLetter]]:
+        def list_dead(conn: sa.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                sa.select(_d).where(_d.c.target_id == target_id).order_by(_d.c.txn_id).limit(limit)
+            )
+            return [
+                DeadLetter(
+                    target_id=r.target_id,
+                    txn_id=r.txn_id,
+                    n_events=r.n_events,
+                    attempts=r.attempts,
+                    reason=r.reason,
+                    dead_at=r.dead_at,
+                    body=bytes(r.body),
+                )
+                for r in rows
+            ]
+
+        return self._run(list_dead)
+
+    def replay(self, target_id: str, now: float) -> Deferred[int]:
+        def replay(conn: sa.Connection) -> int:
+            rows = conn.execute(
+                sa.select(_d.c.txn_id, _d.c.body, _d.c.n_events, _d.c.oldest_at)
+                .where(_d.c.target_id == target_id)
+                .order_by(_d.c.txn_id)
+            ).all()
+            total = 0
+            for r in rows:
+                events = _encoding.events_of_body(bytes(r.body))
+                conn.execute(
+                    sa.insert(_q).values(
+                        target_id=target_id,
+                        pos=0,
+                        n_events=len(events),
+                        events=_encoding.join_events(events),
+                        oldest_at=r.oldest_at,
+                    )
+                )
+                total += len(events)
+            if rows:
+                conn.execute(sa.delete(_d).where(_d.c.target_id == target_id))
+            return total
+
+        return self._run(replay)

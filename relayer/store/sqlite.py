@@ -1,0 +1,90 @@
+"""
+The SQLite store: relayer's embedded default.
+
+The database is one file, in WAL mode, written by a single thread. Every write transaction
+begins with ``BEGIN IMMEDIATE``, so that it takes the write lock up front rather than failing
+half-way when another connection holds it, and waits up to ``busy_timeout`` for that lock.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import sqlalchemy as sa
+from twisted.internet.interfaces import IReactorFromThreads
+
+from relayer.dbpool import DatabasePool, ThreadedDatabasePool
+from relayer.errors import ConfigurationError
+from relayer.store.sql import SQLStore
+
+_SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
+
+
+def sqlite_engine(path: str, synchronous: str = "FULL", busy_timeout_ms: int = 10_000) -> sa.Engine:
+    """
+    Make a SQLAlchemy engine for a SQLite file, set up as relayer wants it.
+
+    Args:
+        path: The database file. It is created if it does not exist.
+        synchronous: SQLite's ``synchronous`` setting. ``FULL`` (the default) makes every
+            acknowledged event survive a power loss; ``NORMAL`` survives a crash of the process
+            (even ``kill -9``) but may lose the last commits on a power loss, and is faster.
+        busy_timeout_ms: How long a transaction waits for another connection's lock.
+    """
+    if synchronous.upper() not in _SYNCHRONOUS:
+        raise ConfigurationError(
+            f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, not {synchronous!r}"
+        )
+    if not isinstance(busy_timeout_ms, int) or busy_timeout_ms < 0:
+        raise ConfigurationError(f"busy_timeout_ms must be an int >= 0, not {busy_timeout_ms!r}")
+    engine = sa.create_engine(
+        f"sqlite:///{os.fspath(path)}", poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below issue BEGIN, instead of the driver.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class SQLiteStore(SQLStore):
+    """
+    A store in a SQLite file.
+
+    Make one with :meth:`open_path`; tests pass an inline pool instead of a thread pool.
+    """
+
+    @classmethod
+    def open_path(
+        cls,
+        reactor: IReactorFromThreads,
+        path: str | os.PathLike[str],
+        *,
+        pool: DatabasePool | None = None,
+        synchronous: str = "FULL",
+    ) -> SQLiteStore:
+        """
+        A store in the SQLite file at ``path``, created if it does not exist.
+
+        Args:
+            reactor: The reactor that database results are delivered to.
+            path: The database file.
+            pool: Where database work runs; by default a dedicated single-thread pool.
+            synchronous: SQLite's ``synchronous`` setting; see :func:`sqlite_engine`.
+        """
+        engine = sqlite_engine(os.fspath(path), synchronous=synchronous)
+        return cls(engine, pool if pool is not None else ThreadedDatabasePool(reactor))

@@ -1,0 +1,144 @@
+"""
+The transport interface, and the outcome of one attempt to send a transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from email.utils import parsedate_to_datetime
+
+import attrs
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from relayer.config import TargetConfig
+
+
+class OutcomeKind(enum.Enum):
+    """How an attempt to send a transaction ended."""
+
+    #: The target accepted the transaction.
+    DELIVERED = "delivered"
+    #: A transient failure: the target is marked DOWN and retried with backoff.
+    RETRY = "retry"
+    #: The target refused the transaction as too large: it is split, if it can be.
+    TOO_LARGE = "too_large"
+    #: The target refused the transaction for good: the target's failure policy applies.
+    PERMANENT = "permanent"
+
+
+@attrs.frozen
+class SendOutcome:
+    """
+    The outcome of one attempt to send a transaction.
+
+    A transport reports an attempt that ended in a response (any response) as a ``SendOutcome``.
+    An attempt that failed with an exception (connection refused, a timeout, a reset) is a
+    transient failure: the scheduler treats it as :attr:`OutcomeKind.RETRY`.
+
+    Attributes:
+        kind: How it ended.
+        reason: A short description for logs and status, such as ``HTTP 503``; never a secret.
+        retry_after: For RETRY, the delay in seconds the target asked for, or None.
+    """
+
+    kind: OutcomeKind
+    reason: str = ""
+    retry_after: float | None = None
+
+    @classmethod
+    def delivered(cls, reason: str = "") -> SendOutcome:
+        """The target accepted the transaction."""
+        return cls(OutcomeKind.DELIVERED, reason)
+
+    @classmethod
+    def retry(cls, reason: str, retry_after: float | None = None) -> SendOutcome:
+        """A transient failure, retried after the backoff (or ``retry_after`` seconds)."""
+        return cls(OutcomeKind.RETRY, reason, retry_after)
+
+    @classmethod
+    def too_large(cls, reason: str) -> SendOutcome:
+        """The target refused the transaction as too large."""
+        return cls(OutcomeKind.TOO_LARGE, reason)
+
+    @classmethod
+    def permanent(cls, reason: str) -> SendOutcome:
+        """The target refused the transaction for good."""
+        return cls(OutcomeKind.PERMANENT, reason)
+
+
+class ITransport(Interface):
+    """
+    Sends a transaction to a target.
+
+    A transport sends the body as it is given: it is the transaction's stored wire bytes, and a
+    retry of the same transaction must carry the same bytes. Only one transaction is in flight
+    per target at a time; transactions to different targets are sent concurrently.
+    """
+
+    def send(target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
+        """
+        Send one transaction.
+
+        Args:
+            target: The target's configuration (its URL, token and request timeout).
+            txn_id: The transaction's id, unique per target.
+            body: The transaction's wire bytes, the JSON document ``{"events": [...]}``.
+
+        Returns:
+            A Deferred that fires with the attempt's :class:`SendOutcome`, or fails with the
+            exception that stopped it, which counts as a transient failure. Cancelling the
+            Deferred abandons the attempt.
+        """
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """
+    Parse an HTTP ``Retry-After`` header value into a delay in seconds.
+
+    Args:
+        value: The header's value: a whole number of seconds, or an HTTP date.
+        now: The current time, as seconds since the epoch, for an HTTP date.
+
+    Returns:
+        The delay, at least 0; None if the value is missing or not valid.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    delay = when.timestamp() - now
+    return max(0.0, delay) if math.isfinite(delay) else None
+
+
+def classify_status(status: int, retry_after: str | None = None, now: float = 0.0) -> SendOutcome:
+    """
+    Classify an HTTP status code.
+
+    - 2xx: delivered.
+    - 408, 429 and 5xx: retried; 429 and 503 honour ``Retry-After``.
+    - 413: too large (the transaction is split if it holds more than one event).
+    - Other 4xx: permanent; the target's failure policy decides what happens.
+    - Anything else (1xx, 3xx: redirects are not followed): retried, since it is more likely a
+      misconfiguration that will be fixed than a verdict on the transaction.
+    """
+    reason = f"HTTP {status}"
+    if 200 <= status < 300:
+        return SendOutcome.delivered(reason)
+    if status in (429, 503):
+        return SendOutcome.retry(reason, parse_retry_after(retry_after, now))
+    if status == 408 or 500 <= status < 600:
+        return SendOutcome.retry(reason)
+    if status == 413:
+        return SendOutcome.too_large(reason)
+    if 400 <= status < 500:
+        return SendOutcome.permanent(reason)
+    return SendOutcome.retry(reason)
