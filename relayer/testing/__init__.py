@@ -83,15 +83,28 @@ class Harness:
 
     def restart(self, *, stop: bool = True) -> Harness:
         """
-        Start a new scheduler on the same file, clock and transport, as after a restart.
+        Start a new scheduler on the same file and transport, as after a restart.
 
         Args:
-            stop: Stop the old scheduler first. With False it is abandoned as it is, as if the
-                process had died, and the new one finds whatever it left in the store.
+            stop: Stop the old scheduler first (if a send is in flight, advance the clock by the
+                stop timeout to let it finish). With False the old scheduler is abandoned as it
+                is, as if its process had died: the new one gets a new clock at the same time,
+                so the old one's timers never fire, and requests in flight are dropped.
+
+        Returns:
+            A new harness; this one should not be used any more.
         """
-        if stop and self.scheduler.running:
-            self.scheduler.stop()
-        return _start(self.path, self.clock, self.transport, self.targets, self.random)
+        clock = self.clock
+        if stop:
+            if self.scheduler.running:
+                self.scheduler.stop()
+        else:
+            clock = Clock()
+            clock.advance(self.clock.seconds())
+            self.transport.clock = clock
+            for target_id in {t.target_id for t in self.targets}:
+                self.transport[target_id].drop()
+        return _start(self.path, clock, self.transport, self.targets, self.random)
 
 
 def build_scheduler(

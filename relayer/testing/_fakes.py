@@ -94,6 +94,7 @@ class FakeTarget:
     Attributes:
         target_id: The target's id.
         requests: Every request seen, as ``(txn_id, body)``, duplicates included.
+        times: The clock time of each request in :attr:`requests`.
         received: The transactions accepted, once each, in order.
         events: The events accepted, once each, in order.
         violations: Broken guarantees seen: a resend with other bytes, two requests in flight.
@@ -101,15 +102,16 @@ class FakeTarget:
         max_in_flight: The most requests ever in flight at once.
     """
 
-    def __init__(self, target_id: str, clock: IReactorTime | None = None) -> None:
+    def __init__(self, target_id: str, transport: FakeTransport) -> None:
         self.target_id = target_id
         self.requests: list[tuple[int, bytes]] = []
+        self.times: list[float] = []
         self.received: list[Received] = []
         self.events: list[Any] = []
         self.violations: list[str] = []
         self.in_flight = 0
         self.max_in_flight = 0
-        self._clock = clock
+        self._transport = transport
         self._bodies: dict[int, bytes] = {}
         self._mode: Callable[[], SendOutcome | None] = lambda: None
         self._script: list[tuple[int, str | None]] = []
@@ -149,13 +151,32 @@ class FakeTarget:
 
     def slow(self, seconds: float) -> None:
         """Answer each request after ``seconds`` on the clock."""
-        if self._clock is None:
+        if self._transport.clock is None:
             raise ValueError("slow() needs a FakeTransport made with a clock")
         self._delay = seconds
 
-    def release(self) -> int:
-        """Answer every held request as the target is scripted now; return how many."""
-        self._hold = False
+    def drop(self) -> int:
+        """
+        Forget the requests in flight without answering them, as when the sending process dies.
+
+        Returns how many were dropped. Their Deferreds never fire.
+        """
+        held, self._held = self._held, []
+        for h in held:
+            if h.timer is not None and h.timer.active():
+                h.timer.cancel()
+        self.in_flight -= len(held)
+        return len(held)
+
+    def release(self, keep_holding: bool = False) -> int:
+        """
+        Answer every held request as the target is scripted now; return how many.
+
+        Args:
+            keep_holding: Hold the requests that come after these, too; by default they are
+                answered at once.
+        """
+        self._hold = keep_holding
         held, self._held = self._held, []
         for h in held:
             self._answer(h)
@@ -174,10 +195,12 @@ class FakeTarget:
     # -- receiving ------------------------------------------------------------------------------
 
     def _now(self) -> float:
-        return self._clock.seconds() if self._clock is not None else 0.0
+        clock = self._transport.clock
+        return clock.seconds() if clock is not None else 0.0
 
     def _receive(self, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
         self.requests.append((txn_id, body))
+        self.times.append(self._now())
         if self.in_flight:
             self.violations.append(f"transaction {txn_id} sent while another was in flight")
         if self._refuse:
@@ -187,9 +210,9 @@ class FakeTarget:
         held = _Held(txn_id, body, Deferred(lambda d: self._cancel(held)))
         if self._hold:
             self._held.append(held)
-        elif self._delay and self._clock is not None:
+        elif self._delay and self._transport.clock is not None:
             self._held.append(held)
-            held.timer = self._clock.callLater(self._delay, self._answer_one, held)
+            held.timer = self._transport.clock.callLater(self._delay, self._answer_one, held)
         else:
             self._answer(held)
         return held.result
@@ -244,17 +267,20 @@ class FakeTransport:
 
     Args:
         clock: The clock for :meth:`FakeTarget.slow` and ``Retry-After`` dates.
+
+    Attributes:
+        clock: That clock; it may be replaced, as :meth:`relayer.testing.Harness.restart` does.
     """
 
     def __init__(self, clock: IReactorTime | None = None) -> None:
-        self._clock = clock
+        self.clock = clock
         self._targets: dict[str, FakeTarget] = {}
 
     def __getitem__(self, target_id: str) -> FakeTarget:
         """The fake target with this id, made on first use."""
         target = self._targets.get(target_id)
         if target is None:
-            target = self._targets[target_id] = FakeTarget(target_id, self._clock)
+            target = self._targets[target_id] = FakeTarget(target_id, self)
         return target
 
     def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:

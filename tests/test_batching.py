@@ -1,0 +1,153 @@
+"""The EventGrouper and transaction forming: batching, caps, order and group commit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from relayer import Scheduler, SQLiteStore
+from relayer._encoding import ENVELOPE_BYTES
+from relayer.testing import FakeTransport, build_scheduler, target
+
+
+def sizes(h: Any, target_id: str = "target") -> list[int]:
+    return [len(r.events) for r in h.transport[target_id].received]
+
+
+def test_idle_target_sends_at_once(db_path: Path) -> None:
+    """An idle target's batch goes out as soon as it is stored: no timer, no polling."""
+    h = build_scheduler(["target"], path=db_path)
+    d = h.scheduler.submit("target", {"n": 1})
+    assert d.called
+    assert h.transport["target"].events == [{"n": 1}]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_250_events_during_a_send_go_out_as_100_100_50(db_path: Path) -> None:
+    h = build_scheduler(["target"], path=db_path)
+    fake = h.transport["target"]
+    fake.hold()
+    h.scheduler.submit("target", {"n": -1})
+    assert fake.held == 1
+    for n in range(250):
+        h.scheduler.submit("target", {"n": n})
+    # Nothing more goes out while the first transaction is in flight.
+    assert len(fake.requests) == 1
+    fake.release()
+    assert sizes(h) == [1, 100, 100, 50]
+    assert fake.events == [{"n": n} for n in range(-1, 250)]
+    assert fake.txn_ids == [1, 2, 3, 4]
+    assert fake.max_in_flight == 1
+    assert fake.violations == []
+
+
+def test_transactions_are_capped_by_bytes(db_path: Path) -> None:
+    max_bytes = 1000
+    h = build_scheduler(["target"], path=db_path, max_bytes=max_bytes)
+    fake = h.transport["target"]
+    fake.hold()
+    h.scheduler.submit("target", {"first": True})
+    events = [{"n": n, "pad": "x" * (n % 50)} for n in range(300)]
+    h.scheduler.submit_many(("target", e) for e in events)
+    fake.release()
+    assert fake.events == [{"first": True}, *events]
+    bodies = [r.body for r in fake.received]
+    assert all(len(b) <= max_bytes for b in bodies)
+    # Each transaction is full: the next event would not have fitted.
+    for body, following in zip(bodies[1:-1], fake.received[2:]):
+        next_event = json.dumps(following.events[0], separators=(",", ":")).encode()
+        assert len(body) + 2 + len(next_event) > max_bytes
+    assert len(bodies) > 3
+
+
+def test_an_event_at_the_exact_byte_cap_is_sent_alone(db_path: Path) -> None:
+    max_bytes = 200
+    h = build_scheduler(["target"], path=db_path, max_bytes=max_bytes)
+    big = {"s": "y" * (max_bytes - ENVELOPE_BYTES - len('{"s":""}'))}
+    h.transport["target"].hold()
+    h.scheduler.submit("target", {"n": 0})
+    h.scheduler.submit("target", {"n": 1})
+    h.scheduler.submit("target", big)
+    h.scheduler.submit("target", {"n": 2})
+    h.transport["target"].release()
+    assert sizes(h) == [1, 1, 1, 1]
+    assert len(h.transport["target"].received[2].body) == max_bytes
+    assert h.transport["target"].events == [{"n": 0}, {"n": 1}, big, {"n": 2}]
+
+
+def test_submit_many_keeps_each_targets_order(db_path: Path) -> None:
+    h = build_scheduler(["a", "b"], path=db_path)
+    pairs = [("a" if n % 3 else "b", {"n": n}) for n in range(500)]
+    h.scheduler.submit_many(pairs)
+    for t in ("a", "b"):
+        assert h.transport[t].events == [e for tid, e in pairs if tid == t]
+        assert h.transport[t].violations == []
+
+
+class ManualPool:
+    """A database pool whose work runs only when the test says so."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def start(self) -> None:
+        pass
+
+    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((lambda: f(*args, **kwargs), d))
+        return d
+
+    def step(self) -> None:
+        f, d = self.jobs.pop(0)
+        try:
+            result = f()
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+    def drain(self) -> None:
+        while self.jobs:
+            self.step()
+
+    def stop(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
+
+
+def test_submits_are_acknowledged_only_after_commit_and_share_commits(db_path: Path) -> None:
+    clock = Clock()
+    pool = ManualPool()
+    store = SQLiteStore.open_path(clock, db_path, pool=pool)  # type: ignore[arg-type]
+    writes: list[int] = []
+    add_events = store.add_events
+
+    def counting_add_events(runs: Any, now: float) -> Deferred[None]:
+        writes.append(sum(len(events) for _, events in runs))
+        return add_events(runs, now)
+
+    store.add_events = counting_add_events  # type: ignore[method-assign]
+    transport = FakeTransport(clock)
+    scheduler = Scheduler(clock, store, transport, [target("target")])
+    started = scheduler.start()
+    pool.drain()
+    assert started.called
+
+    first = scheduler.submit("target", {"n": 0})
+    rest = [scheduler.submit("target", {"n": n}) for n in range(1, 10)]
+    # Not acknowledged before the write has committed.
+    assert not first.called and not any(d.called for d in rest)
+    assert writes == [1]
+    pool.step()  # commits the first write; the other nine wait in one write
+    assert first.called and not any(d.called for d in rest)
+    assert writes == [1, 9]
+    pool.drain()
+    assert all(d.called for d in rest)
+    assert transport["target"].events == [{"n": n} for n in range(10)]
