@@ -59,7 +59,7 @@ def test_transactions_are_capped_by_bytes(db_path: Path) -> None:
     bodies = [r.body for r in fake.received]
     assert all(len(b) <= max_bytes for b in bodies)
     # Each transaction is full: the next event would not have fitted.
-    for body, following in zip(bodies[1:-1], fake.received[2:]):
+    for body, following in zip(bodies[1:-1], fake.received[2:], strict=False):
         next_event = json.dumps(following.events[0], separators=(",", ":")).encode()
         assert len(body) + 2 + len(next_event) > max_bytes
     assert len(bodies) > 3
