@@ -27,6 +27,7 @@ from relayer.recoverer import Recoverer
 from relayer.scheduler import Scheduler, TargetStatus
 from relayer.store import DeadLetter, IStore, SQLiteStore, TargetState
 from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
+from relayer.transport.http import HTTPSendError, HTTPTransport
 
 __all__ = [
     "BackoffPolicy",
@@ -37,6 +38,8 @@ __all__ = [
     "EventGrouper",
     "EventTooLarge",
     "FailurePolicy",
+    "HTTPSendError",
+    "HTTPTransport",
     "IStore",
     "ITransport",
     "InvalidEvent",

@@ -6,6 +6,10 @@ work synchronously, :class:`FakeTransport` gives each target a scriptable :class
 and :func:`build_scheduler` puts them together with a SQLite file and a
 :class:`twisted.internet.task.Clock`, so hours of retries take milliseconds.
 
+For integration tests over real HTTP, :class:`Receiver` is a twisted.web target that checks
+what it is sent, deduplicates by transaction id and records order; :func:`listen_receiver`
+serves it on 127.0.0.1 and can take it down and bring it back.
+
 A complete test::
 
     from relayer.testing import build_scheduler
@@ -35,15 +39,29 @@ from relayer.config import TargetConfig
 from relayer.scheduler import Scheduler
 from relayer.store.sqlite import SQLiteStore
 from relayer.testing._fakes import FakeTarget, FakeTransport, InlineDatabasePool, Received
+from relayer.testing._receiver import (
+    DeliveryReport,
+    ReceivedTransaction,
+    Receiver,
+    ReceiverServer,
+    listen_receiver,
+    verify_delivery,
+)
 
 __all__ = [
+    "DeliveryReport",
     "FakeTarget",
     "FakeTransport",
     "Harness",
     "InlineDatabasePool",
     "Received",
+    "ReceivedTransaction",
+    "Receiver",
+    "ReceiverServer",
     "build_scheduler",
+    "listen_receiver",
     "target",
+    "verify_delivery",
 ]
 
 

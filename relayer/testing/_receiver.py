@@ -15,7 +15,9 @@ what a correct sender must get right, and records what it received:
   arrival until its answer, so this is only observable while answers are delayed (:meth:`slow`).
 
 It can be scripted to fail (:meth:`Receiver.fail_with`, :meth:`Receiver.fail_randomly`,
-:meth:`Receiver.fail_next`), to answer slowly (:meth:`Receiver.slow`), and, once listening with
+:meth:`Receiver.fail_next`), to answer slowly (:meth:`Receiver.slow`), to lose its answers
+(:meth:`Receiver.lose_responses`), to refuse large bodies with 413 (:meth:`Receiver.limit_body`),
+and, once listening with
 :func:`listen_receiver`, to go down (connection refused) and come back up on the same port.
 
 Example::
@@ -49,6 +51,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -212,7 +215,10 @@ class Receiver(Resource):
         requests: How many requests arrived (on the transactions path or not).
         duplicates: How many requests repeated a transaction already accepted.
         failed: How many requests were answered with a scripted failure.
+        lost: How many accepted transactions were not answered (see :meth:`lose_responses`).
+        too_large: How many requests were answered 413 (see :meth:`limit_body`).
         rejected: How many requests were refused as malformed (bad path, token or body).
+        in_flight: How many requests are in flight now.
         max_in_flight: The most requests that were in flight at once.
     """
 
@@ -237,6 +243,10 @@ class Receiver(Resource):
         self._seen: dict[int, bytes] = {}
         self._highest_txn: int | None = None
         self._last_order: Any = None
+        self.lost = 0
+        self.too_large = 0
+        self._lose = 0
+        self._max_body: int | None = None
         self._failing: _Failing | None = None
         self._delay: tuple[float, IReactorTime] | None = None
         self._pending_answers: set[IDelayedCall] = set()
@@ -251,8 +261,9 @@ class Receiver(Resource):
     # -- scripting -----------------------------------------------------------------------------
 
     def healthy(self) -> None:
-        """Answer normally again: no scripted failures, no delay."""
+        """Answer normally again: no scripted failures, no lost answers, no delay."""
         self._failing = None
+        self._lose = 0
         self._delay = None
 
     def fail_with(self, status: int, retry_after: str | None = None) -> None:
@@ -269,6 +280,27 @@ class Receiver(Resource):
             >>> r.fail_with(503, retry_after="1")
         """
         self._failing = _Failing(status, retry_after)
+
+    def limit_body(self, max_bytes: int | None) -> None:
+        """
+        Answer 413 to any request whose body is larger than ``max_bytes``, as a proxy with a
+        body size limit does; None lifts the limit.
+        """
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, not {max_bytes!r}")
+        self._max_body = max_bytes
+
+    def lose_responses(self, count: int) -> None:
+        """
+        Accept and record the next ``count`` new transactions, but hang up instead of answering.
+
+        The sender sees its connection lost and must send the same transaction again: the
+        repeat is acknowledged as a duplicate, not recorded twice. This checks that retries
+        carry the same id and the same bytes.
+        """
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count!r}")
+        self._lose = count
 
     def fail_next(self, count: int, status: int = 500, retry_after: str | None = None) -> None:
         """Answer the next ``count`` well-formed requests with ``status``, then answer normally."""
@@ -344,18 +376,23 @@ class Receiver(Resource):
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         if self._delay is None or self._delay[0] == 0:
             try:
-                return self._answer(request)
+                answer = self._answer(request)
             finally:
                 self.in_flight -= 1
+            return self._hang_up(request) if answer is None else answer
         seconds, clock = self._delay
         call: IDelayedCall | None = None
 
-        def answer() -> None:
+        def answer_later() -> None:
             if call is not None:
                 self._pending_answers.discard(call)
             self.in_flight -= 1
-            request.write(self._answer(request))
-            request.finish()
+            answer = self._answer(request)
+            if answer is None:
+                self._hang_up(request)
+            else:
+                request.write(answer)
+                request.finish()
 
         def gone(reason: Failure) -> None:
             if call is not None and call.active():
@@ -363,9 +400,15 @@ class Receiver(Resource):
                 self._pending_answers.discard(call)
                 self.in_flight -= 1
 
-        call = clock.callLater(seconds, answer)
+        call = clock.callLater(seconds, answer_later)
         self._pending_answers.add(call)
         request.notifyFinish().addErrback(gone)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _hang_up(request: Request) -> int:
+        transport: Any = request.transport
+        transport.abortConnection()
         return NOT_DONE_YET
 
     def render_GET(self, request: Request) -> bytes:
@@ -374,7 +417,8 @@ class Receiver(Resource):
 
     render_POST = render_GET
 
-    def _answer(self, request: Request) -> bytes:
+    def _answer(self, request: Request) -> bytes | None:
+        """Process a request; return the answer's body, or None to hang up without one."""
         path = request.postpath or []
         if len(path) != 5 or path[:4] != _PATH:
             shown = b"/".join(path).decode("utf-8", "replace")
@@ -396,6 +440,10 @@ class Receiver(Resource):
 
         assert request.content is not None
         body = request.content.read()
+        if self._max_body is not None and len(body) > self._max_body:
+            self.too_large += 1
+            request.setResponseCode(413)
+            return self._json(request, {"errcode": "M_TOO_LARGE", "error": "body too large"})
         try:
             document = json.loads(body)
         except ValueError:
@@ -433,6 +481,10 @@ class Receiver(Resource):
         self.transactions.append(ReceivedTransaction(txn_id, events, len(body)))
         self.events.extend(events)
         self._notify()
+        if self._lose > 0:
+            self._lose -= 1
+            self.lost += 1
+            return None
         return self._json(request, {})
 
     def _should_fail(self, failing: _Failing) -> bool:
@@ -467,7 +519,8 @@ class Receiver(Resource):
         if ready:
             self._waiters = [(n, d) for n, d in self._waiters if len(self.events) < n]
             for _, d in ready:
-                d.callback(None)
+                if not d.called:  # not cancelled meanwhile
+                    d.callback(None)
 
     def _refuse(self, request: Request, status: int, errcode: str, error: str) -> bytes:
         self.rejected += 1
@@ -550,6 +603,13 @@ class ReceiverServer:
         return self.down()
 
 
+class _QuietSite(Site):
+    """A site that keeps no access log: the receiver records what matters."""
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
 async def _stop_listening(port: IListeningPort) -> None:
     result = port.stopListening()
     if isinstance(result, Deferred):
@@ -589,9 +649,9 @@ def listen_receiver(
             raise ValueError(f"prefix must be one non-empty path segment, not {prefix!r}")
         root = Resource()
         root.putChild(prefix.encode("utf-8"), receiver)
-        site = Site(root)
+        site = _QuietSite(root)
     else:
-        site = Site(receiver)
+        site = _QuietSite(receiver)
     site.displayTracebacks = False
     site.noisy = False
     factory = WrappingFactory(site)

@@ -1,0 +1,410 @@
+"""
+``relayer demo``: relayer delivering to three local HTTP targets, end to end.
+
+The demo runs a real scheduler on a SQLite file in a temporary folder (with its dedicated
+database thread) and the default HTTP transport, and three real HTTP targets on 127.0.0.1:
+
+- ``healthy`` answers every transaction;
+- ``flaky`` answers a random share of requests (30% by default, seeded) with HTTP 500;
+- ``outage`` is down at first (its port is closed: connection refused), and comes back after
+  a few seconds, when the demo wakes it with :meth:`relayer.Scheduler.wake`.
+
+It submits the same number of events to each target, each event carrying a sequence number,
+shows each target's progress twice a second, and ends with a summary checked by the targets
+themselves: every event received exactly once (after de-duplication by transaction id) and in
+order. It exits with 0 if so, 1 if not, and 2 if it did not finish within ``--timeout``.
+
+The demo is a program, not library code: it runs on the global reactor, through
+:func:`twisted.internet.task.react`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import LoopingCall, deferLater, react
+
+from relayer.config import BackoffPolicy, TargetConfig
+from relayer.scheduler import Scheduler, TargetStatus
+from relayer.store.sqlite import SQLiteStore
+from relayer.testing._receiver import DeliveryReport, Receiver, ReceiverServer, listen_receiver
+from relayer.transport.http import HTTPTransport
+
+#: The exit status when every target received every event exactly once, in order.
+EXIT_OK = 0
+#: The exit status when a target's deliveries did not verify, or the demo failed.
+EXIT_FAILED = 1
+#: The exit status when the demo did not finish in time.
+EXIT_TIMEOUT = 2
+
+HEALTHY = "healthy"
+FLAKY = "flaky"
+OUTAGE = "outage"
+
+
+@attrs.frozen
+class DemoOptions:
+    """
+    The demo's settings, from the command line.
+
+    Attributes:
+        events: How many events to submit to each target.
+        seed: The seed of every random choice (failures, jitter); None picks one.
+        timeout: Seconds the demo may run before it gives up.
+        outage: Seconds the ``outage`` target stays down.
+        failure_rate: The share of requests the ``flaky`` target fails.
+        progress_interval: Seconds between two progress lines.
+    """
+
+    events: int = 10_000
+    seed: int | None = None
+    timeout: float = 300.0
+    outage: float = 3.0
+    failure_rate: float = 0.3
+    progress_interval: float = 0.5
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 7 * 24 * 3600:
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 seconds and under a week, not {text}"
+        )
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to below 1, not {text}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the demo's options to its sub-command's parser."""
+    defaults = DemoOptions()
+    parser.add_argument(
+        "--events",
+        type=_positive_int,
+        default=defaults.events,
+        metavar="N",
+        help=f"events to submit to each target (default {defaults.events})",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="seed of the random failures and jitter"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=defaults.timeout,
+        metavar="SECONDS",
+        help=f"give up (exit status 2) after this long (default {defaults.timeout:g})",
+    )
+    parser.add_argument(
+        "--outage",
+        type=_seconds,
+        default=defaults.outage,
+        metavar="SECONDS",
+        help=f"how long the 'outage' target is down (default {defaults.outage:g})",
+    )
+    parser.add_argument(
+        "--failure-rate",
+        type=_rate,
+        default=defaults.failure_rate,
+        metavar="RATE",
+        help=f"share of requests the 'flaky' target fails (default {defaults.failure_rate:g})",
+    )
+    parser.add_argument(
+        "--log", action="store_true", help="also show relayer's log on standard error"
+    )
+    parser.set_defaults(func=run_from_args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the demo with parsed command-line arguments; return the exit status."""
+    options = DemoOptions(
+        events=args.events,
+        seed=args.seed,
+        timeout=args.timeout,
+        outage=args.outage,
+        failure_rate=args.failure_rate,
+    )
+    if args.log:
+        from twisted.logger import (
+            FilteringLogObserver,
+            LogLevel,
+            LogLevelFilterPredicate,
+            globalLogBeginner,
+            textFileLogObserver,
+        )
+
+        observer = FilteringLogObserver(
+            textFileLogObserver(sys.stderr),
+            [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+        )
+        globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    return run(options)
+
+
+def run(options: DemoOptions, out: TextIO | None = None) -> int:
+    """
+    Run the demo on the global reactor, and return its exit status.
+
+    Args:
+        options: The demo's settings.
+        out: Where to write the progress and the summary; standard output by default.
+    """
+    stream = out if out is not None else sys.stdout
+
+    def write(line: str) -> None:
+        stream.write(line + "\n")
+        stream.flush()
+
+    async def main(reactor: Any) -> None:
+        code = await _Demo(reactor, options, write).run()
+        raise SystemExit(code)
+
+    try:
+        react(main)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_FAILED
+    return EXIT_FAILED  # react always exits; this is not reached
+
+
+@attrs.define
+class _Target:
+    name: str
+    description: str
+    receiver: Receiver
+    server: ReceiverServer
+    config: TargetConfig
+    expected: list[dict[str, Any]] = attrs.field(factory=list)
+
+
+class _Demo:
+    """One run of the demo."""
+
+    def __init__(self, reactor: Any, options: DemoOptions, write: Callable[[str], None]) -> None:
+        self.reactor = reactor
+        self.options = options
+        self.write = write
+        self.seed = (
+            options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
+        )
+        self.targets: list[_Target] = []
+        self.started_at = 0.0
+        self.status: dict[str, TargetStatus] = {}
+        self._reporting = False
+
+    async def run(self) -> int:
+        options = self.options
+        rng = random.Random(self.seed)
+        folder = tempfile.TemporaryDirectory(prefix="relayer-demo-")
+        servers: list[ReceiverServer] = []
+        transport = HTTPTransport(self.reactor)
+        scheduler: Scheduler | None = None
+        progress: LoopingCall | None = None
+        comeback = None
+        try:
+            backoff = BackoffPolicy(initial=0.2, maximum=2.0)
+            for name, description in (
+                (HEALTHY, "answers every request"),
+                (FLAKY, f"fails {options.failure_rate:.0%} of requests with HTTP 500"),
+                (OUTAGE, f"refuses connections for the first {options.outage:g}s"),
+            ):
+                token = secrets.token_urlsafe(24)
+                receiver = Receiver(token, order_key="seq")
+                server = listen_receiver(self.reactor, receiver)
+                servers.append(server)
+                config = TargetConfig(name, server.base_url, token, backoff=backoff)
+                self.targets.append(_Target(name, description, receiver, server, config))
+            flaky = self._target(FLAKY)
+            flaky.receiver.fail_randomly(
+                options.failure_rate, 500, random=random.Random(rng.random()).random
+            )
+            outage = self._target(OUTAGE)
+            # Keep the port, but close it: until it listens again, connecting is refused.
+            await outage.server.down()
+
+            path = Path(folder.name) / "relayer.db"
+            store = SQLiteStore.open_path(self.reactor, path)
+            scheduler = Scheduler(
+                self.reactor,
+                store,
+                transport,
+                [t.config for t in self.targets],
+                random=random.Random(rng.random()).random,
+            )
+            self.write(
+                f"relayer demo: {options.events} events to each of {len(self.targets)} targets, "
+                f"seed {self.seed}"
+            )
+            self.write(f"  store: SQLite in {path}")
+            for t in self.targets:
+                self.write(f"  target {t.name:<8} {t.config.base_url:<24} {t.description}")
+            await scheduler.start()
+            self.started_at = self.reactor.seconds()
+
+            def come_back() -> None:
+                assert scheduler is not None
+                outage.server.up()
+                self.write(f"[{self._elapsed():6.1f}s] {OUTAGE} is back up: waking it")
+                if scheduler.running:
+                    scheduler.wake(OUTAGE)
+
+            comeback = self.reactor.callLater(options.outage, come_back)
+            progress = LoopingCall(self._report, scheduler)
+            progress.clock = self.reactor
+            progress.start(options.progress_interval, now=False)
+
+            deadline = self.started_at + options.timeout
+            finished = await self._deliver(scheduler, deadline)
+            if progress.running:
+                progress.stop()
+            await self._report(scheduler)
+            if not finished:
+                self.write(f"TIMED OUT after {options.timeout:g}s: not every event was delivered")
+                return EXIT_TIMEOUT
+            return self._summary()
+        except Exception as e:
+            self.write(f"relayer demo failed: {type(e).__name__}: {e}")
+            return EXIT_FAILED
+        finally:
+            if progress is not None and progress.running:
+                progress.stop()
+            if comeback is not None and comeback.active():
+                comeback.cancel()
+            if scheduler is not None and scheduler.running:
+                await scheduler.stop()
+            await transport.close()
+            for server in servers:
+                await server.stop()
+            folder.cleanup()
+
+    def _target(self, name: str) -> _Target:
+        return next(t for t in self.targets if t.name == name)
+
+    def _elapsed(self) -> float:
+        return float(self.reactor.seconds() - self.started_at)
+
+    async def _deliver(self, scheduler: Scheduler, deadline: float) -> bool:
+        """Submit the events, then wait until every target has them; False on timeout."""
+        n = self.options.events
+        chunk = 1000
+        for start in range(0, n, chunk):
+            batch = []
+            for seq in range(start, min(start + chunk, n)):
+                for t in self.targets:
+                    event = {"seq": seq, "target": t.name, "text": f"event {seq} for {t.name}"}
+                    t.expected.append(event)
+                    batch.append((t.name, event))
+            await scheduler.submit_many(batch)
+        self.write(
+            f"[{self._elapsed():6.1f}s] all {n * len(self.targets)} events stored; delivering"
+        )
+
+        received: Deferred[Any] = DeferredList(
+            [t.receiver.wait_for_events(n) for t in self.targets], fireOnOneErrback=True
+        )
+        remaining = deadline - self.reactor.seconds()
+        if remaining <= 0:
+            return False
+        try:
+            await received.addTimeout(remaining, self.reactor)
+        except Exception:
+            return False
+        # The targets have everything; let the scheduler record the last completions.
+        while self.reactor.seconds() < deadline:
+            statuses = await scheduler.status()
+            if all(s.pending_events == 0 and s.pending_transactions == 0 for s in statuses):
+                return True
+            await deferLater(self.reactor, 0.05, lambda: None)
+        return False
+
+    async def _report(self, scheduler: Scheduler) -> None:
+        if self._reporting or not scheduler.running:
+            return
+        self._reporting = True
+        try:
+            statuses = {s.target_id: s for s in await scheduler.status()}
+        finally:
+            self._reporting = False
+        parts = []
+        for t in self.targets:
+            s = statuses.get(t.name)
+            state = s.state.name if s is not None else "?"
+            pending = s.pending_events if s is not None else 0
+            delivered = len(t.receiver.events)
+            width = len(str(self.options.events))
+            parts.append(
+                f"{t.name} {delivered:>{width}}/{self.options.events} {state:<4} "
+                f"pending {pending:>{width}}"
+            )
+        self.write(f"[{self._elapsed():6.1f}s] " + " | ".join(parts))
+
+    def _summary(self) -> int:
+        elapsed = self._elapsed()
+        n = self.options.events
+        total = n * len(self.targets)
+        ok = True
+        self.write("")
+        self.write(
+            f"{'target':<8} {'events':>13} {'txns':>6} {'dup txns':>8} {'failed':>7} "
+            f"{'violations':>10}  result"
+        )
+        reports: list[tuple[_Target, DeliveryReport]] = []
+        for t in self.targets:
+            report = t.receiver.verify(t.expected)
+            reports.append((t, report))
+            good = report.ok and not t.receiver.violations
+            ok = ok and good
+            r = t.receiver
+            delivered = f"{len(r.events)}/{n}"
+            self.write(
+                f"{t.name:<8} {delivered:>13} {len(r.transactions):>6} "
+                f"{r.duplicates:>8} {r.failed:>7} {len(r.violations):>10}  "
+                f"{'OK' if good else 'FAILED'}"
+            )
+        self.write("")
+        for t, report in reports:
+            if not report.ok:
+                self.write(f"  {t.name}: {report.summary()}")
+            for violation in t.receiver.violations[:5]:
+                self.write(f"  {t.name}: {violation}")
+        rate = total / elapsed if elapsed > 0 else float("inf")
+        if ok:
+            self.write(
+                f"VERIFIED: every target received all {n} events exactly once, in order "
+                f"({total} events in {elapsed:.2f}s, {rate:,.0f} events/s)"
+            )
+            return EXIT_OK
+        self.write(f"FAILED: delivery did not verify ({elapsed:.2f}s)")
+        return EXIT_FAILED
+
+
+__all__ = ["DemoOptions", "configure_parser", "run", "run_from_args"]
