@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayer.config import FailurePolicy, TargetConfig
+from relayer.errors import StoreUnavailable
 from relayer.recoverer import Recoverer
 from relayer.store.base import IStore, TargetRecord, TargetState, Transaction
 from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
@@ -74,9 +75,11 @@ class TargetRuntime:
 
     @property
     def next_attempt_at(self) -> float | None:
-        """When a DOWN target is next retried."""
+        """When the target is next retried: by its Recoverer, or after a store error."""
         if self.recoverer is not None and self.recoverer.scheduled:
             return self.recoverer.next_attempt_at
+        if self.loop_retry is not None and self.loop_retry.active():
+            return float(self.loop_retry.getTime())
         return None
 
 
@@ -194,12 +197,21 @@ class TransactionController:
             return
         t.loop_errors += 1
         delay = min(LOOP_RETRY_INITIAL * 2 ** min(t.loop_errors - 1, 16), LOOP_RETRY_MAX)
-        self.log.failure(
-            "Delivery to {target_id} stopped on an unexpected error; retrying in {delay:.1f}s",
-            failure,
-            target_id=t.config.target_id,
-            delay=delay,
-        )
+        if failure.check(StoreUnavailable):
+            self.log.warn(
+                "Delivery to {target_id} paused: {error}; retrying in {delay:.1f}s",
+                target_id=t.config.target_id,
+                error=failure.getErrorMessage(),
+                delay=delay,
+            )
+        else:
+            self.log.failure(
+                "Delivery to {target_id} stopped on an unexpected error; retrying in "
+                "{delay:.1f}s",
+                failure,
+                target_id=t.config.target_id,
+                delay=delay,
+            )
         t.loop_retry = self._clock.callLater(delay, self._kick, t)
 
     async def _deliver(self, t: TargetRuntime) -> None:

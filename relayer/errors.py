@@ -49,5 +49,12 @@ class StoreError(RelayerError):
     """The store failed to carry out an operation; nothing that was acknowledged is lost."""
 
 
+class StoreUnavailable(StoreError):
+    """
+    The store failed for a reason that may pass: a locked or busy database, a full disk, a lost
+    connection. Operations that fail this way are retried with backoff.
+    """
+
+
 class SchemaVersionError(StoreError):
     """The database was written by a newer relayer, whose schema this version cannot read."""

@@ -6,27 +6,39 @@ in progress: events submitted while a write is in progress wait for the next wri
 all of them in one database transaction. An idle grouper writes at once, so there is no timer and
 no polling, and under load many submits share one commit.
 
+If the store is unavailable (a locked database, a full disk, a lost connection), a write is
+retried with backoff for up to ``retry_timeout`` seconds; only then do its submits fail, and
+then nothing of theirs was stored.
+
 Each target's events are stored as runs no longer than one transaction of that target (by count
 and bytes), so forming a transaction never has to read more than it sends.
 """
 
 from __future__ import annotations
 
+import random as _random
 from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from relayer import _encoding
-from relayer.errors import StoreError
+from relayer.config import BackoffPolicy
+from relayer.errors import StoreError, StoreUnavailable
 from relayer.store.base import IStore
 
 #: The most events one write takes, so that one commit stays a reasonable size. A single
 #: ``submit_many`` larger than this is still written in one commit.
 MAX_EVENTS_PER_WRITE = 20_000
+
+#: The default backoff between attempts of a write that failed because the store was
+#: unavailable: 50 ms, doubling, up to 5 s.
+DEFAULT_STORE_RETRY = BackoffPolicy(initial=0.05, multiplier=2.0, maximum=5.0, jitter=0.2)
+#: How long, by default, a write is retried before its submits fail: 60 s.
+DEFAULT_STORE_RETRY_TIMEOUT = 60.0
 
 
 @attrs.define
@@ -64,6 +76,11 @@ class EventGrouper:
         store: Where events are stored.
         limits: Gives a target's ``(max_events, max_bytes)``.
         on_stored: Called with the ids of the targets that have new events, after each commit.
+        retry: The backoff between attempts of a write that failed because the store was
+            unavailable (locked, full, disconnected).
+        retry_timeout: How long a write is retried before its submits fail with
+            :class:`relayer.errors.StoreError`.
+        random: The jitter source for ``retry``.
     """
 
     log = Logger(namespace="relayer.grouper")
@@ -74,13 +91,20 @@ class EventGrouper:
         store: IStore,
         limits: Callable[[str], tuple[int, int]],
         on_stored: Callable[[Iterable[str]], None],
+        *,
+        retry: BackoffPolicy = DEFAULT_STORE_RETRY,
+        retry_timeout: float = DEFAULT_STORE_RETRY_TIMEOUT,
+        random: Callable[[], float] = _random.random,
     ) -> None:
         self._clock = clock
         self._store = store
         self._limits = limits
         self._on_stored = on_stored
+        self.retry = retry
+        self.retry_timeout = retry_timeout
+        self._random = random
         self._queue: list[_Submission] = []
-        self._writing: Deferred[None] | None = None
+        self._busy = False
         self._idle: list[Deferred[None]] = []
 
     @property
@@ -102,13 +126,13 @@ class EventGrouper:
         """
         done: Deferred[None] = Deferred()
         self._queue.append(_Submission(items, done))
-        if self._writing is None:
+        if not self._busy:
             self._write()
         return done
 
     def flushed(self) -> Deferred[None]:
         """A Deferred that fires once every event handed over so far has been written."""
-        if self._writing is None and not self._queue:
+        if not self._busy and not self._queue:
             d: Deferred[None] = Deferred()
             d.callback(None)
             return d
@@ -134,30 +158,77 @@ class EventGrouper:
             max_events, max_bytes = self._limits(target_id)
             runs.extend((target_id, run) for run in runs_for(events, max_events, max_bytes))
 
-        writing = self._store.add_events(runs, self._clock.seconds())
-        self._writing = writing
+        self._busy = True
+        d = Deferred.fromCoroutine(self._store_batch(batch, runs, list(per_target), count))
+        d.addErrback(lambda f: self.log.failure("The event grouper failed", f))
 
-        def written(result: object) -> None:
-            self._writing = None
-            if isinstance(result, Failure):
-                self.log.failure(
-                    "Storing {count} submitted events failed; their submits fail",
-                    result,
-                    count=count,
-                )
-                error = StoreError(f"the events were not stored: {result.getErrorMessage()}")
-                for submission in batch:
-                    submission.done.errback(error)
-            else:
-                for submission in batch:
-                    submission.done.callback(None)
-                self._on_stored(per_target.keys())
-            if self._writing is None:
-                if self._queue:
-                    self._write()
+    async def _store_batch(
+        self,
+        batch: list[_Submission],
+        runs: list[tuple[str, Sequence[bytes]]],
+        target_ids: list[str],
+        count: int,
+    ) -> None:
+        started = self._clock.seconds()
+        attempt = 0
+        try:
+            while True:
+                try:
+                    await self._store.add_events(runs, self._clock.seconds())
+                except StoreUnavailable as e:
+                    attempt += 1
+                    waited = self._clock.seconds() - started
+                    if waited >= self.retry_timeout:
+                        self.log.error(
+                            "Storing {count} submitted events failed for {waited:.1f}s ({error}); "
+                            "their submits fail",
+                            count=count,
+                            waited=waited,
+                            error=str(e),
+                        )
+                        self._fail(
+                            batch,
+                            f"the events were not stored: the store was unavailable for "
+                            f"{waited:.1f}s ({e})",
+                        )
+                        return
+                    delay = min(
+                        self.retry.delay(attempt, self._random), self.retry_timeout - waited
+                    )
+                    self.log.warn(
+                        "Storing {count} submitted events failed ({error}); retrying in "
+                        "{delay:.2f}s",
+                        count=count,
+                        error=str(e),
+                        delay=delay,
+                    )
+                    await deferLater(self._clock, delay)
+                except Exception as e:
+                    self.log.failure(
+                        "Storing {count} submitted events failed; their submits fail",
+                        count=count,
+                    )
+                    self._fail(batch, f"the events were not stored: {e}")
+                    return
                 else:
-                    idle, self._idle = self._idle, []
-                    for d in idle:
-                        d.callback(None)
+                    for submission in batch:
+                        submission.done.callback(None)
+                    try:
+                        self._on_stored(target_ids)
+                    except Exception:
+                        self.log.failure("Handing over stored events failed")
+                    return
+        finally:
+            self._busy = False
+            if self._queue:
+                self._write()
+            elif not self._busy:
+                idle, self._idle = self._idle, []
+                for d in idle:
+                    d.callback(None)
 
-        writing.addBoth(written)
+    @staticmethod
+    def _fail(batch: list[_Submission], message: str) -> None:
+        error = StoreError(message)
+        for submission in batch:
+            submission.done.errback(error)

@@ -28,7 +28,7 @@ from relayer.errors import (
     NotRunning,
     UnknownTarget,
 )
-from relayer.grouper import EventGrouper
+from relayer.grouper import DEFAULT_STORE_RETRY_TIMEOUT, EventGrouper
 from relayer.store.base import DeadLetter, IStore, TargetState
 from relayer.transport.base import ITransport
 
@@ -95,6 +95,9 @@ class Scheduler:
             fixed function to make the retry schedule exact.
         stop_timeout: How long :meth:`stop` waits for sends in flight before abandoning them
             (they stay pending, and are resent unchanged after a restart).
+        store_retry_timeout: How long storing submitted events is retried while the store is
+            unavailable (locked, full, disconnected) before those submits fail. Delivery work
+            that fails on the store is retried with backoff for as long as it takes.
 
     Example::
 
@@ -116,6 +119,7 @@ class Scheduler:
         *,
         random: Callable[[], float] = _random.random,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        store_retry_timeout: float = DEFAULT_STORE_RETRY_TIMEOUT,
     ) -> None:
         if (
             isinstance(stop_timeout, bool)
@@ -123,6 +127,14 @@ class Scheduler:
             or not (0 <= stop_timeout < float("inf"))
         ):
             raise ConfigurationError(f"stop_timeout must be a number >= 0, not {stop_timeout!r}")
+        if (
+            isinstance(store_retry_timeout, bool)
+            or not isinstance(store_retry_timeout, (int, float))
+            or not (0 <= store_retry_timeout < float("inf"))
+        ):
+            raise ConfigurationError(
+                f"store_retry_timeout must be a number >= 0, not {store_retry_timeout!r}"
+            )
         if not callable(random):
             raise ConfigurationError("random must be a callable returning floats in [0, 1)")
         self._clock = clock
@@ -131,7 +143,14 @@ class Scheduler:
         self._configs: dict[str, TargetConfig] = {}
         self._lifecycle = _Lifecycle.NEW
         self._controller = TransactionController(clock, store, transport, random)
-        self._grouper = EventGrouper(clock, store, self._limits, self._controller.notify)
+        self._grouper = EventGrouper(
+            clock,
+            store,
+            self._limits,
+            self._controller.notify,
+            retry_timeout=float(store_retry_timeout),
+            random=random,
+        )
         self._registering: set[Deferred[Any]] = set()
         for config in targets:
             self.add_target(config)

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from relayer import _encoding
 from relayer.dbpool import DatabasePool
-from relayer.errors import StoreError
+from relayer.errors import StoreError, StoreUnavailable
 from relayer.store import schema
 from relayer.store.base import (
     DeadLetter,
@@ -29,6 +29,23 @@ from relayer.store.base import (
 )
 
 T = TypeVar("T")
+
+#: Errors that may pass, after which an operation is worth retrying: a locked or busy database,
+#: a full disk, a lost connection, a connection pool that ran dry.
+_TRANSIENT = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.DisconnectionError,
+    sa.exc.TimeoutError,
+)
+
+
+def _db_message(e: BaseException) -> str:
+    """The driver's own message for a database error, without the SQL or its parameters."""
+    orig = getattr(e, "orig", None)
+    text = str(orig) if orig is not None else type(e).__name__
+    return text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+
 
 _t = schema.targets
 _q = schema.queue
@@ -64,8 +81,13 @@ class SQLStore:
 
     def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         def in_transaction() -> T:
-            with self._engine.begin() as conn:
-                return f(conn, *args)
+            try:
+                with self._engine.begin() as conn:
+                    return f(conn, *args)
+            except _TRANSIENT as e:
+                raise StoreUnavailable(f"the database is unavailable: {_db_message(e)}") from e
+            except sa.exc.SQLAlchemyError as e:
+                raise StoreError(f"the database operation failed: {_db_message(e)}") from e
 
         return self._pool.run(in_transaction)
 

@@ -76,6 +76,7 @@ class SQLiteStore(SQLStore):
         *,
         pool: DatabasePool | None = None,
         synchronous: str = "FULL",
+        busy_timeout_ms: int = 10_000,
     ) -> SQLiteStore:
         """
         A store in the SQLite file at ``path``, created if it does not exist.
@@ -85,6 +86,10 @@ class SQLiteStore(SQLStore):
             path: The database file.
             pool: Where database work runs; by default a dedicated single-thread pool.
             synchronous: SQLite's ``synchronous`` setting; see :func:`sqlite_engine`.
+            busy_timeout_ms: How long a transaction waits for another connection's lock
+                before it fails (and is retried).
         """
-        engine = sqlite_engine(os.fspath(path), synchronous=synchronous)
+        engine = sqlite_engine(
+            os.fspath(path), synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
+        )
         return cls(engine, pool if pool is not None else ThreadedDatabasePool(reactor))
