@@ -132,7 +132,7 @@ class BackoffPolicy:
         if failures < 1:
             return 0.0
         try:
-            base = self.initial * self.multiplier ** (failures - 1)
+            base = self.initial * float(self.multiplier) ** (failures - 1)
         except OverflowError:
             return self.maximum
         return min(base, self.maximum)
@@ -154,13 +154,17 @@ def _check_target_id(instance: Any, attribute: Any, value: Any) -> None:
         raise InvalidTarget(f"target_id must be a str, not {type(value).__name__}")
     if not value or len(value) > 255:
         raise InvalidTarget(f"target_id must be 1 to 255 characters long, not {len(value)}")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF for c in value):
         raise InvalidTarget(f"target_id {value!r} holds a control character or a lone surrogate")
 
 
 def _check_base_url(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, str):
         raise InvalidTarget(f"base_url must be a str, not {type(value).__name__}")
+    # Credentials in the URL are refused before anything else, and never echoed.
+    authority = value.split("://", 1)[-1].split("/", 1)[0]
+    if "@" in authority:
+        raise InvalidTarget("base_url must not hold credentials; give the token as token=")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -170,11 +174,9 @@ def _check_base_url(instance: Any, attribute: Any, value: Any) -> None:
         raise InvalidTarget(f"base_url must be an http:// or https:// URL, not {value!r}")
     if not parts.hostname:
         raise InvalidTarget(f"base_url {value!r} has no host")
-    if parts.query or parts.fragment:
+    if parts.query or parts.fragment or "?" in value or "#" in value:
         raise InvalidTarget(f"base_url {value!r} must not have a query string or a fragment")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidTarget("base_url must not hold credentials; give the token as token=")
-    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+    if any(ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
         raise InvalidTarget(f"base_url {value!r} holds white space or a control character")
 
 

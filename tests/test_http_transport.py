@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface.verify import verifyObject
 
 from relayer.config import TargetConfig
+from relayer.errors import ConfigurationError
 from relayer.transport import (
     HTTPSendError,
     HTTPTransport,
@@ -156,9 +157,9 @@ def test_bad_arguments() -> None:
         transport.send(target, True, b"{}")
     with pytest.raises(TypeError):
         transport.send(target, 1, "{}")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigurationError, match="max_response_bytes"):
         HTTPTransport(reactor_(), max_response_bytes=-1)
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigurationError, match="max_response_bytes"):
         HTTPTransport(reactor_(), max_response_bytes=1.5)  # type: ignore[arg-type]
 
 

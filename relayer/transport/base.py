@@ -20,11 +20,11 @@ class OutcomeKind(enum.Enum):
 
     #: The target accepted the transaction.
     DELIVERED = "delivered"
-    #: A transient failure: the target is marked DOWN and retried with backoff.
+    #: A transient failure; the target is marked DOWN and retried with backoff.
     RETRY = "retry"
-    #: The target refused the transaction as too large: it is split, if it can be.
+    #: The target refused the transaction as too large; it is split, if it can be.
     TOO_LARGE = "too_large"
-    #: The target refused the transaction for good: the target's failure policy applies.
+    #: The target refused the transaction for good; the target's failure policy applies.
     PERMANENT = "permanent"
 
 

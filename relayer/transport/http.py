@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from relayer._version import __version__
 from relayer.config import TargetConfig
-from relayer.errors import RelayerError
+from relayer.errors import ConfigurationError, RelayerError
 from relayer.transport.base import ITransport, SendOutcome, classify_status
 
 #: The default cap on how much of a response body is read, in bytes (64 KiB).
@@ -301,12 +301,14 @@ class HTTPTransport:
         client: HTTPClient | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int):
-            raise TypeError(
-                f"max_response_bytes must be an int, not {type(max_response_bytes).__name__}"
+        if (
+            isinstance(max_response_bytes, bool)
+            or not isinstance(max_response_bytes, int)
+            or max_response_bytes < 0
+        ):
+            raise ConfigurationError(
+                f"max_response_bytes must be an int >= 0, not {max_response_bytes!r}"
             )
-        if max_response_bytes < 0:
-            raise ValueError(f"max_response_bytes must be >= 0, not {max_response_bytes}")
         self._reactor = reactor
         self._pool: webclient.HTTPConnectionPool | None = None
         if client is None:
