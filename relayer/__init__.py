@@ -16,16 +16,20 @@ from relayer.errors import (
     EventTooLarge,
     InvalidEvent,
     InvalidTarget,
+    LeaseLost,
     NotRunning,
     RelayerError,
     SchemaVersionError,
     StoreError,
+    StoreUnavailable,
     UnknownTarget,
 )
 from relayer.grouper import EventGrouper
+from relayer.lease import LeaseSettings
 from relayer.recoverer import Recoverer
 from relayer.scheduler import Scheduler, TargetStatus
 from relayer.store import DeadLetter, IStore, SQLiteStore, TargetState
+from relayer.store.postgres import PostgresStore
 from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
 from relayer.transport.http import HTTPSendError, HTTPTransport
 
@@ -44,8 +48,11 @@ __all__ = [
     "ITransport",
     "InvalidEvent",
     "InvalidTarget",
+    "LeaseLost",
+    "LeaseSettings",
     "NotRunning",
     "OutcomeKind",
+    "PostgresStore",
     "Recoverer",
     "RelayerError",
     "SQLiteStore",
@@ -53,6 +60,7 @@ __all__ = [
     "SchemaVersionError",
     "SendOutcome",
     "StoreError",
+    "StoreUnavailable",
     "TargetConfig",
     "TargetState",
     "TargetStatus",

@@ -5,6 +5,8 @@ Sub-commands:
 
 - ``relayer demo``: relayer delivering to three local HTTP targets, one healthy, one flaky and
   one that is down for a while, with live progress and a verified summary.
+- ``relayer db upgrade --database URL`` and ``relayer db version --database URL``: create or
+  upgrade relayer's tables, or show their schema version.
 
 Operator commands (status, wake, dead letters, replay) will join it as sub-commands.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from relayer import demo
+from relayer import dbcli, demo
 from relayer._version import __version__
 
 
@@ -37,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "event exactly once and in order. Exit status: 0 verified, 1 failed, "
                 "2 timed out."
             ),
+        )
+    )
+    dbcli.configure_parser(
+        commands.add_parser(
+            "db",
+            help="database maintenance: upgrade the schema, show its version",
+            description="Database maintenance for SQLite files and PostgreSQL databases.",
         )
     )
     return parser

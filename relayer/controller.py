@@ -27,8 +27,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayer import _faults
 from relayer.config import FailurePolicy, TargetConfig
-from relayer.errors import StoreUnavailable
+from relayer.errors import LeaseLost, StoreUnavailable
 from relayer.recoverer import Recoverer
 from relayer.store.base import IStore, TargetRecord, TargetState, Transaction
 from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
@@ -65,6 +66,7 @@ class TargetRuntime:
     in_flight: Deferred[SendOutcome] | None = None
     dirty: bool = False
     wake_requested: bool = False
+    removed: bool = False
     loop_errors: int = 0
     loop_retry: IDelayedCall | None = None
 
@@ -76,7 +78,9 @@ class TargetRuntime:
     @property
     def next_attempt_at(self) -> float | None:
         """When the target is next retried: by its Recoverer, or after a store error."""
-        if self.recoverer is not None and self.recoverer.scheduled:
+        # While the loop runs, a failure is being recorded (the retry is scheduled once it is
+        # stored) or a retry is under way: either way the Recoverer's time is the one to show.
+        if self.recoverer is not None and (self.recoverer.scheduled or self.running):
             return self.recoverer.next_attempt_at
         if self.loop_retry is not None and self.loop_retry.active():
             return float(self.loop_retry.getTime())
@@ -92,6 +96,9 @@ class TransactionController:
         store: The durable store.
         transport: Sends transactions.
         random: The jitter source for backoff, returning floats in ``[0, 1)``.
+        may_send: Says whether this process may send to a target now; by default always. With
+            leases, only while it holds the target's lease with enough time left. A delivery
+            loop that may not go on stops, and is resumed by :meth:`resume_paused`.
     """
 
     log = Logger(namespace="relayer.controller")
@@ -102,8 +109,11 @@ class TransactionController:
         store: IStore,
         transport: ITransport,
         random: Callable[[], float],
+        may_send: Callable[[TargetRuntime], bool] | None = None,
     ) -> None:
         self._clock = clock
+        self._may_send = may_send if may_send is not None else (lambda t: True)
+        self._paused: set[str] = set()
         self._store = store
         self._transport = transport
         self._random = random
@@ -126,9 +136,49 @@ class TransactionController:
             t.recoverer = self._recoverer(t, record.failures)
             # Resume the persisted backoff; an overdue retry happens at once.
             t.recoverer.schedule(record.next_attempt_at)
-        elif record.state is TargetState.UP:
+        elif record.state is TargetState.UP and record.has_pending:
             self._kick(t)
         return t
+
+    def remove(self, target_ids: Iterable[str], cancel: bool = False) -> Deferred[None]:
+        """
+        Stop delivering to targets and forget them.
+
+        Their delivery loops stop before their next send; what they were sending stays
+        pending in the store. With ``cancel``, sends in flight are abandoned at once.
+
+        Returns:
+            A Deferred that fires once no loop of these targets runs any more.
+        """
+        loops = []
+        for target_id in target_ids:
+            t = self.targets.pop(target_id, None)
+            self._paused.discard(target_id)
+            if t is None:
+                continue
+            t.removed = True
+            if t.recoverer is not None:
+                t.recoverer.cancel()
+            if t.loop_retry is not None and t.loop_retry.active():
+                t.loop_retry.cancel()
+            if cancel and t.in_flight is not None:
+                t.in_flight.cancel()
+            loop = self._loops.get(target_id)
+            if loop is not None:
+                loops.append(loop)
+        return Deferred.fromCoroutine(_wait_all(loops))
+
+    def resume_paused(self) -> None:
+        """Restart the delivery loops that stopped because this process could not send."""
+        paused, self._paused = self._paused, set()
+        for target_id in paused:
+            t = self.targets.get(target_id)
+            if t is None:
+                continue
+            if t.recoverer is not None and t.recoverer.scheduled:
+                continue
+            if t.state is not TargetState.BLOCKED:
+                self._kick(t)
 
     def _recoverer(self, t: TargetRuntime, failures: int) -> Recoverer:
         return Recoverer(
@@ -166,7 +216,7 @@ class TransactionController:
     # -- the delivery loop ----------------------------------------------------------------------
 
     def _kick(self, t: TargetRuntime) -> None:
-        if t.running or self._stopping:
+        if t.running or self._stopping or t.removed:
             return
         if t.loop_retry is not None and t.loop_retry.active():
             t.loop_retry.cancel()
@@ -183,6 +233,10 @@ class TransactionController:
             if self._loops.get(target_id) is d:
                 del self._loops[target_id]
             if isinstance(result, Failure):
+                if result.check(LeaseLost):
+                    # The lease manager hears of it too, and takes the target away.
+                    self._paused.add(target_id)
+                    return
                 self._loop_failed(t, result)
             else:
                 t.loop_errors = 0
@@ -193,7 +247,7 @@ class TransactionController:
         d.addBoth(finished)
 
     def _loop_failed(self, t: TargetRuntime, failure: Failure) -> None:
-        if self._stopping:
+        if self._stopping or t.removed:
             return
         t.loop_errors += 1
         delay = min(LOOP_RETRY_INITIAL * 2 ** min(t.loop_errors - 1, 16), LOOP_RETRY_MAX)
@@ -218,6 +272,9 @@ class TransactionController:
         config = t.config
         target_id = config.target_id
         store = self._store
+        if not self._may_send(t):
+            self._paused.add(target_id)
+            return
         txn = await store.claim(
             target_id, config.max_events, config.max_bytes, self._clock.seconds()
         )
@@ -231,19 +288,27 @@ class TransactionController:
                     continue
                 self._now_up(t)
                 return
-            if self._stopping:
+            if self._stopping or t.removed:
                 # The claimed transaction stays pending, with its id and bytes, for next time.
                 return
+            if not self._may_send(t):
+                self._paused.add(target_id)
+                return
+            _faults.checkpoint("txn.stored")
             outcome = await self._send(t, txn)
             now = self._clock.seconds()
             if outcome is None:
                 return
             if outcome.kind is OutcomeKind.DELIVERED:
+                _faults.checkpoint("send.accepted")
                 t.last_success_at = now
                 t.last_error = None
                 t.wake_requested = False
                 if t.recoverer is not None:
                     t.recoverer.failures = 0
+                if t.state is TargetState.BLOCKED:
+                    # Unblocked: the rest of the backlog drains as after an outage.
+                    self._set_state(t, TargetState.DOWN)
                 txn = await store.complete(
                     target_id, txn.txn_id, config.max_events, config.max_bytes, now
                 )
@@ -293,12 +358,13 @@ class TransactionController:
         try:
             sending = self._transport.send(t.config, txn.txn_id, txn.body)
             t.in_flight = sending
+            _faults.checkpoint("send.started")
             try:
                 return await sending
             finally:
                 t.in_flight = None
         except CancelledError:
-            if self._stopping:
+            if self._stopping or t.removed:
                 return None
             return SendOutcome.retry("the request was cancelled")
         except Exception as e:  # noqa: BLE001 - every send error is a transient failure
@@ -313,7 +379,7 @@ class TransactionController:
         next_at = recoverer.failed(outcome.retry_after)
         if t.wake_requested:
             t.wake_requested = False
-            next_at = now
+            next_at = recoverer.next_attempt_at = now
         t.last_error = outcome.reason
         was = t.state
         self._set_state(t, TargetState.DOWN)
@@ -339,7 +405,7 @@ class TransactionController:
         await self._store.fail(
             t.config.target_id, txn.txn_id, recoverer.failures, next_at, outcome.reason, now
         )
-        if not self._stopping:
+        if not (self._stopping or t.removed):
             recoverer.schedule(next_at)
 
     def _now_up(self, t: TargetRuntime) -> None:
@@ -377,6 +443,14 @@ class TransactionController:
         for t in self.targets.values():
             if t.in_flight is not None:
                 t.in_flight.cancel()
+
+
+async def _wait_all(loops: list[Deferred[None]]) -> None:
+    for loop in loops:
+        try:
+            await loop
+        except Exception:
+            pass  # the loop's own error handling has logged it
 
 
 def _describe(e: BaseException) -> str:

@@ -56,5 +56,12 @@ class StoreUnavailable(StoreError):
     """
 
 
+class LeaseLost(RelayerError):
+    """
+    This process no longer owns the target it acted on: its lease expired, or another process
+    took it over. Nothing was changed; the new owner carries on.
+    """
+
+
 class SchemaVersionError(StoreError):
     """The database was written by a newer relayer, whose schema this version cannot read."""

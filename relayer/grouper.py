@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from relayer import _encoding
+from relayer import _encoding, _faults
 from relayer.config import BackoffPolicy
 from relayer.errors import StoreError, StoreUnavailable
 from relayer.store.base import IStore
@@ -211,6 +211,7 @@ class EventGrouper:
                     self._fail(batch, f"the events were not stored: {e}")
                     return
                 else:
+                    _faults.checkpoint("submit.stored")
                     for submission in batch:
                         submission.done.callback(None)
                     try:

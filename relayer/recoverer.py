@@ -65,12 +65,13 @@ class Recoverer:
         Count one more failure and return the time of the next attempt.
 
         The delay is the policy's backoff for the new failure count or, if the target asked for
-        one (``Retry-After``), that delay, capped at the policy's maximum. Call :meth:`schedule`
-        with the result once it is stored.
+        one (``Retry-After``), that delay, at least the policy's initial delay (so that
+        ``Retry-After: 0`` cannot make a busy loop) and at most its maximum. Call
+        :meth:`schedule` with the result once it is stored.
         """
         self.failures += 1
         if retry_after is not None:
-            delay = min(max(retry_after, 0.0), self._policy.maximum)
+            delay = min(max(retry_after, self._policy.initial), self._policy.maximum)
         else:
             delay = self._policy.delay(self.failures, self._random)
         self.next_attempt_at = self._clock.seconds() + delay
@@ -79,8 +80,10 @@ class Recoverer:
     def schedule(self, when: float | None) -> None:
         """Schedule the next retry at the time ``when`` (at once if None or past)."""
         self.cancel()
-        self.next_attempt_at = when
-        delay = 0.0 if when is None else max(0.0, when - self._clock.seconds())
+        now = self._clock.seconds()
+        delay = 0.0 if when is None else max(0.0, when - now)
+        # The time the retry really happens: an overdue one (after a restart) happens now.
+        self.next_attempt_at = now + delay
         self._call = self._clock.callLater(delay, self._fire)
 
     def wake(self) -> None:

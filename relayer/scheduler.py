@@ -14,12 +14,12 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
 from relayer import _encoding
 from relayer.config import TargetConfig
-from relayer.controller import TransactionController
+from relayer.controller import TargetRuntime, TransactionController
 from relayer.errors import (
     ConfigurationError,
     DuplicateTarget,
@@ -29,7 +29,8 @@ from relayer.errors import (
     UnknownTarget,
 )
 from relayer.grouper import DEFAULT_STORE_RETRY_TIMEOUT, EventGrouper
-from relayer.store.base import DeadLetter, IStore, TargetState
+from relayer.lease import LeaseManager, LeaseSettings
+from relayer.store.base import DeadLetter, ILeaseStore, IStore, QueueCounts, TargetState
 from relayer.transport.base import ITransport
 
 #: How long :meth:`Scheduler.stop` lets sends in flight finish before it abandons them.
@@ -120,6 +121,7 @@ class Scheduler:
         random: Callable[[], float] = _random.random,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         store_retry_timeout: float = DEFAULT_STORE_RETRY_TIMEOUT,
+        leases: LeaseSettings | None = None,
     ) -> None:
         if (
             isinstance(stop_timeout, bool)
@@ -137,12 +139,35 @@ class Scheduler:
             )
         if not callable(random):
             raise ConfigurationError("random must be a callable returning floats in [0, 1)")
+        if leases is not None and not isinstance(leases, LeaseSettings):
+            raise ConfigurationError(f"leases must be LeaseSettings, not {type(leases).__name__}")
+        if leases is not None and not ILeaseStore.providedBy(store):
+            raise ConfigurationError("leases need a store that supports them (ILeaseStore)")
         self._clock = clock
         self._store = store
         self._stop_timeout = float(stop_timeout)
         self._configs: dict[str, TargetConfig] = {}
         self._lifecycle = _Lifecycle.NEW
-        self._controller = TransactionController(clock, store, transport, random)
+        self._leases: LeaseManager | None = None
+        if leases is not None:
+            self._leases = LeaseManager(
+                clock,
+                store,  # type: ignore[arg-type]
+                leases,
+                targets=lambda: list(self._configs),
+                acquired=self._leases_acquired,
+                lost=self._leases_lost,
+                shed=lambda ids: self._controller.remove(ids),
+                renewed=lambda: self._controller.resume_paused(),
+            )
+        self._unlisten: Callable[[], None] | None = None
+        self._controller = TransactionController(
+            clock,
+            store,
+            transport,
+            random,
+            may_send=self._may_send if self._leases is not None else None,
+        )
         self._grouper = EventGrouper(
             clock,
             store,
@@ -154,6 +179,63 @@ class Scheduler:
         self._registering: set[Deferred[Any]] = set()
         for config in targets:
             self.add_target(config)
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str | None:
+        """This process's node id when it shares the database with others; else None."""
+        return self._leases.node_id if self._leases is not None else None
+
+    @property
+    def owned_targets(self) -> frozenset[str]:
+        """The ids of the targets this process delivers to: all, or those it holds leases on."""
+        if self._leases is None:
+            return frozenset(self._controller.targets)
+        return frozenset(t for t in self._leases.owned if self._leases.owns(t))
+
+    def _may_send(self, t: TargetRuntime) -> bool:
+        assert self._leases is not None
+        leases = self._leases
+        return leases.owns(t.config.target_id) and leases.remaining() > t.config.request_timeout
+
+    def _leases_acquired(self, target_ids: list[str]) -> None:
+        async def take() -> None:
+            records = await self._store.load_targets(target_ids)
+            for target_id in target_ids:
+                config = self._configs.get(target_id)
+                record = records.get(target_id)
+                if config is None or record is None or target_id in self._controller.targets:
+                    continue
+                if self._leases is not None and not self._leases.owns(target_id):
+                    continue
+                self._controller.add(config, record)
+                # It may have events that arrived while another process owned it.
+                self._controller.notify([target_id])
+
+        self._track(Deferred.fromCoroutine(take())).addErrback(
+            lambda f: self.log.failure("Taking over {n} targets failed", f, n=len(target_ids))
+        )
+
+    def _track(self, d: Deferred[None]) -> Deferred[None]:
+        """Keep a background task in view, so that stop() waits for it."""
+        self._registering.add(d)
+
+        def done(result: object) -> object:
+            self._registering.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    def _leases_lost(self, target_ids: list[str]) -> None:
+        self._controller.remove(target_ids, cancel=True)
+
+    def _notified(self, target_ids: list[str] | None) -> None:
+        if self._lifecycle != _Lifecycle.RUNNING:
+            return
+        self._controller.notify(
+            target_ids if target_ids is not None else list(self._controller.targets)
+        )
 
     # -- targets --------------------------------------------------------------------------------
 
@@ -174,15 +256,7 @@ class Scheduler:
             raise DuplicateTarget(f"target {config.target_id!r} is registered already")
         self._configs[config.target_id] = config
         if self._lifecycle == _Lifecycle.RUNNING:
-            d = Deferred.fromCoroutine(self._register([config]))
-            self._registering.add(d)
-
-            def done(result: object) -> object:
-                self._registering.discard(d)
-                return result
-
-            d.addBoth(done)
-            d.addErrback(
+            self._track(Deferred.fromCoroutine(self._register([config]))).addErrback(
                 lambda f: self.log.failure(
                     "Registering target {target_id} failed", f, target_id=config.target_id
                 )
@@ -199,6 +273,9 @@ class Scheduler:
 
     async def _register(self, configs: Sequence[TargetConfig]) -> None:
         records = await self._store.register_targets([c.target_id for c in configs])
+        if self._leases is not None:
+            # Which of them this process delivers to is up to its leases.
+            return
         for config in configs:
             if self._lifecycle != _Lifecycle.RUNNING and self._lifecycle != _Lifecycle.STARTING:
                 return
@@ -238,6 +315,14 @@ class Scheduler:
             try:
                 await self._store.open()
                 await self._register(list(self._configs.values()))
+                if self._leases is not None:
+                    self._leases.settings.check(c.request_timeout for c in self._configs.values())
+                    self._store.lease_owner = self._leases.node_id  # type: ignore[attr-defined]
+                    await self._leases.start()
+                    listen = getattr(self._store, "listen", None)
+                    # A fake clock has no threads to hear notifications on: tests tell it.
+                    if listen is not None and IReactorFromThreads.providedBy(self._clock):
+                        self._unlisten = listen(self._notified)
             except BaseException:
                 self._lifecycle = _Lifecycle.STOPPED
                 await self._store.close()
@@ -274,6 +359,10 @@ class Scheduler:
                 finally:
                     if timer.active():
                         timer.cancel()
+            if self._unlisten is not None:
+                self._unlisten()
+            if self._leases is not None:
+                await self._leases.stop()
             await self._store.close()
             self._lifecycle = _Lifecycle.STOPPED
             self.log.info("relayer scheduler stopped")
@@ -337,8 +426,12 @@ class Scheduler:
             A Deferred that fires once all of the events are durably stored.
 
         Raises:
-            The same exceptions as :meth:`submit`, for the first bad pair; then nothing at all
-            is stored.
+            NotRunning: The scheduler is not started, or is stopping.
+            UnknownTarget: A pair names no registered target.
+            InvalidEvent: A pair's event cannot be encoded, or a pair is not a pair.
+            EventTooLarge: A pair's encoded event exceeds its target's ``max_bytes``.
+
+        If any pair is bad, the exception is raised for the first one and nothing is stored.
         """
         self._check_running()
         items: list[tuple[str, bytes]] = []
@@ -388,26 +481,42 @@ class Scheduler:
 
         async def status() -> list[TargetStatus]:
             counts = await self._store.queue_counts()
+            ids = sorted(set(self._configs) | set(counts))
+            # Targets this process does not deliver to (not registered, or owned by another
+            # process): their state is as stored.
+            elsewhere = [i for i in ids if i not in self._controller.targets]
+            records = await self._store.load_targets(elsewhere) if elsewhere else {}
             now = self._clock.seconds()
             result = []
-            for target_id in sorted(set(self._configs) | set(counts)):
-                c = counts.get(target_id)
+            for target_id in ids:
+                c = counts.get(target_id) or QueueCounts()
+                oldest = c.oldest_pending_at
+                age = max(0.0, now - oldest) if oldest is not None else None
                 t = self._controller.targets.get(target_id)
-                oldest = c.oldest_pending_at if c is not None else None
+                if t is not None:
+                    state, failures, next_retry = t.state, t.failures, t.next_attempt_at
+                    last_success, last_error = t.last_success_at, t.last_error
+                else:
+                    r = records.get(target_id)
+                    state = r.state if r is not None else TargetState.UP
+                    failures = r.failures if r is not None else 0
+                    next_retry = r.next_attempt_at if r is not None else None
+                    last_success = r.last_success_at if r is not None else None
+                    last_error = r.last_error if r is not None else None
                 result.append(
                     TargetStatus(
                         target_id=target_id,
-                        state=t.state if t is not None else TargetState.UP,
+                        state=state,
                         registered=target_id in self._configs,
                         in_flight=t is not None and t.in_flight is not None,
-                        pending_events=c.pending_events if c is not None else 0,
-                        pending_transactions=c.pending_transactions if c is not None else 0,
-                        oldest_pending_age=max(0.0, now - oldest) if oldest is not None else None,
-                        last_success_at=t.last_success_at if t is not None else None,
-                        consecutive_failures=t.failures if t is not None else 0,
-                        next_retry_at=t.next_attempt_at if t is not None else None,
-                        last_error=t.last_error if t is not None else None,
-                        dead_letters=c.dead_letters if c is not None else 0,
+                        pending_events=c.pending_events,
+                        pending_transactions=c.pending_transactions,
+                        oldest_pending_age=age,
+                        last_success_at=last_success,
+                        consecutive_failures=failures,
+                        next_retry_at=next_retry,
+                        last_error=last_error,
+                        dead_letters=c.dead_letters,
                     )
                 )
             return result

@@ -1,13 +1,82 @@
-"""Shared fixtures."""
+"""
+Shared fixtures.
+
+Tests take their database from ``RELAYER_TEST_DATABASE_URL``. Unset, each test gets a fresh
+SQLite file; set to a ``postgresql://`` URL, each test gets a fresh schema in that database,
+dropped when the test ends.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+import sqlalchemy as sa
+
+DATABASE_URL = os.environ.get("RELAYER_TEST_DATABASE_URL", "")
+POSTGRES = DATABASE_URL.startswith("postgresql")
+
+
+def pytest_report_header() -> str:
+    if POSTGRES:
+        return f"relayer test database: {sa.make_url(DATABASE_URL).render_as_string()}"
+    return "relayer test database: a SQLite file per test"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: the test is about SQLite itself")
+    config.addinivalue_line("markers", "postgres_only: the test needs PostgreSQL")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if POSTGRES and item.get_closest_marker("sqlite_only"):
+            item.add_marker(pytest.mark.skip(reason="about SQLite; this run is on PostgreSQL"))
+        if not POSTGRES and item.get_closest_marker("postgres_only"):
+            item.add_marker(
+                pytest.mark.skip(reason="needs PostgreSQL: set RELAYER_TEST_DATABASE_URL")
+            )
+
+
+def _admin_engine() -> sa.Engine:
+    url = sa.make_url(DATABASE_URL).set(drivername="postgresql+psycopg")
+    return sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+
+
+def postgres_schema_url(schema: str) -> str:
+    """The test database URL, with ``schema`` as the search path."""
+    url = sa.make_url(DATABASE_URL)
+    query = dict(url.query)
+    query["options"] = f"-csearch_path={schema}"
+    return url.set(query=query).render_as_string(hide_password=False)
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    """A fresh SQLite file for one test."""
-    return tmp_path / "relayer.db"
+def db_path(tmp_path: Path) -> Iterator[Path | str]:
+    """The database for one test: a SQLite file, or a PostgreSQL URL with a fresh schema."""
+    if not POSTGRES:
+        yield tmp_path / "relayer.db"
+        return
+    schema = f"relayer_test_{uuid.uuid4().hex[:12]}"
+    engine = _admin_engine()
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield postgres_schema_url(schema)
+    finally:
+        with engine.connect() as conn:
+            # Connections a test abandoned (as a crashed process would) must not keep the
+            # schema alive.
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND query ILIKE :pattern"
+                ),
+                {"pattern": f"%{quote(schema)}%"},
+            )
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()

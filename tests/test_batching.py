@@ -10,9 +10,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from relayer import Scheduler, SQLiteStore
+from relayer import Scheduler
 from relayer._encoding import ENVELOPE_BYTES
-from relayer.testing import FakeTransport, build_scheduler, target
+from relayer.testing import FakeTransport, build_scheduler, open_store, target
 
 
 def sizes(h: Any, target_id: str = "target") -> list[int]:
@@ -125,7 +125,7 @@ class ManualPool:
 def test_submits_are_acknowledged_only_after_commit_and_share_commits(db_path: Path) -> None:
     clock = Clock()
     pool = ManualPool()
-    store = SQLiteStore.open_path(clock, db_path, pool=pool)  # type: ignore[arg-type]
+    store = open_store(clock, db_path, pool=pool)  # type: ignore[arg-type]
     writes: list[int] = []
     add_events = store.add_events
 

@@ -282,3 +282,33 @@ def test_retry_after_is_honoured_within_the_cap(
     assert fake.events == []
     advance_to(h, delay)
     assert fake.events == [{"n": 1}]
+
+
+def test_a_woken_blocked_target_keeps_draining_across_a_restart(db_path: Path) -> None:
+    h = build_scheduler(["target"], path=db_path, failure_policy=FailurePolicy.BLOCK)
+    fake = h.transport["target"]
+    fake.respond(403)
+    for n in range(3):
+        h.scheduler.submit("target", {"n": n})
+    assert status(h).state is TargetState.BLOCKED
+    fake.hold()
+    h.scheduler.wake("target")
+    fake.release(keep_holding=True)  # the blocking transaction is delivered; the next is held
+    assert fake.events == [{"n": 0}]
+    assert status(h).state is TargetState.DOWN  # draining, no longer blocked
+    h2 = h.restart(stop=False)
+    fake.up()
+    h2.clock.advance(0)
+    assert fake.events == [{"n": n} for n in range(3)]
+    assert status(h2).state is TargetState.UP
+
+
+def test_retry_after_zero_does_not_retry_in_a_busy_loop(db_path: Path) -> None:
+    h = build_scheduler(["target"], path=db_path)
+    fake = h.transport["target"]
+    fake.fail_with(429, retry_after="0")
+    h.scheduler.submit("target", {"n": 1})
+    h.clock.advance(0)
+    h.clock.advance(0)
+    assert len(fake.requests) == 1
+    assert status(h).next_retry_at == pytest.approx(2.0)  # the policy's initial delay

@@ -61,7 +61,8 @@ def test_restart_loses_nothing_and_resumes(db_path: Path, graceful: bool) -> Non
     assert after["down"].pending_events == 3
     assert after["down"].state is TargetState.DOWN
     assert after["down"].consecutive_failures == 2
-    assert after["down"].next_retry_at == pytest.approx(6.0)
+    # The stored retry time, or now if it has passed while the scheduler was stopping.
+    assert after["down"].next_retry_at == pytest.approx(max(6.0, h2.clock.seconds()))
 
     # The DOWN target is retried at its stored time, without any new traffic.
     if h2.clock.seconds() < 6.0:

@@ -13,13 +13,14 @@ import sqlalchemy as sa
 from twisted.internet.task import Clock
 
 from relayer import Scheduler, SQLiteStore, StoreError, TargetState
-from relayer.testing import FakeTransport, InlineDatabasePool, target
+from relayer.testing import FakeTransport, InlineDatabasePool, open_store, target
 
 
 @attrs.define
 class Faults:
     """Makes the store's write statements fail, as a full disk or an I/O error would."""
 
+    dbapi: Any
     error: str | None = None
     kinds: tuple[str, ...] = ("INSERT", "UPDATE", "DELETE")
     failed: int = 0
@@ -27,7 +28,8 @@ class Faults:
     def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if self.error is not None and statement.lstrip().upper().startswith(self.kinds):
             self.failed += 1
-            raise sqlite3.OperationalError(self.error)
+            # The driver's own error, as a full disk or a lost connection raises it.
+            raise self.dbapi.OperationalError(self.error)
 
 
 @attrs.define
@@ -36,7 +38,7 @@ class Setup:
     clock: Clock
     transport: FakeTransport
     faults: Faults
-    path: Path
+    path: Path | str
 
     def status(self, target_id: str = "target") -> Any:
         d = self.scheduler.status()
@@ -44,15 +46,18 @@ class Setup:
         return {s.target_id: s for s in d.result}[target_id]
 
 
-def make(path: Path, store_retry_timeout: float = 60.0) -> Setup:
+def make(path: Path | str, store_retry_timeout: float = 60.0) -> Setup:
     clock = Clock()
-    store = SQLiteStore.open_path(
-        clock,  # type: ignore[arg-type]
-        path,
-        pool=InlineDatabasePool(),
-        busy_timeout_ms=0,
-    )
-    faults = Faults()
+    if isinstance(path, Path):
+        store: Any = SQLiteStore.open_path(
+            clock,  # type: ignore[arg-type]
+            path,
+            pool=InlineDatabasePool(),
+            busy_timeout_ms=0,
+        )
+    else:
+        store = open_store(clock, path)
+    faults = Faults(store._engine.dialect.dbapi)
     sa.event.listen(store._engine, "before_cursor_execute", faults)
     transport = FakeTransport(clock)
     scheduler = Scheduler(
@@ -75,6 +80,7 @@ def lock(db_path: Path) -> Iterator[sqlite3.Connection]:
     conn.close()
 
 
+@pytest.mark.sqlite_only
 def test_a_locked_database_delays_the_ack_until_the_event_is_stored(
     db_path: Path, lock: sqlite3.Connection
 ) -> None:
@@ -90,6 +96,7 @@ def test_a_locked_database_delays_the_ack_until_the_event_is_stored(
     assert s.transport["target"].events == [{"n": 1}]
 
 
+@pytest.mark.sqlite_only
 def test_a_submit_fails_only_when_its_event_was_not_stored(
     db_path: Path, lock: sqlite3.Connection
 ) -> None:

@@ -6,7 +6,9 @@ Durable storage of targets' queues, transactions and delivery state.
 
 from relayer.store.base import (
     DeadLetter,
+    ILeaseStore,
     IStore,
+    LeaseRound,
     QueueCounts,
     TargetRecord,
     TargetState,
@@ -17,7 +19,9 @@ from relayer.store.sqlite import SQLiteStore, sqlite_engine
 
 __all__ = [
     "DeadLetter",
+    "ILeaseStore",
     "IStore",
+    "LeaseRound",
     "QueueCounts",
     "SQLStore",
     "SQLiteStore",

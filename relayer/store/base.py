@@ -127,6 +127,27 @@ class DeadLetter:
     body: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
 
 
+@attrs.frozen
+class LeaseRound:
+    """
+    The result of one lease round of a process: see :meth:`ILeaseStore.lease_round`.
+
+    Attributes:
+        owned: The targets the process owns now (renewed or newly taken).
+        acquired: The targets among them that it took in this round.
+        live_nodes: How many processes have a live heartbeat, this one included.
+        fair_share: How many targets each process should own.
+        next_expiry: The earliest time another process's lease on one of the targets expires,
+            or None; a process that owns less than its share tries again then.
+    """
+
+    owned: frozenset[str]
+    acquired: frozenset[str]
+    live_nodes: int
+    fair_share: int
+    next_expiry: float | None
+
+
 class IStore(Interface):
     """
     Durable storage of targets' queues, transactions and delivery state.
@@ -149,6 +170,9 @@ class IStore(Interface):
 
     def register_targets(target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
         """Make sure each target has a state row; return every target's stored state."""
+
+    def load_targets(target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
+        """Return the stored state of the given targets (those the store knows)."""
 
     def add_events(runs: Sequence[tuple[str, Sequence[bytes]]], now: float) -> Deferred[None]:
         """
@@ -211,3 +235,27 @@ class IStore(Interface):
 
 #: Maps a target id to its stored record.
 TargetRecords = Mapping[str, TargetRecord]
+
+
+class ILeaseStore(IStore):
+    """
+    A store that several processes can share: each target is owned by one process at a time,
+    through a lease with an expiry.
+
+    Once a store's ``lease_owner`` is set to a process's node id, every operation that changes a
+    target's queue or state first checks, under a row lock, that this process holds the target's
+    unexpired lease, and fails with :class:`relayer.errors.LeaseLost` if it does not.
+    """
+
+    lease_owner = Attribute("The node id whose leases this store's operations require, or None.")
+
+    def lease_round(
+        node_id: str, target_ids: Sequence[str], timeout: float, now: float
+    ) -> Deferred[LeaseRound]:
+        """
+        Heartbeat, renew this node's leases and take free or expired ones up to a fair share,
+        in one database transaction.
+        """
+
+    def release_leases(node_id: str, target_ids: Sequence[str] | None) -> Deferred[None]:
+        """Give up leases (all of them if ``target_ids`` is None) so others can take them."""

@@ -9,6 +9,8 @@ Version history:
 
 1. Targets, the event queue, transactions and dead letters.
 2. ``relayer_targets.last_error``: a short description of a target's last failure.
+3. ``relayer_nodes`` and ``relayer_leases``: the processes sharing a database, and which of them
+   owns each target.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import sqlalchemy as sa
 from relayer.errors import SchemaVersionError
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# The PostgreSQL advisory lock taken while upgrading: an arbitrary constant of relayer's.
+_UPGRADE_LOCK = 0x72656C61796572
 
 
 def define_tables(m: sa.MetaData, version: int) -> sa.MetaData:
@@ -86,7 +91,28 @@ def define_tables(m: sa.MetaData, version: int) -> sa.MetaData:
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("dead_at", sa.Float, nullable=False),
     )
+    if version >= 3:
+        _define_leases(m)
     return m
+
+
+def _define_leases(m: sa.MetaData) -> None:
+    # Each scheduler process that shares the database, with the time its heartbeat expires.
+    sa.Table(
+        "relayer_nodes",
+        m,
+        sa.Column("node_id", sa.String(255), primary_key=True),
+        sa.Column("expires_at", sa.Float, nullable=False),
+    )
+    # Which process owns each target, until when. A target without an owner, or whose lease
+    # has expired, may be taken by any process.
+    sa.Table(
+        "relayer_leases",
+        m,
+        sa.Column("target_id", sa.String(255), primary_key=True),
+        sa.Column("owner", sa.String(255), nullable=True),
+        sa.Column("expires_at", sa.Float, nullable=False),
+    )
 
 
 metadata = define_tables(sa.MetaData(), SCHEMA_VERSION)
@@ -95,6 +121,8 @@ targets = metadata.tables["relayer_targets"]
 queue = metadata.tables["relayer_queue"]
 transactions = metadata.tables["relayer_transactions"]
 dead_letters = metadata.tables["relayer_dead_letters"]
+nodes = metadata.tables["relayer_nodes"]
+leases = metadata.tables["relayer_leases"]
 
 
 def _v1(conn: sa.Connection) -> None:
@@ -105,8 +133,14 @@ def _v2(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE relayer_targets ADD COLUMN last_error TEXT"))
 
 
+def _v3(conn: sa.Connection) -> None:
+    m = sa.MetaData()
+    _define_leases(m)
+    m.create_all(conn)
+
+
 #: ``MIGRATIONS[v]`` moves a database from version ``v - 1`` to version ``v``.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2}
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3}
 
 
 def read_version(conn: sa.Connection) -> int:
@@ -129,6 +163,10 @@ def upgrade(conn: sa.Connection, to_version: int = SCHEMA_VERSION) -> tuple[int,
     Raises:
         SchemaVersionError: The database is newer than ``to_version``.
     """
+    if conn.dialect.name == "postgresql":
+        # Processes that start together upgrade one at a time; the others then find the
+        # schema up to date. The lock is released at the end of the transaction.
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
     found = read_version(conn)
     if found > to_version:
         raise SchemaVersionError(

@@ -15,13 +15,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayer import _encoding
+from relayer import _encoding, _faults
 from relayer.dbpool import DatabasePool
-from relayer.errors import StoreError, StoreUnavailable
+from relayer.errors import LeaseLost, StoreError, StoreUnavailable
 from relayer.store import schema
 from relayer.store.base import (
     DeadLetter,
-    IStore,
+    ILeaseStore,
+    LeaseRound,
     QueueCounts,
     TargetRecord,
     TargetState,
@@ -48,12 +49,74 @@ def _db_message(e: BaseException) -> str:
 
 
 _t = schema.targets
+_l = schema.leases
+_n = schema.nodes
 _q = schema.queue
 _x = schema.transactions
 _d = schema.dead_letters
 
+# The statements of the delivery path, built once: building a statement costs several times
+# more than running it. Their values are bound at execution.
+_HEAD_TXN = (
+    sa.select(_x.c.txn_id, _x.c.body, _x.c.n_events, _x.c.attempts, _x.c.oldest_at)
+    .where(_x.c.target_id == sa.bindparam("p_target"))
+    .order_by(_x.c.txn_id)
+    .limit(1)
+)
+_COUNT_ATTEMPT = (
+    sa.update(_x)
+    .where(_x.c.target_id == sa.bindparam("p_target"), _x.c.txn_id == sa.bindparam("p_txn"))
+    .values(attempts=sa.bindparam("p_attempts"), last_attempt_at=sa.bindparam("p_now"))
+)
+_QUEUE_HEAD = (
+    sa.select(_q.c.id, _q.c.n_events, _q.c.events, _q.c.oldest_at)
+    .where(_q.c.target_id == sa.bindparam("p_target"))
+    .order_by(_q.c.pos, _q.c.id)
+    # Each run holds at least one event, so no more runs than events are needed; they are
+    # fetched a few at a time, so a long backlog is never read into memory.
+    .limit(sa.bindparam("p_limit", type_=sa.Integer))
+    .execution_options(yield_per=8)
+)
+_DELETE_RUNS = sa.delete(_q).where(_q.c.id.in_(sa.bindparam("p_ids", expanding=True)))
+_SHORTEN_RUN = (
+    sa.update(_q)
+    .where(_q.c.id == sa.bindparam("p_id"))
+    .values(n_events=sa.bindparam("p_n"), events=sa.bindparam("p_events"))
+)
+_INSERT_TXN = sa.insert(_x)
+_NEXT_TXN_ID = (
+    sa.update(_t)
+    .where(_t.c.target_id == sa.bindparam("p_target"))
+    .values(last_txn_id=_t.c.last_txn_id + 1)
+    .returning(_t.c.last_txn_id)
+)
+_MARK_UP = (
+    sa.update(_t)
+    .where(_t.c.target_id == sa.bindparam("p_target"), _t.c.state != TargetState.UP.value)
+    .values(state=TargetState.UP.value, failures=0, next_attempt_at=None)
+)
+_DELETE_TXN = sa.delete(_x).where(
+    _x.c.target_id == sa.bindparam("p_target"), _x.c.txn_id == sa.bindparam("p_txn")
+)
+_DELIVERED = (
+    sa.update(_t)
+    .where(_t.c.target_id == sa.bindparam("p_target"))
+    .values(
+        last_success_at=sa.bindparam("p_now"),
+        failures=0,
+        next_attempt_at=None,
+        last_error=None,
+        # A woken BLOCKED target that delivers its head transaction is draining: DOWN, like
+        # a recovering target, so a restart goes on with the drain instead of waiting.
+        state=sa.case(
+            (_t.c.state == TargetState.BLOCKED.value, TargetState.DOWN.value),
+            else_=_t.c.state,
+        ),
+    )
+)
 
-@implementer(IStore)
+
+@implementer(ILeaseStore)
 class SQLStore:
     """
     A store on a SQLAlchemy engine.
@@ -67,11 +130,18 @@ class SQLStore:
     """
 
     schema_version = schema.SCHEMA_VERSION
+    #: The node id whose leases every change to a target requires, or None (one process).
+    lease_owner: str | None = None
     log = Logger(namespace="relayer.store")
 
-    def __init__(self, engine: sa.Engine, pool: DatabasePool) -> None:
+    def __init__(
+        self, engine: sa.Engine, pool: DatabasePool, lease_pool: DatabasePool | None = None
+    ) -> None:
         self._engine = engine
         self._pool = pool
+        # Lease rounds must not queue behind a backlog of other work, or leases would lapse
+        # under load: a backend with several connections gives them a thread of their own.
+        self._lease_pool = lease_pool
 
     def __repr__(self) -> str:
         # The URL is shown without its password.
@@ -79,7 +149,9 @@ class SQLStore:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+    def _run(
+        self, f: Callable[..., T], *args: Any, pool: DatabasePool | None = None
+    ) -> Deferred[T]:
         def in_transaction() -> T:
             try:
                 with self._engine.begin() as conn:
@@ -89,12 +161,14 @@ class SQLStore:
             except sa.exc.SQLAlchemyError as e:
                 raise StoreError(f"the database operation failed: {_db_message(e)}") from e
 
-        return self._pool.run(in_transaction)
+        return (pool or self._pool).run(in_transaction)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def open(self) -> Deferred[None]:
         self._pool.start()
+        if self._lease_pool is not None:
+            self._lease_pool.start()
 
         def upgrade(conn: sa.Connection) -> None:
             before, after = schema.upgrade(conn)
@@ -110,6 +184,8 @@ class SQLStore:
     def close(self) -> Deferred[None]:
         async def close() -> None:
             try:
+                if self._lease_pool is not None:
+                    await self._lease_pool.stop()
                 await self._pool.run(self._engine.dispose)
             finally:
                 await self._pool.stop()
@@ -121,14 +197,37 @@ class SQLStore:
     def register_targets(self, target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
         return self._run(self._register_targets, list(target_ids))
 
+    def load_targets(self, target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
+        ids = list(dict.fromkeys(target_ids))
+
+        def load(conn: sa.Connection) -> dict[str, TargetRecord]:
+            records = {}
+            for chunk in _chunks(ids):
+                pending = set(
+                    conn.execute(
+                        sa.select(_q.c.target_id).where(_q.c.target_id.in_(chunk)).distinct()
+                    ).scalars()
+                )
+                pending.update(
+                    conn.execute(
+                        sa.select(_x.c.target_id).where(_x.c.target_id.in_(chunk)).distinct()
+                    ).scalars()
+                )
+                for row in conn.execute(sa.select(_t).where(_t.c.target_id.in_(chunk))):
+                    records[row.target_id] = _record(row, row.target_id in pending)
+            return records
+
+        return self._run(load)
+
     def _register_targets(
         self, conn: sa.Connection, target_ids: list[str]
     ) -> dict[str, TargetRecord]:
         existing = set(conn.execute(sa.select(_t.c.target_id)).scalars())
         missing = [t for t in dict.fromkeys(target_ids) if t not in existing]
         if missing:
+            # Another process may register the same targets at the same time.
             conn.execute(
-                sa.insert(_t),
+                self._insert_ignoring_conflicts(_t),
                 [
                     {
                         "target_id": t,
@@ -146,20 +245,24 @@ class SQLStore:
         pending.update(conn.execute(sa.select(_x.c.target_id).distinct()).scalars())
         records = {}
         for row in conn.execute(sa.select(_t)):
-            records[row.target_id] = TargetRecord(
-                target_id=row.target_id,
-                state=TargetState(row.state),
-                failures=row.failures,
-                next_attempt_at=row.next_attempt_at,
-                last_success_at=row.last_success_at,
-                last_txn_id=row.last_txn_id,
-                last_error=row.last_error,
-                has_pending=row.target_id in pending,
-            )
+            records[row.target_id] = _record(row, row.target_id in pending)
         # A queue without a state row would be invisible to status(); report it all the same.
         for target_id in pending - records.keys():
             raise StoreError(f"the store holds events for target {target_id!r} without its state")
         return records
+
+    def _insert_ignoring_conflicts(self, table: sa.Table) -> Any:
+        """An INSERT that skips rows whose primary key exists already."""
+        dialect = self._engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table).on_conflict_do_nothing()
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            return sqlite_insert(table).on_conflict_do_nothing()
+        raise StoreError(f"relayer does not support the {dialect} database")
 
     # -- the queue ------------------------------------------------------------------------------
 
@@ -179,8 +282,12 @@ class SQLStore:
         def add(conn: sa.Connection) -> None:
             if rows:
                 conn.execute(sa.insert(_q), rows)
+                self._events_added(conn, [str(r["target_id"]) for r in rows])
 
         return self._run(add)
+
+    def _events_added(self, conn: sa.Connection, target_ids: Sequence[str]) -> None:
+        """Called inside the transaction that stores events; a backend may notify others."""
 
     def _form(
         self, conn: sa.Connection, target_id: str, max_events: int, max_bytes: int, now: float
@@ -193,11 +300,7 @@ class SQLStore:
         consumed: list[int] = []
         remainder: tuple[int, list[bytes]] | None = None
         sep = len(_encoding.SEPARATOR)
-        result = conn.execute(
-            sa.select(_q.c.id, _q.c.n_events, _q.c.events, _q.c.oldest_at)
-            .where(_q.c.target_id == target_id)
-            .order_by(_q.c.pos, _q.c.id)
-        )
+        result = conn.execute(_QUEUE_HEAD, {"p_target": target_id, "p_limit": max_events})
         try:
             for row_id, run_n, run, run_oldest in result:
                 run = bytes(run)
@@ -236,38 +339,33 @@ class SQLStore:
         if not n_events:
             return None
         if consumed:
-            conn.execute(sa.delete(_q).where(_q.c.id.in_(consumed)))
+            conn.execute(_DELETE_RUNS, {"p_ids": consumed})
         if remainder is not None:
             row_id, rest = remainder
             conn.execute(
-                sa.update(_q)
-                .where(_q.c.id == row_id)
-                .values(n_events=len(rest), events=_encoding.join_events(rest))
+                _SHORTEN_RUN,
+                {"p_id": row_id, "p_n": len(rest), "p_events": _encoding.join_events(rest)},
             )
         txn_id = self._next_txn_id(conn, target_id)
         body = _encoding.transaction_body(_encoding.SEPARATOR.join(runs))
         assert oldest is not None
         conn.execute(
-            sa.insert(_x).values(
-                target_id=target_id,
-                txn_id=txn_id,
-                n_events=n_events,
-                body=body,
-                oldest_at=oldest,
-                created_at=now,
-                attempts=1,
-                last_attempt_at=now,
-            )
+            _INSERT_TXN,
+            {
+                "target_id": target_id,
+                "txn_id": txn_id,
+                "n_events": n_events,
+                "body": body,
+                "oldest_at": oldest,
+                "created_at": now,
+                "attempts": 1,
+                "last_attempt_at": now,
+            },
         )
         return Transaction(target_id, txn_id, body, n_events, 1, oldest)
 
     def _next_txn_id(self, conn: sa.Connection, target_id: str) -> int:
-        last = conn.execute(
-            sa.update(_t)
-            .where(_t.c.target_id == target_id)
-            .values(last_txn_id=_t.c.last_txn_id + 1)
-            .returning(_t.c.last_txn_id)
-        ).scalar_one_or_none()
+        last = conn.execute(_NEXT_TXN_ID, {"p_target": target_id}).scalar_one_or_none()
         if last is None:
             raise StoreError(f"target {target_id!r} is not registered in the store")
         return int(last)
@@ -275,18 +373,12 @@ class SQLStore:
     def _claim(
         self, conn: sa.Connection, target_id: str, max_events: int, max_bytes: int, now: float
     ) -> Transaction | None:
-        row = conn.execute(
-            sa.select(_x.c.txn_id, _x.c.body, _x.c.n_events, _x.c.attempts, _x.c.oldest_at)
-            .where(_x.c.target_id == target_id)
-            .order_by(_x.c.txn_id)
-            .limit(1)
-        ).first()
+        row = conn.execute(_HEAD_TXN, {"p_target": target_id}).first()
         if row is not None:
             attempts = row.attempts + 1
             conn.execute(
-                sa.update(_x)
-                .where(_x.c.target_id == target_id, _x.c.txn_id == row.txn_id)
-                .values(attempts=attempts, last_attempt_at=now)
+                _COUNT_ATTEMPT,
+                {"p_target": target_id, "p_txn": row.txn_id, "p_attempts": attempts, "p_now": now},
             )
             return Transaction(
                 target_id, row.txn_id, bytes(row.body), row.n_events, attempts, row.oldest_at
@@ -296,28 +388,27 @@ class SQLStore:
             # Nothing is left: the target is UP. This happens in the same database transaction
             # that found the queue empty, so no event stored before it can be stranded, and an
             # event stored after it finds the target UP.
-            conn.execute(
-                sa.update(_t)
-                .where(_t.c.target_id == target_id, _t.c.state != TargetState.UP.value)
-                .values(state=TargetState.UP.value, failures=0, next_attempt_at=None)
-            )
+            marked = conn.execute(_MARK_UP, {"p_target": target_id})
+            if marked.rowcount:
+                _faults.checkpoint("up.transition")
         return txn
 
     def claim(
         self, target_id: str, max_events: int, max_bytes: int, now: float
     ) -> Deferred[Transaction | None]:
-        return self._run(self._claim, target_id, max_events, max_bytes, now)
+        def claim(conn: sa.Connection) -> Transaction | None:
+            self._check_lease(conn, target_id, now)
+            return self._claim(conn, target_id, max_events, max_bytes, now)
+
+        return self._run(claim)
 
     def complete(
         self, target_id: str, txn_id: int, max_events: int, max_bytes: int, now: float
     ) -> Deferred[Transaction | None]:
         def complete(conn: sa.Connection) -> Transaction | None:
-            conn.execute(sa.delete(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id))
-            conn.execute(
-                sa.update(_t)
-                .where(_t.c.target_id == target_id)
-                .values(last_success_at=now, failures=0, next_attempt_at=None, last_error=None)
-            )
+            self._check_lease(conn, target_id, now)
+            conn.execute(_DELETE_TXN, {"p_target": target_id, "p_txn": txn_id})
+            conn.execute(_DELIVERED, {"p_target": target_id, "p_now": now})
             return self._claim(conn, target_id, max_events, max_bytes, now)
 
         return self._run(complete)
@@ -332,6 +423,7 @@ class SQLStore:
         now: float,
     ) -> Deferred[None]:
         def fail(conn: sa.Connection) -> None:
+            self._check_lease(conn, target_id, now)
             conn.execute(
                 sa.update(_t)
                 .where(_t.c.target_id == target_id)
@@ -342,11 +434,13 @@ class SQLStore:
                     last_error=error[:500],
                 )
             )
+            _faults.checkpoint("backoff.write")
 
         return self._run(fail)
 
     def block(self, target_id: str, txn_id: int, error: str, now: float) -> Deferred[None]:
         def block(conn: sa.Connection) -> None:
+            self._check_lease(conn, target_id, now)
             conn.execute(
                 sa.update(_t)
                 .where(_t.c.target_id == target_id)
@@ -367,6 +461,7 @@ class SQLStore:
         now: float,
     ) -> Deferred[Transaction | None]:
         def dead_letter(conn: sa.Connection) -> Transaction | None:
+            self._check_lease(conn, target_id, now)
             row = conn.execute(
                 sa.select(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
             ).first()
@@ -395,6 +490,7 @@ class SQLStore:
 
     def split(self, target_id: str, txn_id: int, now: float) -> Deferred[Transaction | None]:
         def split(conn: sa.Connection) -> Transaction | None:
+            self._check_lease(conn, target_id, now)
             row = conn.execute(
                 sa.select(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
             ).first()
@@ -527,3 +623,124 @@ class SQLStore:
             return total
 
         return self._run(replay)
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def _check_lease(self, conn: sa.Connection, target_id: str, now: float) -> None:
+        owner = self.lease_owner
+        if owner is None:
+            return
+        row = conn.execute(
+            sa.select(_l.c.owner, _l.c.expires_at)
+            .where(_l.c.target_id == target_id)
+            .with_for_update()
+        ).first()
+        if row is None or row.owner != owner or row.expires_at <= now:
+            raise LeaseLost(f"this process ({owner}) does not hold the lease on {target_id!r}")
+
+    def lease_round(
+        self, node_id: str, target_ids: Sequence[str], timeout: float, now: float
+    ) -> Deferred[LeaseRound]:
+        ids = list(dict.fromkeys(target_ids))
+        until = now + timeout
+
+        def round_(conn: sa.Connection) -> LeaseRound:
+            # Heartbeat; forget processes that have been silent for long.
+            conn.execute(
+                self._insert_ignoring_conflicts(_n), [{"node_id": node_id, "expires_at": until}]
+            )
+            conn.execute(sa.update(_n).where(_n.c.node_id == node_id).values(expires_at=until))
+            conn.execute(sa.delete(_n).where(_n.c.expires_at < now - 10 * timeout))
+            live = conn.execute(
+                sa.select(sa.func.count()).select_from(_n).where(_n.c.expires_at > now)
+            ).scalar_one()
+            for chunk in _chunks(ids):
+                conn.execute(
+                    self._insert_ignoring_conflicts(_l),
+                    [{"target_id": t, "owner": None, "expires_at": 0.0} for t in chunk],
+                )
+            owned = set(
+                conn.execute(
+                    sa.update(_l)
+                    .where(_l.c.owner == node_id)
+                    .values(expires_at=until)
+                    .returning(_l.c.target_id)
+                ).scalars()
+            )
+            fair = -(-len(ids) // max(1, live))
+            acquired: set[str] = set()
+            wanted = fair - len(owned & set(ids))
+            if wanted > 0:
+                free = sa.or_(_l.c.owner.is_(None), _l.c.expires_at <= now)
+                candidates: list[str] = []
+                for chunk in _chunks(ids):
+                    query = (
+                        sa.select(_l.c.target_id)
+                        .where(_l.c.target_id.in_(chunk), free)
+                        .order_by(_l.c.target_id)
+                        .limit(wanted - len(candidates))
+                    )
+                    if conn.dialect.name == "postgresql":
+                        query = query.with_for_update(skip_locked=True)
+                    candidates.extend(conn.execute(query).scalars())
+                    if len(candidates) >= wanted:
+                        break
+                for chunk in _chunks(candidates):
+                    # The condition is checked again under the row lock, so two processes
+                    # never both take the same lease.
+                    acquired.update(
+                        conn.execute(
+                            sa.update(_l)
+                            .where(_l.c.target_id.in_(chunk), free)
+                            .values(owner=node_id, expires_at=until)
+                            .returning(_l.c.target_id)
+                        ).scalars()
+                    )
+            next_expiry = conn.execute(
+                sa.select(sa.func.min(_l.c.expires_at)).where(
+                    _l.c.owner.is_not(None), _l.c.owner != node_id, _l.c.expires_at > now
+                )
+            ).scalar()
+            return LeaseRound(
+                owned=frozenset(owned | acquired),
+                acquired=frozenset(acquired),
+                live_nodes=int(live),
+                fair_share=fair,
+                next_expiry=next_expiry,
+            )
+
+        return self._run(round_, pool=self._lease_pool)
+
+    def release_leases(self, node_id: str, target_ids: Sequence[str] | None) -> Deferred[None]:
+        def release(conn: sa.Connection) -> None:
+            free = {"owner": None, "expires_at": 0.0}
+            if target_ids is None:
+                conn.execute(sa.update(_l).where(_l.c.owner == node_id).values(**free))
+                conn.execute(sa.delete(_n).where(_n.c.node_id == node_id))
+                return
+            for chunk in _chunks(list(target_ids)):
+                conn.execute(
+                    sa.update(_l)
+                    .where(_l.c.owner == node_id, _l.c.target_id.in_(chunk))
+                    .values(**free)
+                )
+
+        return self._run(release, pool=self._lease_pool)
+
+
+def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
+    """Cut a list into pieces small enough for an IN (...) list."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _record(row: Any, has_pending: bool) -> TargetRecord:
+    return TargetRecord(
+        target_id=row.target_id,
+        state=TargetState(row.state),
+        failures=row.failures,
+        next_attempt_at=row.next_attempt_at,
+        last_success_at=row.last_success_at,
+        last_txn_id=row.last_txn_id,
+        last_error=row.last_error,
+        has_pending=has_pending,
+    )

@@ -18,7 +18,7 @@ A complete test::
         h = build_scheduler(["bridge"], path=tmp_path / "relayer.db")
         h.transport["bridge"].down()
         h.scheduler.submit("bridge", {"body": "hello"})
-        h.clock.advance(60)                       # retries with backoff, all failing
+        h.clock.pump([1.0] * 60)                  # a minute of retries with backoff, failing
         h.transport["bridge"].up()
         h.clock.advance(600)                      # the next retry delivers
         assert h.transport["bridge"].events == [{"body": "hello"}]
@@ -36,7 +36,9 @@ import attrs
 from twisted.internet.task import Clock
 
 from relayer.config import TargetConfig
+from relayer.dbpool import DatabasePool
 from relayer.scheduler import Scheduler
+from relayer.store.sql import SQLStore
 from relayer.store.sqlite import SQLiteStore
 from relayer.testing._fakes import FakeTarget, FakeTransport, InlineDatabasePool, Received
 from relayer.testing._receiver import (
@@ -60,6 +62,7 @@ __all__ = [
     "ReceiverServer",
     "build_scheduler",
     "listen_receiver",
+    "open_store",
     "target",
     "verify_delivery",
 ]
@@ -87,7 +90,7 @@ class Harness:
         scheduler: The running scheduler.
         clock: The fake clock; ``clock.advance(seconds)`` drives retries.
         transport: The fake transport; ``transport[target_id]`` scripts a target.
-        path: The SQLite file.
+        path: The SQLite file, or the PostgreSQL URL.
         targets: The targets' configurations.
         random: The jitter source.
     """
@@ -95,7 +98,7 @@ class Harness:
     scheduler: Scheduler
     clock: Clock
     transport: FakeTransport
-    path: Path
+    path: Path | str
     targets: list[TargetConfig]
     random: Callable[[], float]
 
@@ -142,7 +145,8 @@ def build_scheduler(
 
     Args:
         targets: Target ids (given placeholder URLs and tokens, and ``settings``), or configs.
-        path: The SQLite file; by default a new file in a new temporary folder.
+        path: The SQLite file, or a ``postgresql://`` URL; by default a new SQLite file in a
+            new temporary folder.
         clock: The clock; by default a new :class:`~twisted.internet.task.Clock` at 0.
         transport: The transport; by default a new :class:`FakeTransport`.
         random: The jitter source; by default always 0, which makes backoff exact.
@@ -153,17 +157,43 @@ def build_scheduler(
     configs = [t if isinstance(t, TargetConfig) else target(t, **settings) for t in targets]
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="relayer-test-")) / "relayer.db"
-    return _start(Path(path), clock, transport, configs, random)
+    if not (isinstance(path, str) and "://" in path):
+        path = Path(path)
+    return _start(path, clock, transport, configs, random)
+
+
+def open_store(
+    clock: Any,
+    database: str | os.PathLike[str],
+    *,
+    pool: DatabasePool | None = None,
+) -> SQLStore:
+    """
+    Open a store for tests: a SQLite file, or a PostgreSQL database given by URL.
+
+    Args:
+        clock: The clock or reactor.
+        database: A SQLite file's path, or a ``postgresql://`` URL.
+        pool: Where database work runs; by default an :class:`InlineDatabasePool`.
+    """
+    pool = pool if pool is not None else InlineDatabasePool()
+    if isinstance(database, str) and "://" in database:
+        if database.startswith("sqlite:///"):
+            return SQLiteStore.open_path(clock, database[len("sqlite:///") :], pool=pool)
+        from relayer.store.postgres import PostgresStore
+
+        return PostgresStore.open_url(clock, database, pool=pool, pool_size=1)
+    return SQLiteStore.open_path(clock, database, pool=pool)
 
 
 def _start(
-    path: Path,
+    path: Path | str,
     clock: Clock,
     transport: FakeTransport,
     targets: list[TargetConfig],
     random: Callable[[], float],
 ) -> Harness:
-    store = SQLiteStore.open_path(clock, path, pool=InlineDatabasePool())  # type: ignore[arg-type]
+    store = open_store(clock, path)
     scheduler = Scheduler(clock, store, transport, targets, random=random)
     started = scheduler.start()
     failures: list[Any] = []

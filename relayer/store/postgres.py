@@ -1,0 +1,252 @@
+"""
+The PostgreSQL store: for production, and for several relayer processes sharing one database.
+
+It runs the same SQL as the SQLite store, through SQLAlchemy and psycopg 3, on a pool of
+database threads (one connection each). Transactions run at READ COMMITTED; every operation
+that must not race (allocating a transaction id, claiming a target's next transaction, taking a
+lease) does so under a row lock.
+
+When events are stored, the store sends ``NOTIFY`` on a channel of its own, so that the process
+that owns the target, which listens on that channel, wakes at once without polling.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+
+from relayer.config import BackoffPolicy
+from relayer.dbpool import DatabasePool, ThreadedDatabasePool
+from relayer.errors import ConfigurationError, StoreUnavailable
+from relayer.store.sql import SQLStore
+
+#: The most bytes a NOTIFY payload may carry (PostgreSQL's limit is 8000).
+_MAX_PAYLOAD = 7000
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def postgres_url(url: str | sa.URL) -> sa.URL:
+    """
+    Parse a PostgreSQL URL, choosing the psycopg 3 driver.
+
+    ``postgresql://user:password@host:port/database`` and ``postgresql+psycopg://...`` are both
+    accepted.
+
+    Raises:
+        ConfigurationError: The URL is not a PostgreSQL URL.
+    """
+    try:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError) as e:
+        raise ConfigurationError(f"not a database URL: {e}") from None
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            f"not a PostgreSQL URL: {parsed.render_as_string(hide_password=True)}"
+        )
+    if parsed.drivername != "postgresql+psycopg":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def postgres_engine(
+    url: str | sa.URL, *, pool_size: int = 4, schema: str | None = None, connect_timeout: int = 10
+) -> sa.Engine:
+    """
+    Make a SQLAlchemy engine for PostgreSQL, set up as relayer wants it.
+
+    Args:
+        url: The database URL.
+        pool_size: How many connections to keep; one per database thread.
+        schema: A schema to keep relayer's tables in, instead of the default search path; it is
+            created if it does not exist.
+        connect_timeout: How long connecting may take, in seconds.
+    """
+    if schema is not None and not _SCHEMA_NAME.match(schema):
+        raise ConfigurationError(f"schema must be a plain SQL identifier, not {schema!r}")
+    connect_args: dict[str, Any] = {
+        "connect_timeout": connect_timeout,
+        # Shown in pg_stat_activity, so operators can tell relayer's connections apart.
+        "application_name": "relayer",
+    }
+    if schema is not None:
+        connect_args["options"] = f"-csearch_path={schema}"
+    return sa.create_engine(
+        postgres_url(url),
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_pre_ping=True,
+        pool_timeout=60,
+        isolation_level="READ COMMITTED",
+        connect_args=connect_args,
+    )
+
+
+class PostgresStore(SQLStore):
+    """
+    A store in a PostgreSQL database. Make one with :meth:`open_url`.
+    """
+
+    log = Logger(namespace="relayer.store.postgres")
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        pool: DatabasePool,
+        *,
+        schema: str | None = None,
+        reactor: IReactorFromThreads | None = None,
+        lease_pool: DatabasePool | None = None,
+    ) -> None:
+        super().__init__(engine, pool, lease_pool)
+        self._schema = schema
+        self._reactor = reactor
+        self.channel = f"relayer_events_{schema}" if schema else "relayer_events"
+
+    @classmethod
+    def open_url(
+        cls,
+        reactor: IReactorFromThreads,
+        url: str | sa.URL,
+        *,
+        pool: DatabasePool | None = None,
+        pool_size: int = 4,
+        schema: str | None = None,
+    ) -> PostgresStore:
+        """
+        A store in the PostgreSQL database at ``url``.
+
+        Args:
+            reactor: The reactor that database results are delivered to.
+            url: ``postgresql://user:password@host:port/database``.
+            pool: Where database work runs; by default ``pool_size`` dedicated threads, plus one
+                thread for lease renewals, so that they never wait behind other work.
+            pool_size: How many database threads to use (with one connection each).
+            schema: Keep relayer's tables in this schema (created if needed).
+        """
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigurationError(f"pool_size must be an int >= 1, not {pool_size!r}")
+        lease_pool: DatabasePool | None = None
+        if pool is None:
+            pool = ThreadedDatabasePool(reactor, threads=pool_size, name="relayer-pg")
+            lease_pool = ThreadedDatabasePool(reactor, threads=1, name="relayer-pg-lease")
+        # One connection per database thread, and one for the lease thread.
+        engine = postgres_engine(url, pool_size=pool_size + 1, schema=schema)
+        return cls(engine, pool, schema=schema, reactor=reactor, lease_pool=lease_pool)
+
+    def _where(self) -> str:
+        url = self._engine.url
+        return f"{url.host or 'localhost'}:{url.port or 5432}"
+
+    def open(self) -> Deferred[None]:
+        async def open_() -> None:
+            if self._schema is not None:
+                self._pool.start()
+                await self._run(self._create_schema)
+            try:
+                await super(PostgresStore, self).open()
+            except StoreUnavailable as e:
+                url = self._engine.url
+                raise StoreUnavailable(
+                    f"cannot reach PostgreSQL at {self._where()} (database "
+                    f"{url.database!r}, user {url.username!r}): {e}"
+                ) from None
+
+        return Deferred.fromCoroutine(open_())
+
+    def _create_schema(self, conn: sa.Connection) -> None:
+        conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"'))
+
+    def _events_added(self, conn: sa.Connection, target_ids: Sequence[str]) -> None:
+        payload = "\n".join(dict.fromkeys(target_ids))
+        if len(payload.encode("utf-8")) > _MAX_PAYLOAD:
+            payload = "*"
+        conn.execute(sa.select(sa.func.pg_notify(self.channel, payload)))
+
+    def listen(self, callback: Callable[[list[str] | None], None]) -> Callable[[], None]:
+        """
+        Call ``callback`` on the reactor thread whenever events are stored, by any process.
+
+        It is called with the ids of the targets that have new events, or with None when they
+        are not known (the notification was too large, or notifications may have been missed
+        while the listening connection was being re-established).
+
+        Returns:
+            A function that stops listening.
+        """
+        if not IReactorFromThreads.providedBy(self._reactor):
+            raise ConfigurationError("listen() needs a store made with a real reactor")
+        listener = _Listener(self._reactor, self._engine.url, self._schema, self.channel, callback)
+        listener.start()
+        return listener.stop
+
+
+class _Listener:
+    """LISTENs on a dedicated connection, on a thread of its own, and reconnects on errors."""
+
+    log = Logger(namespace="relayer.store.postgres")
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        url: sa.URL,
+        schema: str | None,
+        channel: str,
+        callback: Callable[[list[str] | None], None],
+    ) -> None:
+        self._reactor = reactor
+        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._where = f"{url.host or 'localhost'}:{url.port or 5432}"
+        self._channel = channel
+        self._callback = callback
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="relayer-pg-listen", daemon=True)
+        self._backoff = BackoffPolicy(initial=0.1, multiplier=2.0, maximum=10.0, jitter=0.2)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _deliver(self, target_ids: list[str] | None) -> None:
+        self._reactor.callFromThread(self._callback, target_ids)
+
+    def _run(self) -> None:
+        import random
+
+        import psycopg
+
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f'LISTEN "{self._channel}"')
+                    if failures:
+                        self.log.info(
+                            "Listening for new events again at {where}", where=self._where
+                        )
+                        # Notifications may have been missed while reconnecting.
+                        self._deliver(None)
+                    failures = 0
+                    while not self._stopping.is_set():
+                        for note in conn.notifies(timeout=0.5, stop_after=1000):
+                            payload = note.payload
+                            self._deliver(None if payload == "*" else payload.split("\n"))
+            except psycopg.Error as e:
+                failures += 1
+                delay = self._backoff.delay(failures, random.random)
+                self.log.warn(
+                    "Listening for new events at {where} failed ({error}); retrying in "
+                    "{delay:.1f}s",
+                    where=self._where,
+                    error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                    delay=delay,
+                )
+                self._stopping.wait(delay)

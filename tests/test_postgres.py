@@ -1,0 +1,74 @@
+"""PostgreSQL specifics: connection errors, dropped connections, concurrent registration."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import pytest_twisted
+import sqlalchemy as sa
+from twisted.internet.task import Clock, deferLater
+
+from relayer import Scheduler, StoreUnavailable
+from relayer.store.postgres import PostgresStore
+from relayer.testing import FakeTransport, InlineDatabasePool, target
+
+
+def test_an_unreachable_server_is_named_without_the_password() -> None:
+    clock = Clock()
+    store = PostgresStore.open_url(
+        clock,  # type: ignore[arg-type]
+        "postgresql://relayer:hunter2-secret@127.0.0.1:9/relayer",
+        pool=InlineDatabasePool(),
+    )
+    scheduler = Scheduler(clock, store, FakeTransport(), [target("t")])
+    failures: list[Any] = []
+    scheduler.start().addErrback(failures.append)
+    assert len(failures) == 1
+    assert failures[0].check(StoreUnavailable)
+    message = failures[0].getErrorMessage()
+    assert "127.0.0.1:9" in message
+    assert "PostgreSQL" in message
+    assert "hunter2" not in message
+    assert "hunter2" not in repr(store)
+
+
+@pytest.mark.postgres_only
+@pytest_twisted.ensureDeferred
+async def test_dropped_connections_are_retried_without_loss(db_path: str) -> None:
+    from twisted.internet import reactor
+
+    store = PostgresStore.open_url(reactor, db_path, pool_size=2)
+    transport = FakeTransport()
+    scheduler = Scheduler(reactor, store, transport, [target("t")])
+    await scheduler.start()
+    try:
+        for n in range(50):
+            await scheduler.submit("t", {"n": n})
+        admin = sa.create_engine(
+            sa.make_url(db_path).set(drivername="postgresql+psycopg", query={}),
+            poolclass=sa.pool.NullPool,
+            isolation_level="AUTOCOMMIT",
+        )
+        try:
+            with admin.connect() as conn:
+                killed = conn.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE pid <> pg_backend_pid() AND datname = current_database() "
+                        "AND application_name = 'relayer'"
+                    )
+                ).scalar()
+        finally:
+            admin.dispose()
+        assert killed and killed >= 1
+        for n in range(50, 100):
+            await scheduler.submit("t", {"n": n})
+        deadline = time.monotonic() + 30
+        while len(transport["t"].events) < 100:
+            assert time.monotonic() < deadline, len(transport["t"].events)
+            await deferLater(reactor, 0.05, lambda: None)
+        assert transport["t"].events == [{"n": n} for n in range(100)]
+    finally:
+        await scheduler.stop()
