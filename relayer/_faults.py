@@ -22,7 +22,8 @@ The points, in the order an event meets them:
 - ``up.transition``: inside the database transaction of a claim that found nothing left and marks
   a DOWN target UP, before it commits (database thread).
 
-A hook may run on the database thread, so it must be thread-safe; ``os.kill`` is.
+A hook may run on the database thread, so it must be thread-safe; ``os.kill`` is. It should not
+raise: an exception from it goes wherever an error at that point of the code would go.
 
 This module is private: it is for relayer's own tests, and may change without notice.
 """
