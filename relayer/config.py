@@ -34,7 +34,11 @@ _MAX_SECONDS = 7 * 24 * 3600.0
 def _number(error: type[ConfigurationError], name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise error(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
         raise error(f"{name} must be a finite number, not {value!r}")
     return float(value)
 
@@ -145,7 +149,9 @@ class BackoffPolicy:
             failures: How many consecutive failures the target has had, 1 or more.
             random: The jitter source; returns a float in ``[0, 1)``.
         """
-        r = min(max(random(), 0.0), 1.0)
+        r = random()
+        # A jitter source out of range, or NaN, cannot take the delay out of its bounds.
+        r = min(max(r, 0.0), 1.0) if r == r else 0.0
         return self.base_delay(failures) * (1.0 - self.jitter * r)
 
 
@@ -165,17 +171,22 @@ def _check_base_url(instance: Any, attribute: Any, value: Any) -> None:
     authority = value.split("://", 1)[-1].split("/", 1)[0]
     if "@" in authority:
         raise InvalidTarget("base_url must not hold credentials; give the token as token=")
+    # A query string may hold a secret (an access_token=...): it is never echoed either.
+    shown = value.split("?", 1)[0].split("#", 1)[0]
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as e:
-        raise InvalidTarget(f"base_url {value!r} is not a valid URL: {e}") from None
+        raise InvalidTarget(f"base_url {shown!r} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https"):
-        raise InvalidTarget(f"base_url must be an http:// or https:// URL, not {value!r}")
+        raise InvalidTarget(f"base_url must be an http:// or https:// URL, not {shown!r}")
     if not parts.hostname:
-        raise InvalidTarget(f"base_url {value!r} has no host")
+        raise InvalidTarget(f"base_url {shown!r} has no host")
     if parts.query or parts.fragment or "?" in value or "#" in value:
-        raise InvalidTarget(f"base_url {value!r} must not have a query string or a fragment")
+        raise InvalidTarget(
+            f"base_url {shown!r} must not have a query string or a fragment; "
+            "give the token as token="
+        )
     if any(ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
         raise InvalidTarget(f"base_url {value!r} holds white space or a control character")
 

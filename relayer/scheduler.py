@@ -9,6 +9,7 @@ It wires the :class:`~relayer.grouper.EventGrouper`, the
 from __future__ import annotations
 
 import random as _random
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
 from relayer import _encoding
-from relayer.config import TargetConfig
+from relayer.config import TargetConfig, _check_target_id
 from relayer.controller import TargetRuntime, TransactionController
 from relayer.errors import (
     ConfigurationError,
@@ -126,13 +127,13 @@ class Scheduler:
         if (
             isinstance(stop_timeout, bool)
             or not isinstance(stop_timeout, (int, float))
-            or not (0 <= stop_timeout < float("inf"))
+            or not (0 <= stop_timeout <= sys.float_info.max)
         ):
             raise ConfigurationError(f"stop_timeout must be a number >= 0, not {stop_timeout!r}")
         if (
             isinstance(store_retry_timeout, bool)
             or not isinstance(store_retry_timeout, (int, float))
-            or not (0 <= store_retry_timeout < float("inf"))
+            or not (0 <= store_retry_timeout <= sys.float_info.max)
         ):
             raise ConfigurationError(
                 f"store_retry_timeout must be a number >= 0, not {store_retry_timeout!r}"
@@ -435,7 +436,14 @@ class Scheduler:
         """
         self._check_running()
         items: list[tuple[str, bytes]] = []
-        for pair in events:
+        try:
+            pairs = iter(events)
+        except TypeError:
+            raise InvalidEvent(
+                f"submit_many takes an iterable of (target_id, event) pairs, "
+                f"not {type(events).__name__}"
+            ) from None
+        for pair in pairs:
             try:
                 target_id, event = pair
             except (TypeError, ValueError):
@@ -529,11 +537,20 @@ class Scheduler:
 
         Raises:
             NotRunning: The scheduler is not running.
+            ConfigurationError: ``limit`` is not an int >= 1.
+            UnknownTarget: ``target_id`` is not a valid target id, so no target has it.
         """
         self._check_running()
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigurationError(f"limit must be an int >= 1, not {limit!r}")
-        return self._store.dead_letters(target_id, limit)
+        if not isinstance(target_id, str) or target_id not in self._configs:
+            # Unregistered targets may have dead letters stored; a malformed id cannot.
+            try:
+                _check_target_id(None, None, target_id)
+            except InvalidTarget:
+                raise UnknownTarget(f"no target {target_id!r} is registered") from None
+        # A limit past what the database can hold means "all of them".
+        return self._store.dead_letters(target_id, min(limit, 2**63 - 1))
 
     def replay(self, target_id: str) -> Deferred[int]:
         """

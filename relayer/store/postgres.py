@@ -68,7 +68,7 @@ def postgres_engine(
             created if it does not exist.
         connect_timeout: How long connecting may take, in seconds.
     """
-    if schema is not None and not _SCHEMA_NAME.match(schema):
+    if schema is not None and not (isinstance(schema, str) and _SCHEMA_NAME.fullmatch(schema)):
         raise ConfigurationError(f"schema must be a plain SQL identifier, not {schema!r}")
     connect_args: dict[str, Any] = {
         "connect_timeout": connect_timeout,
@@ -104,6 +104,9 @@ class PostgresStore(SQLStore):
         reactor: IReactorFromThreads | None = None,
         lease_pool: DatabasePool | None = None,
     ) -> None:
+        # The schema's name is written into SQL (CREATE SCHEMA, LISTEN): a plain identifier only.
+        if schema is not None and not (isinstance(schema, str) and _SCHEMA_NAME.fullmatch(schema)):
+            raise ConfigurationError(f"schema must be a plain SQL identifier, not {schema!r}")
         super().__init__(engine, pool, lease_pool)
         self._schema = schema
         self._reactor = reactor

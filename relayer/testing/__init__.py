@@ -37,7 +37,7 @@ from twisted.internet.task import Clock
 
 from relayer.config import TargetConfig
 from relayer.dbpool import DatabasePool
-from relayer.scheduler import Scheduler
+from relayer.scheduler import DEFAULT_STOP_TIMEOUT, Scheduler
 from relayer.store.sql import SQLStore
 from relayer.store.sqlite import SQLiteStore
 from relayer.testing._fakes import FakeTarget, FakeTransport, InlineDatabasePool, Received
@@ -107,10 +107,13 @@ class Harness:
         Start a new scheduler on the same file and transport, as after a restart.
 
         Args:
-            stop: Stop the old scheduler first (if a send is in flight, advance the clock by the
-                stop timeout to let it finish). With False the old scheduler is abandoned as it
-                is, as if its process had died: the new one gets a new clock at the same time,
-                so the old one's timers never fire, and requests in flight are dropped.
+            stop: Stop the old scheduler first, as a graceful restart does. If a send is in
+                flight, the stop waits for it up to its stop timeout: the clock is advanced by
+                that timeout (the send is abandoned, and stays pending), so that the new
+                scheduler never sends while the old one still does. With False the old
+                scheduler is abandoned as it is, as if its process had died: the new one gets a
+                new clock at the same time, so the old one's timers never fire, and requests in
+                flight are dropped.
 
         Returns:
             A new harness; this one should not be used any more.
@@ -118,7 +121,10 @@ class Harness:
         clock = self.clock
         if stop:
             if self.scheduler.running:
-                self.scheduler.stop()
+                stopping = self.scheduler.stop()
+                if not stopping.called:
+                    clock.advance(DEFAULT_STOP_TIMEOUT)
+                assert stopping.called, "the old scheduler did not stop"
         else:
             clock = Clock()
             clock.advance(self.clock.seconds())

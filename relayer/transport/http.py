@@ -52,6 +52,11 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024
 #: How many bytes of a response body are kept for the reason of a failed attempt.
 SNIPPET_BYTES = 200
 
+#: How many idle connections per host the default connection pool keeps for reuse (Twisted's
+#: own default is 2). Targets that share a host each have a request in flight at a time, and
+#: without enough kept connections most requests would open a new one.
+DEFAULT_PERSISTENT_PER_HOST = 100
+
 _TRANSACTIONS_PATH = "/_matrix/app/v1/transactions/"
 _USER_AGENT = f"relayer/{__version__}".encode("ascii")
 _REDACTED = "[REDACTED]"
@@ -253,6 +258,14 @@ def _scrub(text: str, token: str, limit: int = 300) -> str:
     return text
 
 
+def _without_token_start(text: str, token: str) -> str:
+    """Remove the first part of the token from the end of a text, if it ends with one."""
+    for n in range(len(token) - 1, 0, -1):
+        if text.endswith(token[:n]):
+            return text[:-n]
+    return text
+
+
 def _printable(data: bytes) -> str:
     text = data.decode("utf-8", errors="replace")
     return "".join(c if c.isprintable() else " " for c in text).strip()
@@ -283,7 +296,8 @@ class HTTPTransport:
         reactor: The reactor: its clock times requests out, and, without ``client``, it makes
             the connections.
         client: The treq client to send with. By default, a client on an
-            :class:`twisted.web.client.Agent` with a persistent connection pool, which
+            :class:`twisted.web.client.Agent` with a persistent connection pool that keeps up
+            to :data:`DEFAULT_PERSISTENT_PER_HOST` idle connections per host, which
             :meth:`close` closes.
         max_response_bytes: How much of a response body is read at most. A longer body is not
             read further: the connection is closed instead of being reused.
@@ -313,6 +327,7 @@ class HTTPTransport:
         self._pool: webclient.HTTPConnectionPool | None = None
         if client is None:
             self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+            self._pool.maxPersistentPerHost = DEFAULT_PERSISTENT_PER_HOST
             client = HTTPClient(webclient.Agent(reactor, pool=self._pool))
         self._client = client
         self._max_response_bytes = max_response_bytes
@@ -404,7 +419,9 @@ class HTTPTransport:
             retry_after[0].decode("latin-1") if retry_after else None,
             self._reactor.seconds(),
         )
-        body_d = _read_body(response, self._max_response_bytes, SNIPPET_BYTES)
+        # A token's length more than the snippet is kept, so that a token the snippet's end
+        # would cut in two is whole, and scrubbed.
+        body_d = _read_body(response, self._max_response_bytes, SNIPPET_BYTES + len(target.token))
         read: _Body | None = None
         try:
             read = await body_d
@@ -420,7 +437,11 @@ class HTTPTransport:
             size=read.size if read is not None else 0,
         )
         if outcome.reason and read is not None and read.snippet and not 200 <= status < 300:
-            snippet = _scrub(_printable(read.snippet), target.token, SNIPPET_BYTES)
+            text = _printable(read.snippet).replace(target.token, _REDACTED)
+            if read.size > len(read.snippet):
+                # The kept bytes may end in the first part of a token: drop it.
+                text = _without_token_start(text, target.token)
+            snippet = _scrub(text, target.token, SNIPPET_BYTES)
             if snippet:
                 outcome = attrs.evolve(outcome, reason=f"{outcome.reason}: {snippet}")
         return outcome
