@@ -9,14 +9,19 @@ half-way when another connection holds it, and waits up to ``busy_timeout`` for 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import ConfigurationError
+from relayer.store._group import GroupCommit
 from relayer.store.sql import SQLStore
+
+T = TypeVar("T")
 
 _SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
 
@@ -70,7 +75,32 @@ class SQLiteStore(SQLStore):
     A store in a SQLite file.
 
     Make one with :meth:`open_path`; tests pass an inline pool instead of a thread pool.
+
+    Its single database thread uses group commit (:mod:`relayer.store._group`): the units of
+    work that wait while it is busy run together in one database transaction, with one commit
+    (one fsync) for all of them, and each reports its result only after that commit.
     """
+
+    def __init__(
+        self, engine: sa.Engine, pool: DatabasePool, lease_pool: DatabasePool | None = None
+    ) -> None:
+        super().__init__(engine, pool, lease_pool)
+        self._group = GroupCommit(super()._run)
+
+    def _run(
+        self, f: Callable[..., T], *args: Any, pool: DatabasePool | None = None
+    ) -> Deferred[T]:
+        if pool is not None and pool is not self._pool:
+            return super()._run(f, *args, pool=pool)
+        return self._group.run(f, *args)
+
+    def close(self) -> Deferred[None]:
+        async def close() -> None:
+            # Work handed over before close() runs before the database is closed.
+            await self._group.idle()
+            await super(SQLiteStore, self).close()
+
+        return Deferred.fromCoroutine(close())
 
     @classmethod
     def open_path(

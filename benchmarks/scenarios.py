@@ -1,0 +1,547 @@
+"""
+The scenarios and the baselines.
+
+Each one runs in a fresh process of its own (see :mod:`benchmarks._run`), so that its memory
+figures are its own, and starts its own sink process. Each returns a dict of results, holding
+``problems``: what failed verification (empty if every delivery verified).
+
+The relayer scenarios run a real :class:`relayer.Scheduler` on the global reactor, with a
+:class:`relayer.SQLiteStore` on a file, the default :class:`relayer.HTTPTransport`, and targets
+served by the sink on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from benchmarks._harness import (
+    CountingTransport,
+    GCTimer,
+    Sink,
+    blocks,
+    check_report,
+    current_rss_mb,
+    event_bytes,
+    interleaved,
+    make_event,
+    peak_rss_mb,
+    targets,
+    thread_cpu,
+)
+from relayer import BackoffPolicy, HTTPTransport, Scheduler, SQLiteStore, TargetConfig
+from relayer.store.base import TargetState
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0 to 1) of ``values``, by the nearest-rank method."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(round(q * len(ordered) + 0.5))))
+    return ordered[rank - 1]
+
+
+class _Relayer:
+    """A scheduler on a fresh SQLite file, delivering through a counting HTTP transport."""
+
+    def __init__(self, reactor: Any, configs: list[TargetConfig], params: dict[str, Any]) -> None:
+        self.folder = tempfile.TemporaryDirectory(prefix="relayer-bench-", dir=params.get("db_dir"))
+        self.path = Path(self.folder.name) / "relayer.db"
+        self._pool: HTTPConnectionPool | None = None
+        if params.get("max_persistent"):
+            # A connection pool of the benchmark's own, instead of the transport's default one.
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool.maxPersistentPerHost = params["max_persistent"]
+            self.http = HTTPTransport(reactor, client=HTTPClient(Agent(reactor, pool=self._pool)))
+        else:
+            self.http = HTTPTransport(reactor)
+        self.counting = CountingTransport(self.http)
+        store = SQLiteStore.open_path(reactor, self.path, synchronous=params["synchronous"])
+        self.scheduler = Scheduler(reactor, store, self.counting, configs)
+        self._stopped = False
+        self._params = params
+
+    async def start(self) -> None:
+        await self.scheduler.start()
+        if self._params.get("gc_freeze"):
+            import gc
+
+            gc.freeze()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.scheduler.running:
+            await self.scheduler.stop()
+        await self.http.close()
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+        self.folder.cleanup()
+
+
+async def _produce(
+    scheduler: Scheduler, pairs: Iterator[tuple[str, Any]], params: dict[str, Any]
+) -> int:
+    """
+    Submit every pair, ``chunk`` at a time, with at most ``window`` submits waiting for their
+    commit; return how many were submitted. With ``submit_mode`` ``single`` each event is its own
+    ``submit`` call (a Deferred each); with ``many`` (the default) a chunk is one ``submit_many``.
+    """
+    chunk = params["chunk"]
+    window = params["window"]
+    single = params.get("submit_mode") == "single"
+    waiting: collections.deque[Deferred[None]] = collections.deque()
+    count = 0
+    while True:
+        batch = list(itertools.islice(pairs, chunk))
+        if not batch:
+            break
+        if single:
+            last: Deferred[None] | None = None
+            for target_id, event in batch:
+                last = scheduler.submit(target_id, event)
+            assert last is not None
+            waiting.append(last)
+        else:
+            waiting.append(scheduler.submit_many(batch))
+        count += len(batch)
+        if len(waiting) >= window:
+            await waiting.popleft()
+    while waiting:
+        await waiting.popleft()
+    return count
+
+
+def _names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+# -- relayer scenarios -----------------------------------------------------------------------------
+
+
+async def throughput(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Steady throughput: events to 10 targets, as fast as they are delivered."""
+    n_targets = params["targets"]
+    per_target = params["events"] // n_targets
+    total = per_target * n_targets
+    sink = Sink()
+    names = _names("t", n_targets)
+    relayer = _Relayer(reactor, targets(sink, names, params["batch"]), params)
+    try:
+        await relayer.start()
+        gc_timer = GCTimer()
+        threads0 = thread_cpu()
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await _produce(relayer.scheduler, interleaved(names, per_target), params)
+        stored = time.monotonic()
+        await relayer.counting.wait_for(total)
+        t1, cpu1 = time.monotonic(), time.process_time()
+        threads1 = thread_cpu()
+        await relayer.stop()
+        report = await sink.control(reactor, "GET", "report")
+    finally:
+        await relayer.stop()
+        sink.stop()
+    return {
+        "events": total,
+        "targets": n_targets,
+        "seconds": t1 - t0,
+        "events_per_s": total / (t1 - t0),
+        "store_events_per_s": total / (stored - t0),
+        "cpu_us_per_event": (cpu1 - cpu0) / total * 1e6,
+        "thread_cpu_us_per_event": {
+            name: round((threads1[name] - threads0.get(name, 0.0)) / total * 1e6, 2)
+            for name in threads1
+            if threads1[name] > threads0.get(name, 0.0)
+        },
+        "gc_us_per_event": gc_timer.seconds / total * 1e6,
+        "gc_collections": gc_timer.collections,
+        "transactions": relayer.counting.transactions,
+        "mean_batch": total / max(1, relayer.counting.transactions),
+        "sink_cpu_s": report["cpu_s"],
+        "peak_rss_mb": peak_rss_mb(),
+        "problems": check_report(report, {n: per_target for n in names}),
+    }
+
+
+async def latency(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Latency at light load: one event at a time, from submit until the sink accepts it."""
+    sink = Sink()
+    relayer = _Relayer(reactor, targets(sink, ["lat"], params["batch"]), params)
+    warmup, n = params["warmup"], params["events"]
+    acks: list[float] = []
+    responses: list[float] = []
+    try:
+        await relayer.start()
+        for seq in range(warmup + n):
+            event = make_event(seq)
+            started = time.monotonic()
+            if seq >= warmup:
+                event["ts"] = started
+            await relayer.scheduler.submit("lat", event)
+            acked = time.monotonic()
+            await relayer.counting.wait_for(seq + 1)
+            answered = time.monotonic()
+            if seq >= warmup:
+                acks.append(acked - started)
+                responses.append(answered - started)
+            # A pause between events, so that each is alone in the system.
+            await deferLater(reactor, params["gap"], lambda: None)
+        await relayer.stop()
+        report = await sink.control(reactor, "GET", "report")
+    finally:
+        await relayer.stop()
+        sink.stop()
+    accepted = report["latencies"]
+    problems = check_report(report, {"lat": warmup + n})
+    if len(accepted) != n:
+        problems.append(f"the sink timed {len(accepted)} events, not {n}")
+    ms = 1000.0
+    return {
+        "events": n,
+        "p50_ms": _percentile(accepted, 0.50) * ms,
+        "p90_ms": _percentile(accepted, 0.90) * ms,
+        "p99_ms": _percentile(accepted, 0.99) * ms,
+        "max_ms": max(accepted) * ms,
+        "mean_ms": statistics.fmean(accepted) * ms,
+        "ack_p50_ms": _percentile(acks, 0.50) * ms,
+        "ack_p99_ms": _percentile(acks, 0.99) * ms,
+        "response_p50_ms": _percentile(responses, 0.50) * ms,
+        "response_p99_ms": _percentile(responses, 0.99) * ms,
+        "problems": problems,
+    }
+
+
+#: The drain scenario's target retries only when woken: its first backoff is long enough that
+#: no scheduled retry can come between bringing it up and waking it.
+_WAKE_ONLY = BackoffPolicy(initial=600.0, maximum=600.0, jitter=0.0)
+
+
+async def drain(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Recovery drain: a backlog builds up while the target is down; then it comes back."""
+    n = params["events"]
+    sink = Sink()
+    config = TargetConfig(
+        "drain",
+        sink.url("drain", down=True),
+        sink.token,
+        max_events=params["batch"],
+        backoff=_WAKE_ONLY,
+    )
+    relayer = _Relayer(reactor, [config], params)
+    try:
+        await relayer.start()
+        t0 = time.monotonic()
+        await _produce(relayer.scheduler, interleaved(["drain"], n), params)
+        stored = time.monotonic()
+        while True:
+            (status,) = await relayer.scheduler.status()
+            if status.state is TargetState.DOWN and not status.in_flight:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        backlog = status.pending_events
+        await sink.control(reactor, "POST", "up")
+        cpu0 = time.process_time()
+        woken = time.monotonic()
+        relayer.scheduler.wake("drain")
+        await relayer.counting.wait_for(n)
+        done, cpu1 = time.monotonic(), time.process_time()
+        await relayer.stop()
+        report = await sink.control(reactor, "GET", "report")
+    finally:
+        await relayer.stop()
+        sink.stop()
+    first_at, last_at = report["targets"].get("drain", [0, 0, 0, 0, None, None])[4:6]
+    problems = check_report(report, {"drain": n})
+    if backlog != n:
+        problems.append(f"the backlog was {backlog} events before the wake, not {n}")
+    first_ms = (first_at - woken) * 1000.0 if first_at is not None else float("nan")
+    last = last_at if last_at is not None else done
+    return {
+        "events": n,
+        "build_up_s": stored - t0,
+        "build_up_events_per_s": n / (stored - t0),
+        "drain_s": last - woken,
+        "events_per_s": n / (last - woken),
+        "first_delivery_ms": first_ms,
+        "cpu_us_per_event": (cpu1 - cpu0) / n * 1e6,
+        "transactions": relayer.counting.transactions,
+        "peak_rss_mb": peak_rss_mb(),
+        "problems": problems,
+    }
+
+
+async def memory(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """
+    Memory: many targets, half of them down, a large backlog pending for the down half. Every
+    target gets the same number of events, in bursts of at most one transaction, and the up and
+    down targets take turns.
+    """
+    n_targets = params["targets"]
+    per_target = 2 * params["pending"] // n_targets
+    up = _names("u", n_targets // 2)
+    down = _names("d", n_targets - len(up))
+    names = [name for pair in itertools.zip_longest(up, down) for name in pair if name]
+    sink = Sink()
+    down_options = {}
+    if params.get("down_backoff"):
+        down_options["backoff"] = BackoffPolicy(initial=params["down_backoff"], maximum=600.0)
+    configs = targets(sink, up, params["batch"]) + targets(
+        sink, down, params["batch"], True, **down_options
+    )
+    relayer = _Relayer(reactor, configs, params)
+    try:
+        await relayer.start()
+        started_rss = current_rss_mb()
+        t0 = time.monotonic()
+        burst = min(params["batch"], per_target)
+        await _produce(relayer.scheduler, blocks(names, per_target, burst), params)
+        stored = time.monotonic()
+        await relayer.counting.wait_for(per_target * len(up))
+        delivered = time.monotonic()
+        # Measured before anything below (reports, status) allocates for the check itself.
+        peak = peak_rss_mb()
+        now_rss = current_rss_mb()
+        # The last deliveries may not be recorded yet: wait (a little) until they are.
+        for _ in range(100):
+            statuses = await relayer.scheduler.status()
+            if sum(st.pending_events for st in statuses if st.target_id.startswith("u")) == 0:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        db_mb = os.path.getsize(relayer.path) / 1e6
+        await relayer.stop()
+        report = await sink.control(reactor, "GET", "report")
+    finally:
+        await relayer.stop()
+        sink.stop()
+    problems = check_report(report, {name: per_target for name in up})
+    pending = 0
+    for s in statuses:
+        pending += s.pending_events
+        want = per_target if s.target_id.startswith("d") else 0
+        if s.pending_events != want:
+            problems.append(f"{s.target_id}: {s.pending_events} events pending, expected {want}")
+            if len(problems) > 50:
+                break
+    return {
+        "targets": n_targets,
+        "down_targets": len(down),
+        "events": per_target * n_targets,
+        "pending_events": pending,
+        "peak_rss_mb": peak,
+        "rss_after_start_mb": started_rss,
+        "rss_at_end_mb": now_rss,
+        "store_s": stored - t0,
+        "deliver_s": delivered - t0,
+        "db_mb": db_mb,
+        "problems": problems,
+    }
+
+
+async def scale(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """
+    Per-event cost with a given number of targets sharing the traffic. Each target's events
+    come in bursts of one full transaction (``batch`` events), so that every target count sends
+    the same transactions and only the number of targets differs.
+    """
+    n_targets = params["targets"]
+    batch = params["batch"]
+    per_target = params["events"] // n_targets // batch * batch
+    total = per_target * n_targets
+    names = _names("t", n_targets)
+    sink = Sink()
+    relayer = _Relayer(reactor, targets(sink, names, batch), params)
+    try:
+        await relayer.start()
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await _produce(relayer.scheduler, blocks(names, per_target, batch), params)
+        await relayer.counting.wait_for(total)
+        t1, cpu1 = time.monotonic(), time.process_time()
+        await relayer.stop()
+        report = await sink.control(reactor, "GET", "report")
+    finally:
+        await relayer.stop()
+        sink.stop()
+    return {
+        "targets": n_targets,
+        "events": total,
+        "cpu_us_per_event": (cpu1 - cpu0) / total * 1e6,
+        "wall_us_per_event": (t1 - t0) / total * 1e6,
+        "events_per_s": total / (t1 - t0),
+        "transactions": relayer.counting.transactions,
+        "mean_batch": total / max(1, relayer.counting.transactions),
+        "problems": check_report(report, {n: per_target for n in names}),
+    }
+
+
+# -- baselines -------------------------------------------------------------------------------------
+
+
+@implementer(IBodyProducer)
+class _Bytes:
+    """A request body already in memory, written at once."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+async def send_only(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """
+    The transport's ceiling: treq PUTs the same transactions to the same sink, one in flight
+    per target, with bodies encoded beforehand; no store and no relayer.
+    """
+    n_targets = params["targets"]
+    batch = params["batch"]
+    per_target = params["events"] // n_targets // batch * batch
+    total = per_target * n_targets
+    names = _names("t", n_targets)
+    bodies = {
+        name: [
+            b'{"events":['
+            + b",\n".join(
+                json.dumps(make_event(s), separators=(",", ":")).encode()
+                for s in range(start, start + batch)
+            )
+            + b"]}"
+            for start in range(0, per_target, batch)
+        ]
+        for name in names
+    }
+    sink = Sink()
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    client = HTTPClient(Agent(reactor, pool=pool))
+    headers = Headers(
+        {
+            b"Authorization": [b"Bearer " + sink.token.encode()],
+            b"Content-Type": [b"application/json"],
+        }
+    )
+
+    async def one_target(name: str) -> None:
+        url = sink.url(name)
+        for txn_id, body in enumerate(bodies[name], start=1):
+            response = await client.request(
+                "PUT",
+                f"{url}/_matrix/app/v1/transactions/{txn_id}",
+                headers=headers,
+                data=_Bytes(body),
+                unbuffered=True,
+            )
+            await treq.content(response)
+            if response.code != 200:
+                raise RuntimeError(f"the sink answered {response.code}")
+
+    try:
+        cpu0, t0 = time.process_time(), time.monotonic()
+        loops = [Deferred.fromCoroutine(one_target(name)) for name in names]
+        for d in loops:
+            await d
+        t1, cpu1 = time.monotonic(), time.process_time()
+        await pool.closeCachedConnections()
+        report = await sink.control(reactor, "GET", "report")
+    finally:
+        sink.stop()
+    return {
+        "events": total,
+        "targets": n_targets,
+        "batch": batch,
+        "seconds": t1 - t0,
+        "events_per_s": total / (t1 - t0),
+        "requests_per_s": total / batch / (t1 - t0),
+        "cpu_us_per_event": (cpu1 - cpu0) / total * 1e6,
+        "sink_cpu_s": report["cpu_s"],
+        "problems": check_report(report, {n: per_target for n in names}),
+    }
+
+
+def sqlite_insert(params: dict[str, Any]) -> dict[str, Any]:
+    """
+    SQLite's ceiling from Python: rows of one event each, inserted ``batch`` rows to a
+    transaction with ``executemany``, on a WAL file with the same ``synchronous`` setting; and
+    how many single-row transactions commit per second.
+    """
+    folder = tempfile.TemporaryDirectory(prefix="relayer-bench-", dir=params.get("db_dir"))
+    try:
+        conn = sqlite3.connect(os.path.join(folder.name, "raw.db"), isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {params['synchronous']}")
+        conn.execute(
+            "CREATE TABLE queue (id INTEGER PRIMARY KEY, target_id TEXT NOT NULL, "
+            "oldest_at REAL NOT NULL, events BLOB NOT NULL)"
+        )
+        conn.execute("CREATE INDEX queue_order ON queue (target_id, id)")
+        payload = json.dumps(make_event(123456), separators=(",", ":")).encode()
+        n, batch = params["events"], params["batch"]
+        rows = [(f"t{i % 10}", 1.0, payload) for i in range(batch)]
+        t0 = time.monotonic()
+        for _ in range(n // batch):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO queue (target_id, oldest_at, events) VALUES (?, ?, ?)", rows
+            )
+            conn.execute("COMMIT")
+        t1 = time.monotonic()
+        inserted = n // batch * batch
+        commits = params["commits"]
+        c0 = time.monotonic()
+        for i in range(commits):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE queue SET oldest_at = ? WHERE id = ?", (float(i), i + 1))
+            conn.execute("COMMIT")
+        c1 = time.monotonic()
+        conn.close()
+    finally:
+        folder.cleanup()
+    return {
+        "rows": inserted,
+        "rows_per_batch": batch,
+        "row_bytes": len(payload),
+        "rows_per_s": inserted / (t1 - t0),
+        "commits_per_s": commits / (c1 - c0),
+        "problems": [],
+    }
+
+
+RELAYER_SCENARIOS = {
+    "throughput": throughput,
+    "latency": latency,
+    "drain": drain,
+    "memory": memory,
+    "scale": scale,
+    "send_only": send_only,
+}
+
+__all__ = ["RELAYER_SCENARIOS", "event_bytes", "sqlite_insert"]
