@@ -7,7 +7,6 @@ Also tests of the :class:`relayer.testing._receiver.Receiver` itself, over HTTP.
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
 from collections.abc import Awaitable, Callable
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.task import deferLater
+from _support import eventually, reactor_
 
 from relayer.config import BackoffPolicy, TargetConfig
 from relayer.scheduler import Scheduler, TargetStatus
@@ -29,29 +28,7 @@ from relayer.transport.http import HTTPTransport
 pytestmark = pytest.mark.integration
 
 #: A bound on every wait, so that a bug shows as a failure rather than a hang.
-DEADLINE = 30.0
 FAST = BackoffPolicy(initial=0.05, maximum=0.2)
-
-
-def reactor_() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-async def eventually(check: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Poll ``check`` (which may return an awaitable) until it is truthy; fail at the deadline."""
-    reactor = reactor_()
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 async def statuses(scheduler: Scheduler) -> dict[str, TargetStatus]:
@@ -120,8 +97,7 @@ class Stack:
 
 def events_for(target_id: str, first: int, count: int) -> list[dict[str, Any]]:
     return [
-        {"n": i, "target": target_id, "body": f"é {i} \u2603"}
-        for i in range(first, first + count)
+        {"n": i, "target": target_id, "body": f"é {i} \u2603"} for i in range(first, first + count)
     ]
 
 

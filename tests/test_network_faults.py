@@ -16,17 +16,16 @@ in order.
 from __future__ import annotations
 
 import datetime
-import inspect
 import ipaddress
 import random
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
+from _support import DEADLINE, eventually, reactor_
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,7 +35,6 @@ from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
@@ -62,30 +60,8 @@ pytestmark = pytest.mark.integration
 TOKEN = "faulty-target-token"
 HEALTHY_TOKEN = "healthy-target-token"
 #: A bound on every wait, so that a bug shows as a failure rather than a hang.
-DEADLINE = 30.0
 FAST = BackoffPolicy(initial=0.05, maximum=0.2)
 BODY = b'{"events":[{"n":0}]}'
-
-
-def reactor_() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-async def eventually(check: Callable[[], Any], what: str) -> Any:
-    """Poll ``check`` (which may return an awaitable) until it is truthy; fail at the deadline."""
-    reactor = reactor_()
-    deadline = reactor.seconds() + DEADLINE
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            pytest.fail(f"timed out after {DEADLINE:g}s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 async def outcome_of(d: Deferred[SendOutcome]) -> SendOutcome | Failure:

@@ -8,15 +8,14 @@ database pool, delivering over HTTP to a receiver on 127.0.0.1.
 
 from __future__ import annotations
 
-import inspect
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 import sqlalchemy as sa
+from _support import DEADLINE, eventually, reactor_
 from twisted.internet.task import deferLater
 
 from relayer import (
@@ -33,28 +32,7 @@ from relayer.testing import Receiver, listen_receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.sqlite_only]
 
-DEADLINE = 30.0
 FAST = BackoffPolicy(initial=0.05, maximum=0.2)
-
-
-def reactor_() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-async def eventually(check: Callable[[], Any], what: str) -> Any:
-    reactor = reactor_()
-    deadline = reactor.seconds() + DEADLINE
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            pytest.fail(f"timed out after {DEADLINE:g}s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 class Stack:

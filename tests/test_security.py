@@ -9,7 +9,6 @@ TLS certificates are verified by default: see
 from __future__ import annotations
 
 import ast
-import inspect
 import json
 import os
 import sqlite3
@@ -22,8 +21,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from _support import DEADLINE, eventually, reactor_
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -46,29 +45,8 @@ from relayer.testing import Receiver, build_scheduler, listen_receiver, target
 from relayer.transport.http import transaction_url
 
 TOKEN = "s3cr3t-T0KEN-xyz"
-DEADLINE = 30.0
 FAST = BackoffPolicy(initial=0.05, maximum=0.2)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def reactor_() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-async def eventually(check: Callable[[], Any], what: str) -> Any:
-    reactor = reactor_()
-    deadline = reactor.seconds() + DEADLINE
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            pytest.fail(f"timed out after {DEADLINE:g}s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 @provider(ILogObserver)
