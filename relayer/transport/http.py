@@ -296,11 +296,14 @@ class HTTPTransport:
         reactor: The reactor: its clock times requests out, and, without ``client``, it makes
             the connections.
         client: The treq client to send with. By default, a client on an
-            :class:`twisted.web.client.Agent` with a persistent connection pool that keeps up
-            to :data:`DEFAULT_PERSISTENT_PER_HOST` idle connections per host, which
+            :class:`twisted.web.client.Agent` with a persistent connection pool, which
             :meth:`close` closes.
         max_response_bytes: How much of a response body is read at most. A longer body is not
             read further: the connection is closed instead of being reused.
+        max_persistent_per_host: How many idle connections per host the default connection
+            pool keeps for reuse (:data:`DEFAULT_PERSISTENT_PER_HOST` by default). Raise it
+            when more targets than that share one host: each has a request in flight at a time,
+            and a request that finds no idle connection opens a new one.
 
     Example:
         >>> transport = HTTPTransport(reactor)  # doctest: +SKIP
@@ -314,7 +317,16 @@ class HTTPTransport:
         reactor: IHTTPReactor,
         client: HTTPClient | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_persistent_per_host: int = DEFAULT_PERSISTENT_PER_HOST,
     ) -> None:
+        if (
+            isinstance(max_persistent_per_host, bool)
+            or not isinstance(max_persistent_per_host, int)
+            or max_persistent_per_host < 0
+        ):
+            raise ConfigurationError(
+                f"max_persistent_per_host must be an int >= 0, not {max_persistent_per_host!r}"
+            )
         if (
             isinstance(max_response_bytes, bool)
             or not isinstance(max_response_bytes, int)
@@ -327,7 +339,7 @@ class HTTPTransport:
         self._pool: webclient.HTTPConnectionPool | None = None
         if client is None:
             self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = DEFAULT_PERSISTENT_PER_HOST
+            self._pool.maxPersistentPerHost = max_persistent_per_host
             client = HTTPClient(webclient.Agent(reactor, pool=self._pool))
         self._client = client
         self._max_response_bytes = max_response_bytes
