@@ -43,19 +43,37 @@ DEFAULT_STORE_RETRY_TIMEOUT = 60.0
 
 @attrs.define
 class _Submission:
-    items: Sequence[tuple[str, bytes]]
+    #: Each target's encoded events, in submit order.
+    per_target: dict[str, list[bytes]]
+    count: int
     done: Deferred[None]
 
 
-def runs_for(events: Sequence[bytes], max_events: int, max_bytes: int) -> list[list[bytes]]:
+def runs_for(events: Sequence[bytes], max_events: int, max_bytes: int) -> list[Sequence[bytes]]:
     """Cut a target's events, in order, into runs that each fit one transaction."""
+    sep = len(_encoding.SEPARATOR)
+    runs: list[Sequence[bytes]] = []
+    # Most runs are cut by count alone: a slice of max_events events whose bytes fit is taken
+    # whole, its size summed in C. Only a slice that does not fit is cut event by event.
+    for start in range(0, len(events), max_events):
+        part = events[start : start + max_events]
+        size = _encoding.ENVELOPE_BYTES + sum(map(len, part)) + sep * (len(part) - 1)
+        if size <= max_bytes:
+            runs.append(part)
+        else:
+            runs.extend(_runs_by_bytes(part, max_bytes))
+    return runs
+
+
+def _runs_by_bytes(events: Sequence[bytes], max_bytes: int) -> list[list[bytes]]:
+    """Cut at most one transaction's count of events into runs that each fit ``max_bytes``."""
     runs: list[list[bytes]] = []
     current: list[bytes] = []
     size = _encoding.ENVELOPE_BYTES
     sep = len(_encoding.SEPARATOR)
     for event in events:
         extra = len(event) + (sep if current else 0)
-        if current and (len(current) >= max_events or size + extra > max_bytes):
+        if current and size + extra > max_bytes:
             runs.append(current)
             current = []
             size = _encoding.ENVELOPE_BYTES
@@ -110,7 +128,7 @@ class EventGrouper:
     @property
     def waiting(self) -> int:
         """How many events wait for a write."""
-        return sum(len(s.items) for s in self._queue)
+        return sum(s.count for s in self._queue)
 
     def add(self, items: Sequence[tuple[str, bytes]]) -> Deferred[None]:
         """
@@ -124,8 +142,25 @@ class EventGrouper:
             stored together, in one database transaction), or fails with
             :class:`relayer.errors.StoreError` if none of them was stored.
         """
+        per_target: dict[str, list[bytes]] = {}
+        for target_id, event in items:
+            per_target.setdefault(target_id, []).append(event)
+        return self.add_grouped(per_target, len(items))
+
+    def add_grouped(self, per_target: dict[str, list[bytes]], count: int) -> Deferred[None]:
+        """
+        Store encoded events already grouped by target: :meth:`add` without the grouping.
+
+        Args:
+            per_target: Each target's encoded events, in submit order. The grouper takes the
+                dict and its lists over: the caller must not change them afterwards.
+            count: How many events there are in all.
+
+        Returns:
+            As :meth:`add`.
+        """
         done: Deferred[None] = Deferred()
-        self._queue.append(_Submission(items, done))
+        self._queue.append(_Submission(per_target, count, done))
         if not self._busy:
             self._write()
         return done
@@ -143,16 +178,21 @@ class EventGrouper:
     def _write(self) -> None:
         batch: list[_Submission] = []
         count = 0
-        while self._queue and (
-            not batch or count + len(self._queue[0].items) <= MAX_EVENTS_PER_WRITE
-        ):
+        while self._queue and (not batch or count + self._queue[0].count <= MAX_EVENTS_PER_WRITE):
             submission = self._queue.pop(0)
             batch.append(submission)
-            count += len(submission.items)
-        per_target: dict[str, list[bytes]] = {}
-        for submission in batch:
-            for target_id, event in submission.items:
-                per_target.setdefault(target_id, []).append(event)
+            count += submission.count
+        if len(batch) == 1:
+            per_target = batch[0].per_target
+        else:
+            per_target = {}
+            for submission in batch:
+                for target_id, events in submission.per_target.items():
+                    merged = per_target.get(target_id)
+                    if merged is None:
+                        per_target[target_id] = list(events)
+                    else:
+                        merged.extend(events)
         runs: list[tuple[str, Sequence[bytes]]] = []
         for target_id, events in per_target.items():
             max_events, max_bytes = self._limits(target_id)

@@ -414,7 +414,7 @@ class Scheduler:
         self._check_running()
         config = self._config(target_id)
         data = _encoding.encode_event(event, config.max_bytes)
-        return self._grouper.add([(target_id, data)])
+        return self._grouper.add_grouped({target_id: [data]}, 1)
 
     def submit_many(self, events: Iterable[tuple[str, Any]]) -> Deferred[None]:
         """
@@ -435,7 +435,6 @@ class Scheduler:
         If any pair is bad, the exception is raised for the first one and nothing is stored.
         """
         self._check_running()
-        items: list[tuple[str, bytes]] = []
         try:
             pairs = iter(events)
         except TypeError:
@@ -443,6 +442,12 @@ class Scheduler:
                 f"submit_many takes an iterable of (target_id, event) pairs, "
                 f"not {type(events).__name__}"
             ) from None
+        # Each target's events are collected in their own list as they are encoded, so that
+        # the grouper need not sort them again; this loop runs once for every event.
+        per_target: dict[str, list[bytes]] = {}
+        found: dict[str, tuple[Callable[[bytes], None], int]] = {}
+        encode = _encoding.encode_event
+        count = 0
         for pair in pairs:
             try:
                 target_id, event = pair
@@ -450,11 +455,18 @@ class Scheduler:
                 raise InvalidEvent(
                     f"submit_many takes (target_id, event) pairs, not {type(pair).__name__}"
                 ) from None
-            config = self._config(target_id)
-            items.append((target_id, _encoding.encode_event(event, config.max_bytes)))
-        if not items:
+            try:
+                append, max_bytes = found[target_id]
+            except (KeyError, TypeError):
+                config = self._config(target_id)
+                queued: list[bytes] = []
+                per_target[target_id] = queued
+                append, max_bytes = found[target_id] = (queued.append, config.max_bytes)
+            append(encode(event, max_bytes))
+            count += 1
+        if not count:
             return Deferred.fromCoroutine(_nothing())
-        return self._grouper.add(items)
+        return self._grouper.add_grouped(per_target, count)
 
     # -- operating ------------------------------------------------------------------------------
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from relayer import Scheduler
-from relayer._encoding import ENVELOPE_BYTES
+from relayer._encoding import ENVELOPE_BYTES, SEPARATOR
+from relayer.grouper import runs_for
 from relayer.testing import FakeTransport, build_scheduler, open_store, target
 
 
@@ -151,3 +154,37 @@ def test_submits_are_acknowledged_only_after_commit_and_share_commits(db_path: P
     pool.drain()
     assert all(d.called for d in rest)
     assert transport["target"].events == [{"n": n} for n in range(10)]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=60), max_size=120),
+    max_events=st.integers(min_value=1, max_value=25),
+    spare=st.integers(min_value=0, max_value=200),
+)
+def test_runs_keep_order_and_each_fits_one_transaction(
+    sizes: list[int], max_events: int, spare: int
+) -> None:
+    """
+    The grouper's runs: every event once, in order, and no run larger than one transaction by
+    count or by bytes; a run is cut short only where the next event would not fit.
+    """
+    events = [bytes([65 + i % 26]) * size for i, size in enumerate(sizes)]
+    # Large enough for any one event alone, as submit guarantees.
+    max_bytes = ENVELOPE_BYTES + max(sizes, default=1) + spare
+
+    def body_size(run: Sequence[bytes]) -> int:
+        return ENVELOPE_BYTES + sum(map(len, run)) + len(SEPARATOR) * (len(run) - 1)
+
+    runs = runs_for(events, max_events, max_bytes)
+    assert [e for run in runs for e in run] == events
+    for run in runs:
+        assert 1 <= len(run) <= max_events
+        assert body_size(run) <= max_bytes
+    # Within each stretch of max_events events, a run ends early only if the next event of
+    # that stretch would not have fitted.
+    position = 0
+    for run in runs:
+        position += len(run)
+        if len(run) < max_events and position % max_events and position < len(events):
+            assert body_size([*run, events[position]]) > max_bytes
