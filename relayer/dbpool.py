@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -46,6 +46,12 @@ class ThreadedDatabasePool:
         reactor: The reactor that results are delivered to.
         threads: How many threads to run. SQLite wants exactly one (a single writer).
         name: The threads' name, as shown by debuggers and ``py-spy``.
+
+    The pool's threads are not daemon threads. If the reactor shuts down while the pool is
+    still started (the application stopped the reactor without stopping its scheduler), the
+    pool is stopped during the reactor's shutdown, as the reactor's own thread pool is, so that
+    the process can exit: the work in progress finishes and the rest is dropped. What was
+    dropped was never acknowledged, so nothing acknowledged is lost.
     """
 
     def __init__(
@@ -54,11 +60,33 @@ class ThreadedDatabasePool:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=threads, maxthreads=threads, name=name)
         self._started = False
+        self._shutdown_trigger: Any = None
 
     def start(self) -> None:
         if not self._started:
             self._started = True
             self._pool.start()
+            if IReactorCore.providedBy(self._reactor):
+                self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                    "during", "shutdown", self._stop_at_shutdown
+                )
+
+    def _stop_at_shutdown(self) -> None:
+        self._shutdown_trigger = None
+        self._started = False
+        self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        if self._pool.started:
+            self._pool.stop()
+
+    def _forget_shutdown_trigger(self) -> None:
+        if self._shutdown_trigger is not None:
+            trigger, self._shutdown_trigger = self._shutdown_trigger, None
+            try:
+                self._reactor.removeSystemEventTrigger(trigger)  # type: ignore[attr-defined]
+            except (ValueError, KeyError, TypeError):
+                pass  # the reactor is shutting down and has fired it already
 
     def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
@@ -74,7 +102,8 @@ class ThreadedDatabasePool:
             try:
                 await self.run(lambda: None)
             finally:
-                self._pool.stop()
+                self._forget_shutdown_trigger()
+                self._stop_threads()
 
         return Deferred.fromCoroutine(drain())
 
