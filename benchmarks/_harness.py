@@ -146,11 +146,13 @@ class CountingTransport:
         self.failures = 0
         self.first_at: float | None = None
         self.last_at = 0.0
+        self.last_send_at = 0.0
         self._waiters: list[tuple[int, Deferred[None]]] = []
         # A transaction sent again (its answer was lost) is counted once.
         self._last_txn: dict[str, int] = {}
 
     def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
+        self.last_send_at = time.monotonic()
         d: Deferred[SendOutcome] = self._inner.send(target, txn_id, body)
 
         def seen(outcome: SendOutcome) -> SendOutcome:
@@ -159,7 +161,7 @@ class CountingTransport:
                     return outcome
                 self._last_txn[target.target_id] = txn_id
                 self.transactions += 1
-                self.delivered += body.count(_encoding.SEPARATOR) + 1
+                self.delivered += body.count(b"\n") + 1  # events are joined by b",\\n"
                 self.last_at = time.monotonic()
                 if self.first_at is None:
                     self.first_at = self.last_at

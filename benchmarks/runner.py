@@ -33,12 +33,15 @@ def _sizes(quick: bool) -> dict[str, Any]:
         return {
             "throughput": 100_000,
             "send_only": 100_000,
-            "sqlite_rows": 200_000,
+            "sqlite_rows": 100_000,
             "latency": 200,
             "drain": 200_000,
             "memory_pending": 100_000,
-            "scale_10k": 100_000,
-            "scale_small": 20_000,
+            # In quick mode the down targets retry after 60 s instead of 2 s, so that the run is
+            # not spent probing 5,000 dead targets; full mode keeps the default backoff.
+            "memory_down_backoff": 60.0,
+            "scale_10k": 10_000,
+            "scale_small": 1_000,
             "timeout": 120,
         }
     return {
@@ -48,10 +51,27 @@ def _sizes(quick: bool) -> dict[str, Any]:
         "latency": 2_000,
         "drain": 1_000_000,
         "memory_pending": 1_000_000,
+        "memory_down_backoff": None,
         "scale_10k": 1_000_000,
         "scale_small": 200_000,
         "timeout": 900,
     }
+
+
+#: What ``--only`` takes: a scenario, a single run of one, or postgres.
+ONLY_CHOICES = (
+    "throughput",
+    "send_only",
+    "sqlite_insert",
+    "latency",
+    "drain",
+    "memory",
+    "scale",
+    "scale_1",
+    "scale_100",
+    "scale_10000",
+    "postgres",
+)
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
@@ -64,46 +84,36 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
         "window": args.window,
         "submit_mode": args.submit_mode,
         "db_dir": args.db_dir,
+        "gc_freeze": args.gc_freeze,
     }
+    tp = {**common, "targets": 10, "events": size["throughput"]}
+    lat = {**common, "events": size["latency"], "warmup": 20, "gap": 0.002}
     runs: list[tuple[str, str, dict[str, Any]]] = []
     for i in range(args.repeat):
         # The baseline and relayer's throughput alternate, so that both see the same load.
-        runs.append(
-            (f"send_only#{i}", "send_only", {**common, "targets": 10, "events": size["send_only"]})
-        )
-        runs.append(
-            (
-                f"throughput#{i}",
-                "throughput",
-                {**common, "targets": 10, "events": size["throughput"]},
-            )
-        )
-    runs.append(
-        (
-            "sqlite_insert",
-            "sqlite_insert",
-            {**common, "events": size["sqlite_rows"], "commits": 500},
-        )
-    )
-    runs.append(
-        ("latency", "latency", {**common, "events": size["latency"], "warmup": 20, "gap": 0.002})
-    )
+        runs.append((f"send_only#{i}", "send_only", {**tp, "events": size["send_only"]}))
+        runs.append((f"throughput#{i}", "throughput", tp))
+    rows = {**common, "events": size["sqlite_rows"], "commits": 500}
+    runs.append(("sqlite_insert", "sqlite_insert", rows))
+    runs.append(("latency", "latency", lat))
     runs.append(("drain", "drain", {**common, "events": size["drain"]}))
-    runs.append(
-        ("memory", "memory", {**common, "targets": 10_000, "pending": size["memory_pending"]})
-    )
+    memory = {**common, "targets": 10_000, "pending": size["memory_pending"]}
+    if size["memory_down_backoff"]:
+        memory["down_backoff"] = size["memory_down_backoff"]
+    runs.append(("memory", "memory", memory))
     # Every target count sends transactions of the same size: what 10k targets get from the
     # events given to them.
     scale_batch = max(1, min(args.batch, size["scale_10k"] // 10_000))
     for n in (1, 100, 10_000):
         events = size["scale_10k"] if n == 10_000 else size["scale_small"]
-        runs.append(
-            (
-                f"scale_{n}",
-                "scale",
-                {**common, "targets": n, "events": events, "batch": scale_batch},
-            )
-        )
+        scale = {**common, "targets": n, "events": events, "batch": scale_batch}
+        runs.append((f"scale_{n}", "scale", scale))
+    if args.compare_sync:
+        # The other synchronous setting than the main runs'.
+        other = "FULL" if args.synchronous != "FULL" else "NORMAL"
+        runs.append((f"throughput_{other}", "throughput", {**tp, "synchronous": other}))
+        runs.append((f"latency_{other}", "latency", {**lat, "synchronous": other}))
+        runs.append((f"sqlite_insert_{other}", "sqlite_insert", {**rows, "synchronous": other}))
     if args.only:
         runs = [r for r in runs if r[1] in args.only or r[0].split("#")[0] in args.only]
     return runs
@@ -210,6 +220,7 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
         "batch_size": args.batch,
         "synchronous": args.synchronous,
         "submit_mode": args.submit_mode,
+        "gc_freeze": args.gc_freeze,
         "event_bytes": event_bytes(),
     }
 
@@ -256,6 +267,17 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
         s["cost_ratio_10k_vs_1_targets"] = results["scale_10000"]["cpu_us_per_event"] / one
         if ok("scale_100"):
             s["cost_ratio_100_vs_1_targets"] = results["scale_100"]["cpu_us_per_event"] / one
+    for key, r in results.items():
+        if "crashed" in r:
+            continue
+        for other in ("FULL", "NORMAL"):
+            if key == f"throughput_{other}":
+                s[f"{other.lower()}_sync_throughput_events_per_s"] = r["events_per_s"]
+            elif key == f"latency_{other}":
+                s[f"{other.lower()}_sync_latency_p50_ms"] = r["p50_ms"]
+                s[f"{other.lower()}_sync_latency_p99_ms"] = r["p99_ms"]
+            elif key == f"sqlite_insert_{other}":
+                s[f"{other.lower()}_sync_sqlite_commits_per_s"] = r["commits_per_s"]
     loads = [
         r["other_load_cores"] for r in results.values() if r.get("other_load_cores") is not None
     ]
@@ -289,6 +311,13 @@ def _table(summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         ("drain vs send-only", "drain_vs_send_only", "{:.0%}"),
         ("relayer CPU per event", "throughput_cpu_us_per_event", "{:.1f} us"),
         ("cost 100 vs 1 target", "cost_ratio_100_vs_1_targets", "{:.2f}x"),
+        ("FULL sync: throughput", "full_sync_throughput_events_per_s", "{:,.0f} ev/s"),
+        ("FULL sync: latency p50", "full_sync_latency_p50_ms", "{:.2f} ms"),
+        ("FULL sync: latency p99", "full_sync_latency_p99_ms", "{:.2f} ms"),
+        ("FULL sync: SQLite commits", "full_sync_sqlite_commits_per_s", "{:,.0f} /s"),
+        ("NORMAL sync: throughput", "normal_sync_throughput_events_per_s", "{:,.0f} ev/s"),
+        ("NORMAL sync: latency p50", "normal_sync_latency_p50_ms", "{:.2f} ms"),
+        ("NORMAL sync: latency p99", "normal_sync_latency_p99_ms", "{:.2f} ms"),
         ("other load (mean, cores)", "other_load_cores_mean", "{:.2f}"),
         ("other load (max, cores)", "other_load_cores_max", "{:.2f}"),
     ):
@@ -327,7 +356,21 @@ def main(argv: list[str] | None = None) -> int:
         choices=["FULL", "NORMAL"],
         default="FULL",
         help="SQLite's synchronous setting for relayer and the SQLite baseline (default FULL, "
-        "relayer's own default)",
+        "relayer's own default: what is acknowledged survives a power loss; NORMAL survives a "
+        "crash of the process, kill -9 included, but not of the machine)",
+    )
+    parser.add_argument(
+        "--compare-sync",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run throughput, latency and SQLite commits with the other synchronous "
+        "setting (default: in full mode only)",
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="call gc.freeze() in relayer's process once it has started, as an application "
+        "tuned for throughput may (default: no)",
     )
     parser.add_argument(
         "--batch",
@@ -346,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--window",
         type=int,
-        default=8,
+        default=32,
         metavar="N",
-        help="submit calls waiting for their commit at most (default 8)",
+        help="submit calls waiting for their commit at most (default 32)",
     )
     parser.add_argument(
         "--submit-mode",
@@ -367,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         action="append",
         metavar="SCENARIO",
-        help="run only this scenario (repeatable): throughput, send_only, "
-        "sqlite_insert, latency, drain, memory, scale, scale_1, scale_100, "
-        "scale_10000",
+        choices=ONLY_CHOICES,
+        help="run only this scenario (repeatable): " + ", ".join(ONLY_CHOICES) + "; "
+        "postgres runs the PostgreSQL scenario alone, with --postgres URL",
     )
     parser.add_argument(
         "--db-dir",
@@ -385,8 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         "targets through leases) on this database, in schemas of its own",
     )
     args = parser.parse_args(argv)
+    if args.only and "postgres" in args.only and not args.postgres:
+        parser.error("--only postgres needs --postgres URL")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
+    if args.compare_sync is None:
+        args.compare_sync = not args.quick
     size = _sizes(args.quick)
     log_dir = tempfile.mkdtemp(prefix="relayer-bench-logs-")
     started = time.monotonic()
@@ -410,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             verdict = "ok" if not result["problems"] else "FAILED VERIFICATION"
             print(f" {result['wall_s']:.1f}s, {verdict}", flush=True)
-    if args.postgres:
+    if args.postgres and (not args.only or "postgres" in args.only):
         from benchmarks import postgres
 
         events = 50_000 if args.quick else 200_000
@@ -425,8 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 verdict = "ok" if not result["problems"] else "FAILED VERIFICATION"
                 print(
-                    f" {result['seconds']:.1f}s, {result['events_per_s']:,.0f} events/s, "
-                    f"{verdict}",
+                    f" {result['seconds']:.1f}s, {result['events_per_s']:,.0f} events/s, {verdict}",
                     flush=True,
                 )
             if "seconds" in result:
