@@ -244,6 +244,18 @@ class GCTimer:
             self.collections[info["generation"]] += 1
 
 
+def written_bytes() -> int | None:
+    """Bytes this process has caused to be written to storage so far, or None if unknown."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size, in MiB (``ru_maxrss``)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

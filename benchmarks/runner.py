@@ -233,6 +233,13 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
         s["throughput_events_per_s"] = _median(tp, "events_per_s")
         s["throughput_runs_events_per_s"] = [r["events_per_s"] for r in tp]
         s["throughput_cpu_us_per_event"] = _median(tp, "cpu_us_per_event")
+        for key in (
+            "disk_bytes_written_per_event",
+            "deliver_while_storing_events_per_s",
+            "deliver_after_storing_events_per_s",
+        ):
+            if all(r.get(key) is not None for r in tp):
+                s[f"throughput_{key}"] = _median(tp, key)
     if so:
         s["send_only_events_per_s"] = _median(so, "events_per_s")
         s["send_only_runs_events_per_s"] = [r["events_per_s"] for r in so]
@@ -310,6 +317,17 @@ def _table(summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         ("SQLite commits", "sqlite_commits_per_s", "{:,.0f} /s"),
         ("drain vs send-only", "drain_vs_send_only", "{:.0%}"),
         ("relayer CPU per event", "throughput_cpu_us_per_event", "{:.1f} us"),
+        ("disk bytes written per event", "throughput_disk_bytes_written_per_event", "{:,.0f}"),
+        (
+            "delivery while submitting",
+            "throughput_deliver_while_storing_events_per_s",
+            "{:,.0f} ev/s",
+        ),
+        (
+            "delivery after submitting",
+            "throughput_deliver_after_storing_events_per_s",
+            "{:,.0f} ev/s",
+        ),
         ("cost 100 vs 1 target", "cost_ratio_100_vs_1_targets", "{:.2f}x"),
         ("FULL sync: throughput", "full_sync_throughput_events_per_s", "{:,.0f} ev/s"),
         ("FULL sync: latency p50", "full_sync_latency_p50_ms", "{:.2f} ms"),

@@ -47,6 +47,7 @@ from benchmarks._harness import (
     peak_rss_mb,
     targets,
     thread_cpu,
+    written_bytes,
 )
 from relayer import BackoffPolicy, HTTPTransport, Scheduler, SQLiteStore, TargetConfig
 from relayer.store.base import TargetState
@@ -146,23 +147,34 @@ async def throughput(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
         await relayer.start()
         gc_timer = GCTimer()
         threads0 = thread_cpu()
+        written0 = written_bytes()
         cpu0, t0 = time.process_time(), time.monotonic()
         await _produce(relayer.scheduler, interleaved(names, per_target), params)
         stored = time.monotonic()
+        delivered_while_storing = relayer.counting.delivered
         await relayer.counting.wait_for(total)
         t1, cpu1 = time.monotonic(), time.process_time()
         threads1 = thread_cpu()
+        written1 = written_bytes()
         await relayer.stop()
         report = await sink.control(reactor, "GET", "report")
     finally:
         await relayer.stop()
         sink.stop()
+    written = None if written0 is None or written1 is None else written1 - written0
     return {
         "events": total,
         "targets": n_targets,
+        # What the store wrote to disk (WAL, checkpoints), per event: SQLite's write volume.
+        "disk_bytes_written_per_event": None if written is None else written / total,
         "seconds": t1 - t0,
         "events_per_s": total / (t1 - t0),
         "store_events_per_s": total / (stored - t0),
+        # How delivery shares the process with submits: its rate until the last submit is
+        # stored, and afterwards, when only the backlog is left.
+        "delivered_while_storing": delivered_while_storing,
+        "deliver_while_storing_events_per_s": delivered_while_storing / (stored - t0),
+        "deliver_after_storing_events_per_s": (total - delivered_while_storing) / (t1 - stored),
         "cpu_us_per_event": (cpu1 - cpu0) / total * 1e6,
         "thread_cpu_us_per_event": {
             name: round((threads1[name] - threads0.get(name, 0.0)) / total * 1e6, 2)
