@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random as _random
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -429,12 +429,19 @@ class Scheduler:
         Raises:
             NotRunning: The scheduler is not started, or is stopping.
             UnknownTarget: A pair names no registered target.
-            InvalidEvent: A pair's event cannot be encoded, or a pair is not a pair.
+            InvalidEvent: A pair's event cannot be encoded, a pair is not a pair, or
+                ``events`` is a string or a mapping (pass a mapping's ``items()``).
             EventTooLarge: A pair's encoded event exceeds its target's ``max_bytes``.
 
         If any pair is bad, the exception is raised for the first one and nothing is stored.
         """
         self._check_running()
+        if isinstance(events, (str, bytes, bytearray, Mapping)):
+            # Each would iterate as something else than pairs: characters, or a mapping's keys.
+            raise InvalidEvent(
+                f"submit_many takes an iterable of (target_id, event) pairs, "
+                f"not {type(events).__name__}"
+            )
         try:
             pairs = iter(events)
         except TypeError:
@@ -450,6 +457,8 @@ class Scheduler:
         count = 0
         for pair in pairs:
             try:
+                if type(pair) is not tuple and isinstance(pair, (str, bytes, bytearray)):
+                    raise TypeError  # a two-character string is not a pair
                 target_id, event = pair
             except (TypeError, ValueError):
                 raise InvalidEvent(
