@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from treq.client import HTTPClient
 from twisted.internet.task import Clock
+from twisted.web.client import Agent
 
 from relayer import ConfigurationError, HTTPTransport
 from relayer.transport.http import DEFAULT_PERSISTENT_PER_HOST
@@ -24,7 +26,13 @@ def test_the_pool_size_per_host_can_be_set() -> None:
     assert transport._pool.maxPersistentPerHost == 10_000
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, "10", True, None])
+@pytest.mark.parametrize("value", [-1, 0, 1.5, "10", True])
 def test_a_bad_pool_size_is_refused(value: Any) -> None:
-    with pytest.raises(ConfigurationError, match="max_persistent_per_host"):
-        HTTPTransport(Clock(), max_persistent_per_host=value)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="max_persistent_per_host must be an int >= 1"):
+        HTTPTransport(Clock(), max_persistent_per_host=value)
+
+
+def test_a_pool_size_with_a_client_of_ones_own_is_refused() -> None:
+    client = HTTPClient(Agent(Clock()))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="cannot be given with client"):
+        HTTPTransport(Clock(), client=client, max_persistent_per_host=10)  # type: ignore[arg-type]

@@ -301,9 +301,10 @@ class HTTPTransport:
         max_response_bytes: How much of a response body is read at most. A longer body is not
             read further: the connection is closed instead of being reused.
         max_persistent_per_host: How many idle connections per host the default connection
-            pool keeps for reuse (:data:`DEFAULT_PERSISTENT_PER_HOST` by default). Raise it
-            when more targets than that share one host: each has a request in flight at a time,
-            and a request that finds no idle connection opens a new one.
+            pool keeps for reuse, at least 1 (:data:`DEFAULT_PERSISTENT_PER_HOST` by default).
+            Raise it when more targets than that share one host: each has a request in flight
+            at a time, and a request that finds no idle connection opens a new one. It cannot
+            be given with ``client``, whose pool is the caller's own.
 
     Example:
         >>> transport = HTTPTransport(reactor)  # doctest: +SKIP
@@ -317,15 +318,23 @@ class HTTPTransport:
         reactor: IHTTPReactor,
         client: HTTPClient | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        max_persistent_per_host: int = DEFAULT_PERSISTENT_PER_HOST,
+        max_persistent_per_host: int | None = None,
     ) -> None:
+        if max_persistent_per_host is not None and client is not None:
+            raise ConfigurationError(
+                "max_persistent_per_host sets the default connection pool; it cannot be given "
+                "with client, whose pool is the caller's own"
+            )
+        if max_persistent_per_host is None:
+            max_persistent_per_host = DEFAULT_PERSISTENT_PER_HOST
+        # Twisted's pool fails on every response when it may keep no connection at all.
         if (
             isinstance(max_persistent_per_host, bool)
             or not isinstance(max_persistent_per_host, int)
-            or max_persistent_per_host < 0
+            or max_persistent_per_host < 1
         ):
             raise ConfigurationError(
-                f"max_persistent_per_host must be an int >= 0, not {max_persistent_per_host!r}"
+                f"max_persistent_per_host must be an int >= 1, not {max_persistent_per_host!r}"
             )
         if (
             isinstance(max_response_bytes, bool)
