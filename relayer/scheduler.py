@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random as _random
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import attrs
@@ -36,6 +36,10 @@ from relayer.transport.base import ITransport
 
 #: How long :meth:`Scheduler.stop` lets sends in flight finish before it abandons them.
 DEFAULT_STOP_TIMEOUT = 10.0
+
+
+#: What iterates or unpacks, but not as pairs: characters, or a mapping's or a set's keys.
+_NOT_PAIRS = (str, bytes, bytearray, Mapping, Set)
 
 
 @attrs.frozen
@@ -436,7 +440,7 @@ class Scheduler:
         If any pair is bad, the exception is raised for the first one and nothing is stored.
         """
         self._check_running()
-        if isinstance(events, (str, bytes, bytearray, Mapping)):
+        if isinstance(events, _NOT_PAIRS):
             # Each would iterate as something else than pairs: characters, or a mapping's keys.
             raise InvalidEvent(
                 f"submit_many takes an iterable of (target_id, event) pairs, "
@@ -457,8 +461,9 @@ class Scheduler:
         count = 0
         for pair in pairs:
             try:
-                if type(pair) is not tuple and isinstance(pair, (str, bytes, bytearray)):
-                    raise TypeError  # a two-character string is not a pair
+                if type(pair) is not tuple and isinstance(pair, _NOT_PAIRS):
+                    # A two-character string, or a mapping or set of two keys, would unpack.
+                    raise TypeError
                 target_id, event = pair
             except (TypeError, ValueError):
                 raise InvalidEvent(

@@ -157,7 +157,9 @@ def test_submit_many_with_one_bad_pair_stores_nothing(
 
 
 @pytest.mark.parametrize(
-    "bad_pair", [None, "t", "tu", b"tu", ("t",), ("t", {}, "extra"), 42], ids=repr
+    "bad_pair",
+    [None, "t", "tu", b"tu", {"t": 1, "u": 2}, {"t", "u"}, ("t",), ("t", {}, "extra"), 42],
+    ids=repr,
 )
 def test_submit_many_with_something_that_is_not_a_pair(h: Harness, bad_pair: Any) -> None:
     with pytest.raises(InvalidEvent):
@@ -165,7 +167,7 @@ def test_submit_many_with_something_that_is_not_a_pair(h: Harness, bad_pair: Any
     assert_still_works(h, [])
 
 
-@pytest.mark.parametrize("events", ["tu", b"tu", {"tu": {"n": 1}}], ids=repr)
+@pytest.mark.parametrize("events", ["tu", b"tu", {"tu": {"n": 1}}, {("t", "u")}], ids=repr)
 def test_submit_many_refuses_what_does_not_iterate_as_pairs(h: Harness, events: Any) -> None:
     # A string iterates as characters, a mapping as its keys: "tu" would otherwise submit the
     # event "u" to the target "t".
