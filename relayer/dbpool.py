@@ -60,9 +60,13 @@ class ThreadedDatabasePool:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=threads, maxthreads=threads, name=name)
         self._started = False
+        self._stopped = False
         self._shutdown_trigger: Any = None
 
     def start(self) -> None:
+        if self._stopped:
+            # Twisted's thread pool cannot be started again once stopped.
+            raise RuntimeError("a ThreadedDatabasePool cannot be started again after stop()")
         if not self._started:
             self._started = True
             self._pool.start()
@@ -74,6 +78,7 @@ class ThreadedDatabasePool:
     def _stop_at_shutdown(self) -> None:
         self._shutdown_trigger = None
         self._started = False
+        self._stopped = True
         self._stop_threads()
 
     def _stop_threads(self) -> None:
@@ -95,6 +100,7 @@ class ThreadedDatabasePool:
         if not self._started:
             return Deferred.fromCoroutine(_nothing())
         self._started = False
+        self._stopped = True
 
         async def drain() -> None:
             # Wait for every job already queued (the pool runs them in order), so that

@@ -13,8 +13,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+import pytest_twisted
+from _support import reactor_
 from twisted.internet.task import Clock
 
+from relayer.dbpool import ThreadedDatabasePool
 from relayer.testing import open_store
 
 CHILD = textwrap.dedent(
@@ -77,3 +81,16 @@ def test_the_process_exits_when_the_reactor_stops_under_a_running_scheduler(
         assert counts["t"].pending_events in (3, 4)
     finally:
         store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_pool_cannot_be_started_again() -> None:
+    pool = ThreadedDatabasePool(reactor_())
+    pool.start()
+    stopping = pool.stop()
+    # Not even while the work queued before stop() is still draining.
+    with pytest.raises(RuntimeError, match="cannot be started again"):
+        pool.start()
+    await stopping
+    with pytest.raises(RuntimeError, match="cannot be started again"):
+        pool.start()
