@@ -33,7 +33,9 @@ _encoder = json.JSONEncoder(
 )
 
 
-def _reused_encoder(encoder: json.JSONEncoder) -> Callable[[Any], str]:
+def _reused_encoder(
+    encoder: json.JSONEncoder, make: Callable[..., Any] | None = None
+) -> Callable[[Any], str]:
     """
     ``encoder.encode``, without building the C encoder again for every value.
 
@@ -43,7 +45,8 @@ def _reused_encoder(encoder: json.JSONEncoder) -> Callable[[Any], str]:
     with the encoder's own settings; if that is not possible, or it does not encode a sample
     as ``encoder`` does, ``encoder.encode`` is used as it is.
     """
-    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        make = getattr(json.encoder, "c_make_encoder", None)
     if make is None or encoder.check_circular or encoder.indent is not None:
         return encoder.encode
     if encoder.ensure_ascii:
@@ -73,7 +76,17 @@ def _reused_encoder(encoder: json.JSONEncoder) -> Callable[[Any], str]:
         same = encode(sample) == encoder.encode(sample) and encode("x") == encoder.encode("x")
     except Exception:
         same = False
+    # The settings that only show on bad input: NaN, and keys that are not JSON keys.
+    for bad in (float("nan"), {(1, 2): 0}):
+        same = same and _outcome(encode, bad) == _outcome(encoder.encode, bad)
     return encode if same else encoder.encode
+
+
+def _outcome(encode: Callable[[Any], str], value: Any) -> tuple[Any, str]:
+    try:
+        return (None, encode(value))
+    except Exception as e:
+        return (type(e), str(e))
 
 
 _encode = _reused_encoder(_encoder)

@@ -57,3 +57,20 @@ def test_an_encoder_that_cannot_be_reused_is_used_as_it_is() -> None:
     assert _encoding._reused_encoder(checking) == checking.encode
     indented = json.JSONEncoder(check_circular=False, indent=2)
     assert _encoding._reused_encoder(indented) == indented.encode
+
+
+@pytest.mark.parametrize("flipped", [-1, -2], ids=["allow_nan", "skipkeys"])
+def test_a_built_encoder_that_differs_on_bad_input_is_not_used(flipped: int) -> None:
+    # As if another Python took c_make_encoder's arguments in another order: one setting
+    # ends up the other way round. Good values encode alike; NaN, or a tuple key, does not.
+    real = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+
+    def swapped(*args: Any) -> Any:
+        args_ = list(args)
+        args_[flipped] = not args_[flipped]
+        return real(*args_)
+
+    strict = json.JSONEncoder(check_circular=False, allow_nan=False)
+    assert _encoding._reused_encoder(strict, swapped) == strict.encode
+    # Built as it should be, the same encoder is used.
+    assert _encoding._reused_encoder(strict, real) != strict.encode
