@@ -17,7 +17,10 @@ and bytes), so forming a transaction never has to read more than it sends.
 from __future__ import annotations
 
 import random as _random
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate
+from operator import add
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -50,38 +53,39 @@ class _Submission:
 
 
 def runs_for(events: Sequence[bytes], max_events: int, max_bytes: int) -> list[Sequence[bytes]]:
-    """Cut a target's events, in order, into runs that each fit one transaction."""
+    """
+    Cut a target's events, in order, into runs that each fit one transaction.
+
+    Each run is as long as it can be: it ends where it reaches ``max_events``, or where the
+    next event would take its body past ``max_bytes`` (an event larger than that alone is a run
+    of its own).
+    """
     sep = len(_encoding.SEPARATOR)
+    room = max_bytes + sep - _encoding.ENVELOPE_BYTES
+    n = len(events)
+    # ends[j]: the bytes of the first j events, each with a separator. A run of events i..j-1
+    # has a body of ends[j] - ends[i] - sep + ENVELOPE_BYTES bytes, so the longest run from i
+    # that fits is found by bisection. Most runs are cut by count alone, and a whole slice of
+    # max_events events that fits is taken without them: they are made, in C, only once a
+    # slice does not fit.
+    ends: list[int] | None = None
     runs: list[Sequence[bytes]] = []
-    # Most runs are cut by count alone: a slice of max_events events whose bytes fit is taken
-    # whole, its size summed in C. Only a slice that does not fit is cut event by event.
-    for start in range(0, len(events), max_events):
-        part = events[start : start + max_events]
-        size = _encoding.ENVELOPE_BYTES + sum(map(len, part)) + sep * (len(part) - 1)
-        if size <= max_bytes:
+    start = 0
+    while start < n:
+        stop = min(start + max_events, n)
+        part = events[start:stop]
+        if ends is None and sum(map(len, part)) + sep * len(part) <= room:
             runs.append(part)
-        else:
-            runs.extend(_runs_by_bytes(part, max_bytes))
-    return runs
-
-
-def _runs_by_bytes(events: Sequence[bytes], max_bytes: int) -> list[list[bytes]]:
-    """Cut at most one transaction's count of events into runs that each fit ``max_bytes``."""
-    runs: list[list[bytes]] = []
-    current: list[bytes] = []
-    size = _encoding.ENVELOPE_BYTES
-    sep = len(_encoding.SEPARATOR)
-    for event in events:
-        extra = len(event) + (sep if current else 0)
-        if current and size + extra > max_bytes:
-            runs.append(current)
-            current = []
-            size = _encoding.ENVELOPE_BYTES
-            extra = len(event)
-        current.append(event)
-        size += extra
-    if current:
-        runs.append(current)
+            start = stop
+            continue
+        if ends is None:
+            lengths = accumulate(map(len, events), initial=0)
+            ends = list(map(add, lengths, range(0, sep * (n + 1), sep)))
+        if ends[stop] - ends[start] > room:
+            stop = max(start + 1, bisect_right(ends, ends[start] + room, start, stop) - 1)
+            part = events[start:stop]
+        runs.append(part)
+        start = stop
     return runs
 
 

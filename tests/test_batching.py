@@ -166,8 +166,8 @@ def test_runs_keep_order_and_each_fits_one_transaction(
     sizes: list[int], max_events: int, spare: int
 ) -> None:
     """
-    The grouper's runs: every event once, in order, and no run larger than one transaction by
-    count or by bytes; a run is cut short only where the next event would not fit.
+    The grouper's runs: every event once, in order, no run larger than one transaction by
+    count or by bytes, and each as long as it can be.
     """
     events = [bytes([65 + i % 26]) * size for i, size in enumerate(sizes)]
     # Large enough for any one event alone, as submit guarantees.
@@ -181,10 +181,9 @@ def test_runs_keep_order_and_each_fits_one_transaction(
     for run in runs:
         assert 1 <= len(run) <= max_events
         assert body_size(run) <= max_bytes
-    # Within each stretch of max_events events, a run ends early only if the next event of
-    # that stretch would not have fitted.
+    # Each run is as long as it can be: it ends early only where the next event would not fit.
     position = 0
     for run in runs:
         position += len(run)
-        if len(run) < max_events and position % max_events and position < len(events):
+        if len(run) < max_events and position < len(events):
             assert body_size([*run, events[position]]) > max_bytes
