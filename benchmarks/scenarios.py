@@ -26,13 +26,10 @@ from typing import Any
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from benchmarks._harness import (
     CountingTransport,
@@ -51,7 +48,9 @@ from benchmarks._harness import (
 )
 from relayer import BackoffPolicy, HTTPTransport, Scheduler, SQLiteStore, TargetConfig
 from relayer.store.base import TargetState
-from relayer.transport.http import DEFAULT_PERSISTENT_PER_HOST
+
+# The same body producer as relayer's transport, so that the baseline writes bodies alike.
+from relayer.transport.http import DEFAULT_PERSISTENT_PER_HOST, _BytesProducer
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -409,28 +408,6 @@ async def scale(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
 # -- baselines -------------------------------------------------------------------------------------
 
 
-@implementer(IBodyProducer)
-class _Bytes:
-    """A request body already in memory, written at once."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 async def send_only(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
     """
     The transport's ceiling: treq PUTs the same transactions to the same sink, one in flight
@@ -472,7 +449,7 @@ async def send_only(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
                 "PUT",
                 f"{url}/_matrix/app/v1/transactions/{txn_id}",
                 headers=headers,
-                data=_Bytes(body),
+                data=_BytesProducer(body),
                 unbuffered=True,
             )
             await treq.content(response)
