@@ -75,6 +75,16 @@ class FailurePolicy(enum.Enum):
     BLOCK = "block"
 
 
+def draw(random: Callable[[], float]) -> float:
+    """
+    A draw from a jitter source, within ``[0, 1]`` whatever the source returns.
+
+    A source out of range, or one that returns NaN, cannot take a delay out of its bounds.
+    """
+    r = random()
+    return min(max(r, 0.0), 1.0) if r == r else 0.0
+
+
 def _backoff_number(name: str, low: float, inclusive: bool) -> Callable[[Any, Any, Any], None]:
     def check(instance: Any, attribute: Any, value: Any) -> None:
         v = _number(ConfigurationError, f"backoff {name}", value)
@@ -149,10 +159,7 @@ class BackoffPolicy:
             failures: How many consecutive failures the target has had, 1 or more.
             random: The jitter source; returns a float in ``[0, 1)``.
         """
-        r = random()
-        # A jitter source out of range, or NaN, cannot take the delay out of its bounds.
-        r = min(max(r, 0.0), 1.0) if r == r else 0.0
-        return self.base_delay(failures) * (1.0 - self.jitter * r)
+        return self.base_delay(failures) * (1.0 - self.jitter * draw(random))
 
 
 def _check_target_id(instance: Any, attribute: Any, value: Any) -> None:

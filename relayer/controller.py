@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayer import _faults
-from relayer.config import FailurePolicy, TargetConfig
+from relayer.config import FailurePolicy, TargetConfig, draw
 from relayer.errors import LeaseLost, StoreUnavailable
 from relayer.recoverer import Recoverer
 from relayer.store.base import IStore, TargetRecord, TargetState, Transaction
@@ -38,6 +38,32 @@ from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
 #: the loop is restarted after this many seconds, doubling up to :data:`LOOP_RETRY_MAX`.
 LOOP_RETRY_INITIAL = 1.0
 LOOP_RETRY_MAX = 60.0
+
+#: The default window over which overdue retries of DOWN targets are spread when many are
+#: taken in charge at once (at start-up, or in a lease takeover), as Synapse spreads its
+#: application-service recoveries over 30 s.
+DEFAULT_RECOVERY_SPREAD = 30.0
+
+
+@attrs.frozen
+class _Unrecorded:
+    """
+    A failed attempt's outcome that is not stored yet, because the store was unavailable.
+
+    Attributes:
+        blocked: True for a permanent failure under the block policy, False for a transient
+            failure with a retry at ``next_attempt_at``.
+        txn_id: The transaction that failed.
+        failures: The target's consecutive failures, this one included.
+        next_attempt_at: When the transaction is retried (transient failures).
+        reason: What the target answered.
+    """
+
+    blocked: bool
+    txn_id: int
+    failures: int
+    next_attempt_at: float
+    reason: str
 
 
 @attrs.define(eq=False)
@@ -55,6 +81,14 @@ class TargetRuntime:
         in_flight: The send in progress, if any.
         dirty: New events were stored since the running loop last looked.
         wake_requested: The target was woken while its loop was running.
+        removed: The controller no longer delivers to the target.
+        loop_errors: Consecutive delivery loops that ended on an error.
+        loop_retry: The restart of a loop that ended on an error, if one is scheduled.
+        unrecorded: An outcome that could not be stored yet; it is stored before anything
+            else is sent to the target.
+        not_before: No send to the target starts before this time (clock seconds): after a
+            takeover, the previous owner's last request must have ended.
+        fence: The delayed call that resumes the target at ``not_before``.
     """
 
     config: TargetConfig
@@ -69,6 +103,9 @@ class TargetRuntime:
     removed: bool = False
     loop_errors: int = 0
     loop_retry: IDelayedCall | None = None
+    unrecorded: _Unrecorded | None = None
+    not_before: float = float("-inf")
+    fence: IDelayedCall | None = None
 
     @property
     def failures(self) -> int:
@@ -83,7 +120,13 @@ class TargetRuntime:
         if self.recoverer is not None and (self.recoverer.scheduled or self.running):
             return self.recoverer.next_attempt_at
         if self.loop_retry is not None and self.loop_retry.active():
-            return float(self.loop_retry.getTime())
+            restart = float(self.loop_retry.getTime())
+            if self.unrecorded is not None and not self.unrecorded.blocked:
+                # The restart stores the failure; the retry itself waits for its backoff.
+                return max(restart, self.unrecorded.next_attempt_at)
+            return restart
+        if self.fence is not None and self.fence.active():
+            return float(self.fence.getTime())
         return None
 
 
@@ -99,6 +142,9 @@ class TransactionController:
         may_send: Says whether this process may send to a target now; by default always. With
             leases, only while it holds the target's lease with enough time left. A delivery
             loop that may not go on stops, and is resumed by :meth:`resume_paused`.
+        recovery_spread: The most seconds by which the overdue retries of DOWN targets taken
+            in charge together (at start-up, or in a lease takeover) are spread, so that they
+            do not all fire at once; each target's share is at most its backoff's maximum.
     """
 
     log = Logger(namespace="relayer.controller")
@@ -110,6 +156,7 @@ class TransactionController:
         transport: ITransport,
         random: Callable[[], float],
         may_send: Callable[[TargetRuntime], bool] | None = None,
+        recovery_spread: float = DEFAULT_RECOVERY_SPREAD,
     ) -> None:
         self._clock = clock
         self._may_send = may_send if may_send is not None else (lambda t: True)
@@ -117,25 +164,49 @@ class TransactionController:
         self._store = store
         self._transport = transport
         self._random = random
+        self._recovery_spread = recovery_spread
         self.targets: dict[str, TargetRuntime] = {}
         self._loops: dict[str, Deferred[None]] = {}
         self._stopping = False
 
     # -- targets --------------------------------------------------------------------------------
 
-    def add(self, config: TargetConfig, record: TargetRecord) -> TargetRuntime:
-        """Take charge of a target, in the state the store holds for it, and resume its work."""
+    def add(
+        self, config: TargetConfig, record: TargetRecord, not_before: float | None = None
+    ) -> TargetRuntime | None:
+        """
+        Take charge of a target, in the state the store holds for it, and resume its work.
+
+        Args:
+            config: The target's configuration.
+            record: Its stored state.
+            not_before: No send to it starts before this time (after a lease takeover).
+
+        Returns:
+            The target's runtime state; None if the controller is stopping (nothing is
+            resumed then) or already has the target (it is left as it is).
+        """
+        if self._stopping or config.target_id in self.targets:
+            return None
         t = TargetRuntime(
             config=config,
             state=record.state,
             last_success_at=record.last_success_at,
             last_error=record.last_error,
         )
+        if not_before is not None:
+            t.not_before = not_before
         self.targets[config.target_id] = t
         if record.state is TargetState.DOWN:
             t.recoverer = self._recoverer(t, record.failures)
-            # Resume the persisted backoff; an overdue retry happens at once.
-            t.recoverer.schedule(record.next_attempt_at)
+            now = self._clock.seconds()
+            when = record.next_attempt_at
+            if when is None or when <= now:
+                # Overdue (after a restart or a takeover): spread such retries over a window,
+                # so that many targets that went down together are not retried as a herd.
+                window = min(self._recovery_spread, config.backoff.maximum)
+                when = now + window * draw(self._random)
+            t.recoverer.schedule(when)
         elif record.state is TargetState.UP and record.has_pending:
             self._kick(t)
         return t
@@ -157,10 +228,7 @@ class TransactionController:
             if t is None:
                 continue
             t.removed = True
-            if t.recoverer is not None:
-                t.recoverer.cancel()
-            if t.loop_retry is not None and t.loop_retry.active():
-                t.loop_retry.cancel()
+            _cancel_timers(t)
             if cancel and t.in_flight is not None:
                 t.in_flight.cancel()
             loop = self._loops.get(target_id)
@@ -177,7 +245,7 @@ class TransactionController:
                 continue
             if t.recoverer is not None and t.recoverer.scheduled:
                 continue
-            if t.state is not TargetState.BLOCKED:
+            if t.state is not TargetState.BLOCKED or t.unrecorded is not None:
                 self._kick(t)
 
     def _recoverer(self, t: TargetRuntime, failures: int) -> Recoverer:
@@ -204,19 +272,80 @@ class TransactionController:
         """Retry a target now: a DOWN target's backoff is cut short, a BLOCKED one unblocked."""
         t = self.targets[target_id]
         if t.running:
-            # A send may be in flight: never start a second one. If it fails, the retry comes
-            # at once instead of after the backoff.
+            # A send may be in flight, or its outcome being stored: never start a second
+            # send. The loop honours the wake when it ends (see _finished).
             t.wake_requested = True
             return
-        if t.recoverer is not None:
+        self._wake(t)
+
+    def _wake(self, t: TargetRuntime) -> None:
+        t.wake_requested = False
+        pending = t.unrecorded
+        if pending is not None:
+            if pending.blocked:
+                # The block was never stored: the target is unblocked before it is, and its
+                # head transaction is sent again.
+                t.unrecorded = None
+                self._set_state(t, TargetState.DOWN)
+            else:
+                # The failure is still stored (it is true), with the retry due now.
+                t.unrecorded = attrs.evolve(pending, next_attempt_at=self._clock.seconds())
+            self._kick(t)
+        elif t.recoverer is not None:
             t.recoverer.wake()
         else:
             self._kick(t)
+
+    def idle_targets(self) -> list[str]:
+        """
+        The targets that nothing is under way for: UP, no loop running, no retry scheduled.
+
+        A sweep asks the store which of them have pending work (see
+        :meth:`relayer.Scheduler`), in case a notification of new events was missed.
+        """
+        return [
+            target_id
+            for target_id, t in self.targets.items()
+            if t.state is TargetState.UP
+            and not t.running
+            and target_id not in self._paused
+            and not _scheduled(t.loop_retry)
+            and not _scheduled(t.fence)
+        ]
+
+    def revive_stalled(self) -> list[str]:
+        """
+        Give a retry to every DOWN or draining target that has nothing under way.
+
+        Every path that leaves a target DOWN schedules its retry; this repairs the state should
+        one ever not, so that no backlog waits for a restart. Returns the ids revived.
+        """
+        revived = []
+        for target_id, t in list(self.targets.items()):
+            if t.state is not TargetState.DOWN or t.running or target_id in self._paused:
+                continue
+            if _scheduled(t.loop_retry) or _scheduled(t.fence):
+                continue
+            if t.recoverer is not None and t.recoverer.scheduled:
+                continue
+            self.log.warn(
+                "{target_id} was DOWN with no retry scheduled; retrying it now",
+                target_id=target_id,
+            )
+            revived.append(target_id)
+            self._kick(t)
+        return revived
 
     # -- the delivery loop ----------------------------------------------------------------------
 
     def _kick(self, t: TargetRuntime) -> None:
         if t.running or self._stopping or t.removed:
+            return
+        now = self._clock.seconds()
+        if now < t.not_before:
+            # After a takeover: the previous owner's last request may still be open.
+            if not _scheduled(t.fence):
+                t.fence = self._clock.callLater(t.not_before - now, self._kick, t)
             return
         if t.loop_retry is not None and t.loop_retry.active():
             t.loop_retry.cancel()
@@ -226,25 +355,31 @@ class TransactionController:
         target_id = t.config.target_id
         d = Deferred.fromCoroutine(self._deliver(t))
         self._loops[target_id] = d
+        d.addBoth(self._finished, t, d)
 
-        def finished(result: object) -> None:
-            t.running = False
-            t.in_flight = None
-            if self._loops.get(target_id) is d:
-                del self._loops[target_id]
-            if isinstance(result, Failure):
-                if result.check(LeaseLost):
-                    # The lease manager hears of it too, and takes the target away.
-                    self._paused.add(target_id)
-                    return
-                self._loop_failed(t, result)
-            else:
-                t.loop_errors = 0
-                # Events stored while the loop was finishing: look again.
-                if t.dirty and t.state is TargetState.UP:
-                    self._kick(t)
-
-        d.addBoth(finished)
+    def _finished(self, result: object, t: TargetRuntime, d: Deferred[None]) -> None:
+        target_id = t.config.target_id
+        t.running = False
+        t.in_flight = None
+        if self._loops.get(target_id) is d:
+            del self._loops[target_id]
+        if isinstance(result, Failure):
+            if result.check(LeaseLost):
+                # The lease manager hears of it too, and takes the target away.
+                self._paused.add(target_id)
+                return
+            self._loop_failed(t, result)
+        else:
+            t.loop_errors = 0
+        if self._stopping or t.removed:
+            return
+        if t.wake_requested:
+            # Woken while the loop ran (while a send was in flight, or its outcome was being
+            # stored): the retry happens now, not after the backoff.
+            self._wake(t)
+        elif t.dirty and t.state is TargetState.UP and not isinstance(result, Failure):
+            # Events stored while the loop was finishing: look again.
+            self._kick(t)
 
     def _loop_failed(self, t: TargetRuntime, failure: Failure) -> None:
         if self._stopping or t.removed:
@@ -274,6 +409,11 @@ class TransactionController:
         store = self._store
         if not self._may_send(t):
             self._paused.add(target_id)
+            return
+        if t.unrecorded is not None:
+            # An outcome that the store could not take: store it before anything else, and
+            # resume as it says (a retry after its backoff, or blocked).
+            await self._record(t)
             return
         txn = await store.claim(
             target_id, config.max_events, config.max_bytes, self._clock.seconds()
@@ -334,9 +474,10 @@ class TransactionController:
                         txn_id=txn.txn_id,
                         reason=outcome.reason,
                     )
-                    await store.block(target_id, txn.txn_id, outcome.reason, now)
                     self._set_state(t, TargetState.BLOCKED)
-                    t.wake_requested = False
+                    failures = t.recoverer.failures if t.recoverer is not None else 0
+                    t.unrecorded = _Unrecorded(True, txn.txn_id, failures, now, outcome.reason)
+                    await self._record(t)
                     return
                 self.log.warn(
                     "{target_id} refused transaction {txn_id} of {n} events permanently "
@@ -350,29 +491,50 @@ class TransactionController:
                     target_id, txn.txn_id, outcome.reason, config.max_events, config.max_bytes, now
                 )
             else:
-                await self._failed(t, txn, outcome, now)
+                self._failed(t, txn, outcome, now)
+                await self._record(t)
                 return
 
     async def _send(self, t: TargetRuntime, txn: Transaction) -> SendOutcome | None:
-        """Send a transaction; None if the send was abandoned because the scheduler stops."""
+        """
+        Send a transaction; None if the send was abandoned because the scheduler stops.
+
+        The target's ``request_timeout`` is enforced here, whatever the transport does: at the
+        deadline the send is cancelled and counts as a transient failure, so no send outlives
+        the time it was allowed (with leases, the lease it was sent under).
+        """
+        timeout = t.config.request_timeout
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            sending.cancel()
+
         try:
             sending = self._transport.send(t.config, txn.txn_id, txn.body)
+            deadline = None if sending.called else self._clock.callLater(timeout, expire)
             t.in_flight = sending
             _faults.checkpoint("send.started")
             try:
                 return await sending
             finally:
                 t.in_flight = None
+                if deadline is not None and deadline.active():
+                    deadline.cancel()
         except CancelledError:
+            if expired:
+                return SendOutcome.retry(f"no response within the request timeout of {timeout:g}s")
             if self._stopping or t.removed:
                 return None
             return SendOutcome.retry("the request was cancelled")
         except Exception as e:  # noqa: BLE001 - every send error is a transient failure
             return SendOutcome.retry(_describe(e))
 
-    async def _failed(
+    def _failed(
         self, t: TargetRuntime, txn: Transaction, outcome: SendOutcome, now: float
     ) -> None:
+        """Count a transient failure in memory; :meth:`_record` stores it."""
         if t.recoverer is None:
             t.recoverer = self._recoverer(t, 0)
         recoverer = t.recoverer
@@ -402,11 +564,39 @@ class TransactionController:
                 failures=recoverer.failures,
                 delay=next_at - now,
             )
-        await self._store.fail(
-            t.config.target_id, txn.txn_id, recoverer.failures, next_at, outcome.reason, now
-        )
-        if not (self._stopping or t.removed):
-            recoverer.schedule(next_at)
+        t.unrecorded = _Unrecorded(False, txn.txn_id, recoverer.failures, next_at, outcome.reason)
+
+    async def _record(self, t: TargetRuntime) -> None:
+        """
+        Store the target's unrecorded outcome, then act on it.
+
+        If the store fails, the outcome stays unrecorded and the loop ends on the error: it is
+        restarted after the loop-error delay and stores the outcome first, without sending.
+        The in-memory failure count therefore never runs ahead of the stored one by more than
+        the outcome in hand, and a retry never comes earlier than its backoff.
+        """
+        pending = t.unrecorded
+        assert pending is not None
+        target_id = t.config.target_id
+        now = self._clock.seconds()
+        if pending.blocked:
+            await self._store.block(target_id, pending.txn_id, pending.reason, now)
+        else:
+            await self._store.fail(
+                target_id,
+                pending.txn_id,
+                pending.failures,
+                pending.next_attempt_at,
+                pending.reason,
+                now,
+            )
+        if t.unrecorded is pending:
+            t.unrecorded = None
+        if self._stopping or t.removed or pending.blocked:
+            return
+        if t.recoverer is None:
+            t.recoverer = self._recoverer(t, pending.failures)
+        t.recoverer.schedule(pending.next_attempt_at)
 
     def _now_up(self, t: TargetRuntime) -> None:
         if t.state is not TargetState.UP:
@@ -428,11 +618,7 @@ class TransactionController:
         """Stop starting work: cancel every scheduled retry."""
         self._stopping = True
         for t in self.targets.values():
-            if t.recoverer is not None:
-                t.recoverer.cancel()
-            if t.loop_retry is not None and t.loop_retry.active():
-                t.loop_retry.cancel()
-            t.loop_retry = None
+            _cancel_timers(t)
 
     def running_loops(self) -> list[Deferred[None]]:
         """The delivery loops still running."""
@@ -443,6 +629,21 @@ class TransactionController:
         for t in self.targets.values():
             if t.in_flight is not None:
                 t.in_flight.cancel()
+
+
+def _scheduled(call: IDelayedCall | None) -> bool:
+    return call is not None and call.active()
+
+
+def _cancel_timers(t: TargetRuntime) -> None:
+    """Cancel every timer of a target: its retry, a loop restart, a takeover fence."""
+    if t.recoverer is not None:
+        t.recoverer.cancel()
+    for call in (t.loop_retry, t.fence):
+        if call is not None and call.active():
+            call.cancel()
+    t.loop_retry = None
+    t.fence = None
 
 
 async def _wait_all(loops: list[Deferred[None]]) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from relayer.errors import ConfigurationError
-from relayer.store.base import ILeaseStore
+from relayer.store.base import ILeaseStore, LeaseRound
 
 
 def default_node_id() -> str:
@@ -112,7 +112,9 @@ class LeaseManager:
         store: The shared store.
         settings: The lease settings.
         targets: Gives the ids of the targets registered with this process.
-        acquired: Called with targets this process now owns: start delivering to them.
+        acquired: Called with targets this process now owns, and for those whose lease
+            another process held until it expired, the time it expired: start delivering to
+            them (see the module's docstring on what a takeover waits for).
         lost: Called with targets this process no longer owns: stop delivering to them at once.
         shed: Called with targets to give up; returns a Deferred that fires once their
             deliveries have stopped, after which their leases are released.
@@ -127,7 +129,7 @@ class LeaseManager:
         store: ILeaseStore,
         settings: LeaseSettings,
         targets: Callable[[], list[str]],
-        acquired: Callable[[list[str]], None],
+        acquired: Callable[[list[str], Mapping[str, float]], None],
         lost: Callable[[list[str]], None],
         shed: Callable[[list[str]], Deferred[None]],
         renewed: Callable[[], None] = lambda: None,
@@ -194,32 +196,41 @@ class LeaseManager:
             self._failures = 0
             self.valid_until = started + settings.timeout
             self.live_nodes = result.live_nodes
-            owned = set(result.owned) - self._shedding
-            lost = sorted(self.owned - owned)
-            new = sorted(owned - self.owned)
-            self.owned = owned
-            if lost:
-                self.log.warn("Lost the leases of {n} targets", n=len(lost))
-                self._lost(lost)
-            if new:
-                self.log.info(
-                    "Took the leases of {n} targets ({live} processes live)",
-                    n=len(new),
-                    live=result.live_nodes,
-                )
-                self._acquired(new)
-            excess = len(self.owned) - result.fair_share
-            if excess > 0 and result.live_nodes > 1 and not self._stopping:
-                self._give_up(sorted(self.owned)[-excess:])
-            self._renewed()
+            try:
+                self._apply(result)
+            except Exception:
+                # The leases were renewed; what this process does with them failed. The next
+                # round comes all the same, so renewals never stop on an error.
+                self.log.failure("Acting on a lease round failed")
             if result.next_expiry is not None:
                 # Take over a dead process's targets as soon as their leases expire (a live
                 # process renews them before then, and this round finds nothing to take).
                 delay = min(delay, max(0.0, result.next_expiry - self._clock.seconds()) + 0.01)
         finally:
             self._round = None
-        if not self._stopping:
-            self._call = self._clock.callLater(delay, self._run_round)
+            if not self._stopping:
+                self._call = self._clock.callLater(delay, self._run_round)
+
+    def _apply(self, result: LeaseRound) -> None:
+        """Act on a lease round: drop the targets lost, take those acquired, shed the excess."""
+        owned = set(result.owned) - self._shedding
+        lost = sorted(self.owned - owned)
+        new = sorted(owned - self.owned)
+        self.owned = owned
+        if lost:
+            self.log.warn("Lost the leases of {n} targets", n=len(lost))
+            self._lost(lost)
+        if new:
+            self.log.info(
+                "Took the leases of {n} targets ({live} processes live)",
+                n=len(new),
+                live=result.live_nodes,
+            )
+            self._acquired(new, {t: result.taken_over[t] for t in new if t in result.taken_over})
+        excess = len(self.owned) - result.fair_share
+        if excess > 0 and result.live_nodes > 1 and not self._stopping:
+            self._give_up(sorted(self.owned)[-excess:])
+        self._renewed()
 
     def _give_up(self, target_ids: list[str]) -> None:
         self.owned.difference_update(target_ids)

@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import random as _random
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relayer import _encoding
 from relayer.config import TargetConfig, _check_target_id
-from relayer.controller import TargetRuntime, TransactionController
+from relayer.controller import (
+    DEFAULT_RECOVERY_SPREAD,
+    LOOP_RETRY_INITIAL,
+    LOOP_RETRY_MAX,
+    TargetRuntime,
+    TransactionController,
+)
 from relayer.errors import (
     ConfigurationError,
     DuplicateTarget,
@@ -31,6 +38,7 @@ from relayer.errors import (
 )
 from relayer.grouper import DEFAULT_STORE_RETRY_TIMEOUT, EventGrouper
 from relayer.lease import LeaseManager, LeaseSettings
+from relayer.reconciler import DEFAULT_SWEEP_INTERVAL, Reconciler
 from relayer.store.base import DeadLetter, ILeaseStore, IStore, QueueCounts, TargetState
 from relayer.transport.base import ITransport
 
@@ -104,6 +112,16 @@ class Scheduler:
         store_retry_timeout: How long storing submitted events is retried while the store is
             unavailable (locked, full, disconnected) before those submits fail. Delivery work
             that fails on the store is retried with backoff for as long as it takes.
+        leases: Share the store's targets with other processes (PostgreSQL, or SQLite
+            processes on one machine): each target is delivered by the process that holds its
+            lease. See :class:`relayer.lease.LeaseSettings`.
+        recovery_spread: DOWN targets whose retry is overdue when the scheduler takes them in
+            charge (at start-up, or when it takes over another process's targets) are retried
+            at random points of this many seconds (at most each target's maximum backoff),
+            rather than all at once. Default 30.
+        sweep_interval: How often the scheduler sweeps the store for targets with pending work
+            that nothing is delivering (a missed notification, a registration that failed on
+            the store), in seconds. Default 30. Sweeps of several processes are staggered.
 
     Example::
 
@@ -127,21 +145,13 @@ class Scheduler:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         store_retry_timeout: float = DEFAULT_STORE_RETRY_TIMEOUT,
         leases: LeaseSettings | None = None,
+        recovery_spread: float = DEFAULT_RECOVERY_SPREAD,
+        sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
     ) -> None:
-        if (
-            isinstance(stop_timeout, bool)
-            or not isinstance(stop_timeout, (int, float))
-            or not (0 <= stop_timeout <= sys.float_info.max)
-        ):
-            raise ConfigurationError(f"stop_timeout must be a number >= 0, not {stop_timeout!r}")
-        if (
-            isinstance(store_retry_timeout, bool)
-            or not isinstance(store_retry_timeout, (int, float))
-            or not (0 <= store_retry_timeout <= sys.float_info.max)
-        ):
-            raise ConfigurationError(
-                f"store_retry_timeout must be a number >= 0, not {store_retry_timeout!r}"
-            )
+        _check_seconds("stop_timeout", stop_timeout)
+        _check_seconds("store_retry_timeout", store_retry_timeout)
+        _check_seconds("recovery_spread", recovery_spread)
+        _check_seconds("sweep_interval", sweep_interval, positive=True)
         if not callable(random):
             raise ConfigurationError("random must be a callable returning floats in [0, 1)")
         if leases is not None and not isinstance(leases, LeaseSettings):
@@ -172,7 +182,17 @@ class Scheduler:
             transport,
             random,
             may_send=self._may_send if self._leases is not None else None,
+            recovery_spread=float(recovery_spread),
         )
+        # The sweeps are staggered by a source of their own, seeded by the node id, so that
+        # processes sharing a database sweep at different times while each one's schedule (and
+        # the backoff jitter drawn from ``random``) stays reproducible.
+        stagger = _random.Random(self._leases.node_id if self._leases is not None else "relayer")
+        self._reconciler = Reconciler(clock, float(sweep_interval), stagger.random, self._sweep)
+        #: Retries of registrations and takeovers that failed on the store.
+        self._retries: set[IDelayedCall] = set()
+        #: Targets taken over from a process whose lease expired: no send before this time.
+        self._fences: dict[str, float] = {}
         self._grouper = EventGrouper(
             clock,
             store,
@@ -204,23 +224,70 @@ class Scheduler:
         leases = self._leases
         return leases.owns(t.config.target_id) and leases.remaining() > t.config.request_timeout
 
-    def _leases_acquired(self, target_ids: list[str]) -> None:
-        async def take() -> None:
-            records = await self._store.load_targets(target_ids)
-            for target_id in target_ids:
-                config = self._configs.get(target_id)
-                record = records.get(target_id)
-                if config is None or record is None or target_id in self._controller.targets:
-                    continue
-                if self._leases is not None and not self._leases.owns(target_id):
-                    continue
-                self._controller.add(config, record)
-                # It may have events that arrived while another process owned it.
-                self._controller.notify([target_id])
+    def _leases_acquired(self, target_ids: list[str], taken_over: Mapping[str, float]) -> None:
+        # A target whose lease expired under another process (rather than being released)
+        # may still have a request of that process open: the first send waits until that
+        # request has passed its deadline too (its lease's expiry plus its request timeout).
+        for t, expiry in taken_over.items():
+            if t in self._configs:
+                self._fences[t] = expiry + self._configs[t].request_timeout
+        self._until_done(f"Taking over {len(target_ids)} targets", lambda: self._take(target_ids))
 
-        self._track(Deferred.fromCoroutine(take())).addErrback(
-            lambda f: self.log.failure("Taking over {n} targets failed", f, n=len(target_ids))
-        )
+    async def _take(self, target_ids: Sequence[str]) -> None:
+        """Take charge of the given targets that this process should deliver to and does not."""
+        wanted = [t for t in target_ids if self._should_deliver(t)]
+        if not wanted:
+            return
+        records = await self._store.load_targets(wanted)
+        for target_id in wanted:
+            record = records.get(target_id)
+            if record is None or not self._should_deliver(target_id):
+                continue
+            fence = self._fences.pop(target_id, None)
+            self._controller.add(self._configs[target_id], record, fence)
+            # It may have events that arrived while another process owned it.
+            self._controller.notify([target_id])
+
+    def _should_deliver(self, target_id: str) -> bool:
+        """Whether this process should deliver to the target and has not taken charge of it."""
+        if self._lifecycle != _Lifecycle.RUNNING and self._lifecycle != _Lifecycle.STARTING:
+            return False
+        if target_id not in self._configs or target_id in self._controller.targets:
+            return False
+        return self._leases is None or self._leases.owns(target_id)
+
+    def _until_done(self, what: str, work: Callable[[], Awaitable[None]], attempt: int = 0) -> None:
+        """
+        Run ``work`` until it succeeds, with backoff between attempts, while running.
+
+        Registering targets and taking over leases must not be given up on a store error,
+        or the targets' events would wait for a restart while submits still succeed.
+        """
+        if self._lifecycle not in (_Lifecycle.RUNNING, _Lifecycle.STARTING):
+            return
+
+        async def run() -> None:
+            await work()
+
+        def failed(failure: Failure) -> None:
+            if self._lifecycle not in (_Lifecycle.RUNNING, _Lifecycle.STARTING):
+                return
+            delay = min(LOOP_RETRY_INITIAL * 2 ** min(attempt, 16), LOOP_RETRY_MAX)
+            self.log.warn(
+                "{what} failed ({error}); retrying in {delay:.1f}s",
+                what=what,
+                error=failure.getErrorMessage(),
+                delay=delay,
+            )
+
+            def again() -> None:
+                self._retries.discard(call)
+                self._until_done(what, work, attempt + 1)
+
+            call = self._clock.callLater(delay, again)
+            self._retries.add(call)
+
+        self._track(Deferred.fromCoroutine(run())).addErrback(failed)
 
     def _track(self, d: Deferred[None]) -> Deferred[None]:
         """Keep a background task in view, so that stop() waits for it."""
@@ -233,7 +300,42 @@ class Scheduler:
         return d.addBoth(done)
 
     def _leases_lost(self, target_ids: list[str]) -> None:
+        for target_id in target_ids:
+            self._fences.pop(target_id, None)
         self._controller.remove(target_ids, cancel=True)
+
+    def _sweep(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._sweep_once())
+
+    async def _sweep_once(self) -> None:
+        """
+        Resume every target that should be delivering and is not.
+
+        - targets this process should deliver to but has not taken in charge (a registration
+          or takeover that failed on the store, and whose retry has not come yet);
+        - UP targets with nothing under way that have pending work in the store (events
+          stored by another process whose notification was missed);
+        - DOWN targets with no retry scheduled.
+        """
+        if self._lifecycle != _Lifecycle.RUNNING:
+            return
+        candidates = self._leases.owned if self._leases is not None else self._configs
+        missing = [t for t in candidates if self._should_deliver(t)]
+        if missing:
+            await self._take(missing)
+        idle = self._controller.idle_targets()
+        if idle:
+            pending = await self._store.pending_targets(idle)
+            if pending and self._lifecycle == _Lifecycle.RUNNING:
+                still_idle = set(self._controller.idle_targets())
+                stranded = sorted(t for t in pending if t in still_idle)
+                if stranded:
+                    self.log.info(
+                        "A sweep found pending work for {n} idle targets; delivering it",
+                        n=len(stranded),
+                    )
+                    self._controller.notify(stranded)
+        self._controller.revive_stalled()
 
     def _notified(self, target_ids: list[str] | None) -> None:
         if self._lifecycle != _Lifecycle.RUNNING:
@@ -261,10 +363,8 @@ class Scheduler:
             raise DuplicateTarget(f"target {config.target_id!r} is registered already")
         self._configs[config.target_id] = config
         if self._lifecycle == _Lifecycle.RUNNING:
-            self._track(Deferred.fromCoroutine(self._register([config]))).addErrback(
-                lambda f: self.log.failure(
-                    "Registering target {target_id} failed", f, target_id=config.target_id
-                )
+            self._until_done(
+                f"Registering target {config.target_id!r}", lambda: self._register([config])
             )
 
     @property
@@ -279,11 +379,13 @@ class Scheduler:
     async def _register(self, configs: Sequence[TargetConfig]) -> None:
         records = await self._store.register_targets([c.target_id for c in configs])
         if self._leases is not None:
-            # Which of them this process delivers to is up to its leases.
+            # Which of them this process delivers to is up to its leases; those whose lease it
+            # already holds are taken in charge now.
+            await self._take([c.target_id for c in configs])
             return
         for config in configs:
-            if self._lifecycle != _Lifecycle.RUNNING and self._lifecycle != _Lifecycle.STARTING:
-                return
+            if not self._should_deliver(config.target_id):
+                continue
             self._controller.add(config, records[config.target_id])
         if self._lifecycle == _Lifecycle.RUNNING:
             # Events may have been stored for these targets while they were registering.
@@ -319,9 +421,10 @@ class Scheduler:
         async def start() -> None:
             try:
                 await self._store.open()
-                await self._register(list(self._configs.values()))
                 if self._leases is not None:
                     self._leases.settings.check(c.request_timeout for c in self._configs.values())
+                await self._register(list(self._configs.values()))
+                if self._leases is not None:
                     self._store.lease_owner = self._leases.node_id  # type: ignore[attr-defined]
                     await self._leases.start()
                     listen = getattr(self._store, "listen", None)
@@ -329,13 +432,38 @@ class Scheduler:
                     if listen is not None and IReactorFromThreads.providedBy(self._clock):
                         self._unlisten = listen(self._notified)
             except BaseException:
-                self._lifecycle = _Lifecycle.STOPPED
-                await self._store.close()
+                await self._abort_start()
                 raise
             self._lifecycle = _Lifecycle.RUNNING
+            self._reconciler.start()
             self.log.info("relayer scheduler started with {n} targets", n=len(self._configs))
 
         return Deferred.fromCoroutine(start())
+
+    async def _abort_start(self) -> None:
+        """Undo what a start that failed had begun: no timer, loop or lease is left behind."""
+        self._lifecycle = _Lifecycle.STOPPED
+        self._cancel_retries()
+        self._controller.stop_timers()
+        try:
+            await self._controller.remove(list(self._controller.targets), cancel=True)
+            if self._unlisten is not None:
+                self._unlisten()
+                self._unlisten = None
+            if self._leases is not None:
+                try:
+                    await self._leases.stop()
+                except Exception:
+                    # The leases expire by themselves.
+                    self.log.failure("Releasing the leases after a failed start failed")
+        finally:
+            await self._store.close()
+
+    def _cancel_retries(self) -> None:
+        retries, self._retries = self._retries, set()
+        for call in retries:
+            if call.active():
+                call.cancel()
 
     def stop(self) -> Deferred[None]:
         """
@@ -355,6 +483,8 @@ class Scheduler:
 
         async def stop() -> None:
             await self._grouper.flushed()
+            self._cancel_retries()
+            await self._reconciler.stop()
             self._controller.stop_timers()
             loops = self._controller.running_loops() + list(self._registering)
             if loops:
@@ -599,6 +729,17 @@ class Scheduler:
             return n
 
         return Deferred.fromCoroutine(replay())
+
+
+def _check_seconds(name: str, value: Any, positive: bool = False) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (0 <= value <= sys.float_info.max)
+        or (positive and value == 0)
+    ):
+        op = ">" if positive else ">="
+        raise ConfigurationError(f"{name} must be a number {op} 0, not {value!r}")
 
 
 async def _nothing() -> None:

@@ -35,3 +35,69 @@ async def eventually(
         if reactor.seconds() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
         await deferLater(reactor, interval, lambda: None)
+
+
+def delivery_timers(clock: Any) -> list[Any]:
+    """The clock's pending calls, less the scheduler's periodic sweep for stranded work."""
+    return [
+        call
+        for call in clock.getDelayedCalls()
+        if getattr(call.func, "__qualname__", "") != "Reconciler._fire"
+    ]
+
+
+class GatedStore:
+    """
+    A store that passes every call to a real one, except those it is told to hold or fail.
+
+    ``hold_calls(name)`` makes the next calls of the method ``name`` wait, unstarted, until
+    ``release()``; ``fail_calls(name, error, times)`` makes its next ``times`` calls fail with
+    ``error``. It lets a test on the inline pool put a scheduler in the middle of a store call.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._hold: set[str] = set()
+        self._fail: dict[str, list[BaseException]] = {}
+        self.held: list[tuple[str, Any]] = []
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._store, name)
+        if not callable(real):
+            return real
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            from twisted.internet.defer import Deferred, fail
+
+            self.calls.append(name)
+            errors = self._fail.get(name)
+            if errors:
+                return fail(errors.pop(0))
+            if name in self._hold:
+                waiting: Deferred[Any] = Deferred()
+                self.held.append((name, lambda: real(*args, **kwargs).chainDeferred(waiting)))
+                return waiting
+            return real(*args, **kwargs)
+
+        return call
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name in ("held", "calls"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._store, name, value)
+
+    def hold_calls(self, name: str) -> None:
+        self._hold.add(name)
+
+    def fail_calls(self, name: str, error: BaseException, times: int = 1) -> None:
+        self._fail.setdefault(name, []).extend([error] * times)
+
+    def release(self) -> int:
+        """Run the held calls, in order; stop holding. Returns how many there were."""
+        self._hold.clear()
+        held, self.held = self.held, []
+        for _, run in held:
+            run()
+        return len(held)

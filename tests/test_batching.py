@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from _support import delivery_timers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
@@ -28,7 +29,7 @@ def test_idle_target_sends_at_once(db_path: Path) -> None:
     d = h.scheduler.submit("target", {"n": 1})
     assert d.called
     assert h.transport["target"].events == [{"n": 1}]
-    assert h.clock.getDelayedCalls() == []
+    assert delivery_timers(h.clock) == []
 
 
 def test_250_events_during_a_send_go_out_as_100_100_50(db_path: Path) -> None:

@@ -72,3 +72,41 @@ async def test_dropped_connections_are_retried_without_loss(db_path: str) -> Non
         assert transport["t"].events == [{"n": n} for n in range(100)]
     finally:
         await scheduler.stop()
+
+
+@pytest.mark.postgres_only
+@pytest_twisted.ensureDeferred
+async def test_the_listener_outlives_an_unexpected_error(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+    from twisted.internet import reactor
+
+    real = psycopg.Connection.notifies
+    broken = [RuntimeError("an unexpected error in the listener")]
+
+    def notifies(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if broken:
+            raise broken.pop()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "notifies", notifies)
+    store = PostgresStore.open_url(reactor, db_path, pool_size=1)
+    await store.open()
+    heard: list[list[str] | None] = []
+    unlisten = store.listen(heard.append)
+    try:
+        deadline = time.monotonic() + 30
+        # It listens again, and says that notifications may have been missed meanwhile.
+        while None not in heard:
+            assert time.monotonic() < deadline, heard
+            await deferLater(reactor, 0.05, lambda: None)
+        assert broken == []
+        await store.register_targets(["t"])
+        await store.add_events([("t", [b'{"n":1}'])], 0.0)
+        while ["t"] not in heard:
+            assert time.monotonic() < deadline, heard
+            await deferLater(reactor, 0.05, lambda: None)
+    finally:
+        unlisten()
+        await store.close()

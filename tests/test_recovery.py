@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _support import delivery_timers
 
 from relayer import BackoffPolicy, FailurePolicy, TargetState
 from relayer.testing import Harness, build_scheduler
@@ -106,7 +107,7 @@ def test_wake_during_backoff_retries_now(db_path: Path) -> None:
     requests = len(fake.requests)
     h.clock.advance(1000)
     assert len(fake.requests) == requests
-    assert h.clock.getDelayedCalls() == []
+    assert delivery_timers(h.clock) == []
 
 
 def test_wake_during_an_in_flight_send_never_sends_twice(db_path: Path) -> None:
@@ -140,7 +141,7 @@ def test_wake_during_a_send_that_succeeds_changes_nothing(db_path: Path) -> None
     assert fake.events == [{"n": 1}]
     assert len(fake.requests) == 1
     assert status(h).state is TargetState.UP
-    assert h.clock.getDelayedCalls() == []
+    assert delivery_timers(h.clock) == []
 
 
 def test_drain_then_up_strands_nothing(db_path: Path) -> None:

@@ -35,6 +35,7 @@ from zope.interface import provider
 from relayer import BackoffPolicy, FailurePolicy, SendOutcome, TargetState, TargetStatus
 from relayer._encoding import events_of_body
 from relayer.config import TargetConfig
+from relayer.controller import DEFAULT_RECOVERY_SPREAD
 from relayer.scheduler import DEFAULT_STOP_TIMEOUT
 from relayer.testing import FakeTransport, Harness, build_scheduler, target
 from relayer.transport.base import OutcomeKind
@@ -79,7 +80,7 @@ class Completion:
     """How a send ended: at what clock time, and with which outcome."""
 
     at: float
-    kind: str  # an OutcomeKind value, "error" (an exception) or "cancelled"
+    kind: str  # an OutcomeKind value, "error" (an exception), "timeout" or "cancelled"
     retry_after: float | None
     n_events: int
 
@@ -95,11 +96,17 @@ class RecordingTransport(FakeTransport):
         d = super().send(target, txn_id, body)
 
         n_events = len(events_of_body(body))
+        started = self.clock.seconds() if self.clock is not None else 0.0
 
         def record(result: SendOutcome | Failure) -> SendOutcome | Failure:
             at = self.clock.seconds() if self.clock is not None else 0.0
             if isinstance(result, Failure):
-                kind = "cancelled" if result.check(CancelledError) else "error"
+                kind = "error"
+                if result.check(CancelledError):
+                    # The scheduler cancels a send at its request timeout (a failure), or
+                    # abandons it when it stops (not one).
+                    timed_out = at - started >= target.request_timeout - EPS
+                    kind = "timeout" if timed_out else "cancelled"
                 completion = Completion(at, kind, None, n_events)
             else:
                 completion = Completion(at, result.kind.value, result.retry_after, n_events)
@@ -315,7 +322,7 @@ class DeliveryMachine(RuleBasedStateMachine):
                 ):
                     # The target is BLOCKED: a wake during that send is spent.
                     self.woken_in_flight[target_id] = False
-                elif c.kind in (OutcomeKind.RETRY.value, "error"):
+                elif c.kind in (OutcomeKind.RETRY.value, "error", "timeout"):
                     self.backoff[target_id] = Backoff(
                         failure=c, woken=self.woken_in_flight[target_id]
                     )
@@ -387,18 +394,28 @@ class DeliveryMachine(RuleBasedStateMachine):
         model = self.backoff[target_id]
         policy = POLICY[target_id]
         assert s.next_retry_at is not None
+        # A retry that was overdue when the scheduler restarted is spread over a window after
+        # the restart, so that targets down together are not retried as a herd.
+        spread = min(DEFAULT_RECOVERY_SPREAD, policy.maximum)
         if model.next_retry_at is not None:
             # Checked before: nothing failed since, and a restart neither reset nor forgot it.
             assert s.consecutive_failures == model.failures
-            expected = max(model.next_retry_at, model.floor)
-            assert math.isclose(s.next_retry_at, expected, abs_tol=EPS), (
-                f"{target_id}: next retry at {s.next_retry_at}, expected {expected}"
-            )
+            if model.next_retry_at > model.floor + spread:
+                assert math.isclose(s.next_retry_at, model.next_retry_at, abs_tol=EPS), (
+                    f"{target_id}: next retry at {s.next_retry_at}, "
+                    f"expected {model.next_retry_at}"
+                )
+            else:
+                high = max(model.next_retry_at, model.floor + spread)
+                assert model.floor - EPS <= s.next_retry_at <= high + EPS, (
+                    f"{target_id}: next retry at {s.next_retry_at}, expected from "
+                    f"{model.floor} to {high}"
+                )
         elif model.failure is None:
             # The last send succeeded, and the scheduler restarted before the next one: the
-            # recovery goes on at once.
+            # recovery goes on within the spread.
             assert s.consecutive_failures == 0
-            assert math.isclose(s.next_retry_at, model.floor, abs_tol=EPS)
+            assert model.floor - EPS <= s.next_retry_at <= model.floor + spread + EPS
         else:
             failure = model.failure
             assert s.consecutive_failures >= 1
@@ -411,8 +428,12 @@ class DeliveryMachine(RuleBasedStateMachine):
             else:
                 high = policy.base_delay(s.consecutive_failures)
                 low = (1 - policy.jitter) * high
+            if failure.at + low <= model.floor:
+                # Overdue at a restart since: spread after it.
+                high = max(failure.at + high, model.floor + spread)
+            else:
+                high = failure.at + high
             low = max(failure.at + low, model.floor)
-            high = max(failure.at + high, model.floor)
             assert low - EPS <= s.next_retry_at <= high + EPS, (
                 f"{target_id}: after failure {s.consecutive_failures} at {failure.at} "
                 f"(Retry-After {failure.retry_after}, woken {model.woken}), the next retry "

@@ -139,6 +139,9 @@ class LeaseRound:
         fair_share: How many targets each process should own.
         next_expiry: The earliest time another process's lease on one of the targets expires,
             or None; a process that owns less than its share tries again then.
+        taken_over: For each acquired target whose lease another process held until it
+            expired (rather than released), the time it expired. That process may still have
+            a request open to the target; see :class:`relayer.lease.LeaseManager`.
     """
 
     owned: frozenset[str]
@@ -146,6 +149,7 @@ class LeaseRound:
     live_nodes: int
     fair_share: int
     next_expiry: float | None
+    taken_over: Mapping[str, float] = attrs.field(factory=dict)
 
 
 class IStore(Interface):
@@ -173,6 +177,14 @@ class IStore(Interface):
 
     def load_targets(target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
         """Return the stored state of the given targets (those the store knows)."""
+
+    def pending_targets(target_ids: Sequence[str]) -> Deferred[set[str]]:
+        """
+        Return those of the given targets that have queued events or stored transactions.
+
+        It probes each target by index, so its cost grows with the number of targets asked
+        about, not with the size of their backlogs.
+        """
 
     def add_events(runs: Sequence[tuple[str, Sequence[bytes]]], now: float) -> Deferred[None]:
         """

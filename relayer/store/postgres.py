@@ -191,7 +191,12 @@ class PostgresStore(SQLStore):
 
 
 class _Listener:
-    """LISTENs on a dedicated connection, on a thread of its own, and reconnects on errors."""
+    """
+    LISTENs on a dedicated connection, on a thread of its own, and reconnects on any error.
+
+    After a reconnection it reports that notifications may have been missed (the callback is
+    called with None), so that the scheduler looks at every target.
+    """
 
     log = Logger(namespace="relayer.store.postgres")
 
@@ -242,7 +247,9 @@ class _Listener:
                         for note in conn.notifies(timeout=0.5, stop_after=1000):
                             payload = note.payload
                             self._deliver(None if payload == "*" else payload.split("\n"))
-            except psycopg.Error as e:
+            except Exception as e:  # noqa: BLE001 - the listener must outlive any error
+                # A lost connection, or anything unexpected: listen again after a pause, and
+                # tell the scheduler that notifications may have been missed meanwhile.
                 failures += 1
                 delay = self._backoff.delay(failures, random.random)
                 self.log.warn(

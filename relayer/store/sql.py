@@ -219,6 +219,25 @@ class SQLStore:
 
         return self._run(load)
 
+    def pending_targets(self, target_ids: Sequence[str]) -> Deferred[set[str]]:
+        ids = list(dict.fromkeys(target_ids))
+
+        def pending(conn: sa.Connection) -> set[str]:
+            found: set[str] = set()
+            for chunk in _chunks(ids):
+                queued = sa.exists().where(_q.c.target_id == _t.c.target_id)
+                formed = sa.exists().where(_x.c.target_id == _t.c.target_id)
+                found.update(
+                    conn.execute(
+                        sa.select(_t.c.target_id).where(
+                            _t.c.target_id.in_(chunk), sa.or_(queued, formed)
+                        )
+                    ).scalars()
+                )
+            return found
+
+        return self._run(pending)
+
     def _register_targets(
         self, conn: sa.Connection, target_ids: list[str]
     ) -> dict[str, TargetRecord]:
@@ -673,16 +692,21 @@ class SQLStore:
             if wanted > 0:
                 free = sa.or_(_l.c.owner.is_(None), _l.c.expires_at <= now)
                 candidates: list[str] = []
+                # The lease each candidate had: another process's that expired, or none.
+                expired: dict[str, float] = {}
                 for chunk in _chunks(ids):
                     query = (
-                        sa.select(_l.c.target_id)
+                        sa.select(_l.c.target_id, _l.c.owner, _l.c.expires_at)
                         .where(_l.c.target_id.in_(chunk), free)
                         .order_by(_l.c.target_id)
                         .limit(wanted - len(candidates))
                     )
                     if conn.dialect.name == "postgresql":
                         query = query.with_for_update(skip_locked=True)
-                    candidates.extend(conn.execute(query).scalars())
+                    for target_id, owner, expires_at in conn.execute(query):
+                        candidates.append(target_id)
+                        if owner is not None and owner != node_id:
+                            expired[target_id] = float(expires_at)
                     if len(candidates) >= wanted:
                         break
                 for chunk in _chunks(candidates):
@@ -707,6 +731,7 @@ class SQLStore:
                 live_nodes=int(live),
                 fair_share=fair,
                 next_expiry=next_expiry,
+                taken_over={t: expired[t] for t in acquired if t in expired},
             )
 
         return self._run(round_, pool=self._lease_pool)
