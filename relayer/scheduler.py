@@ -632,20 +632,66 @@ class Scheduler:
         if target_id in self._controller.targets:
             self._controller.wake(target_id)
 
-    def status(self) -> Deferred[list[TargetStatus]]:
+    #: The most :class:`TargetStatus` rows one :meth:`status` call returns.
+    MAX_STATUS_PAGE = 10_000
+    #: The most dead letters one :meth:`dead_letters` call returns.
+    MAX_DEAD_LETTERS_PAGE = 1000
+
+    def status(
+        self, *, after: str | None = None, limit: int = 1000
+    ) -> Deferred[list[TargetStatus]]:
         """
-        Report every target's state and backlog.
+        Report targets' state and backlog, a page at a time.
+
+        Targets are reported in order of id, registered ones and those that have stored data
+        but are not registered alike. A call without arguments returns the first page; to see
+        every target, call again with ``after`` set to the last id of the page before, until a
+        page comes back shorter than ``limit``::
+
+            after = None
+            while True:
+                page = await scheduler.status(after=after, limit=1000)
+                report(page)
+                if len(page) < 1000:
+                    break
+                after = page[-1].target_id
+
+        Only the page's targets are looked at in the store, so memory and time stay bounded
+        however many targets there are.
+
+        Args:
+            after: Report targets whose ids sort after this one; None for the first page.
+            limit: The most targets to report, from 1 to :attr:`MAX_STATUS_PAGE`.
 
         Returns:
-            A Deferred firing with a :class:`TargetStatus` per target, sorted by id; this
-            includes targets that have stored data but are not registered.
+            A Deferred firing with a :class:`TargetStatus` per target, sorted by id.
+
+        Raises:
+            NotRunning: The scheduler is not running.
+            ConfigurationError: ``after`` is not a string or None, or ``limit`` is not an int
+                from 1 to :attr:`MAX_STATUS_PAGE`.
         """
         if self._lifecycle not in (_Lifecycle.RUNNING, _Lifecycle.STOPPING):
             raise NotRunning(f"the scheduler is {self._lifecycle}: status needs a running one")
+        if after is not None and not isinstance(after, str):
+            raise ConfigurationError(
+                f"after must be a target id (a str) or None, not {type(after).__name__}"
+            )
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= self.MAX_STATUS_PAGE
+        ):
+            raise ConfigurationError(
+                f"limit must be an int from 1 to {self.MAX_STATUS_PAGE}, not {limit!r}"
+            )
 
         async def status() -> list[TargetStatus]:
-            counts = await self._store.queue_counts()
-            ids = sorted(set(self._configs) | set(counts))
+            counts = await self._store.queue_counts(after, limit)
+            # The page's first ``limit`` ids are among the store's first ``limit`` and the
+            # registered targets' first ``limit`` (some may not be stored yet).
+            registered = sorted(t for t in self._configs if after is None or t > after)[:limit]
+            ids = sorted(set(registered) | set(counts))[:limit]
             # Targets this process does not deliver to (not registered, or owned by another
             # process): their state is as stored.
             elsewhere = [i for i in ids if i not in self._controller.targets]
@@ -687,33 +733,58 @@ class Scheduler:
 
         return Deferred.fromCoroutine(status())
 
-    def dead_letters(self, target_id: str, limit: int = 100) -> Deferred[list[DeadLetter]]:
+    def dead_letters(
+        self, target_id: str, limit: int = 100, *, after: int | None = None
+    ) -> Deferred[list[DeadLetter]]:
         """
-        List a target's dead letters, oldest first.
+        List a target's dead letters, oldest first, a page at a time.
+
+        To list them all, call again with ``after`` set to the last ``txn_id`` of the page
+        before, until a page comes back shorter than ``limit``.
+
+        Args:
+            target_id: The target.
+            limit: The most dead letters to return, from 1 to :attr:`MAX_DEAD_LETTERS_PAGE`.
+            after: Return dead letters whose ``txn_id`` is above this; None for the first page.
 
         Raises:
             NotRunning: The scheduler is not running.
-            ConfigurationError: ``limit`` is not an int >= 1.
+            ConfigurationError: ``limit`` is not an int from 1 to
+                :attr:`MAX_DEAD_LETTERS_PAGE`, or ``after`` is not an int >= 0 or None.
             UnknownTarget: ``target_id`` is not a valid target id, so no target has it.
         """
         self._check_running()
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigurationError(f"limit must be an int >= 1, not {limit!r}")
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= self.MAX_DEAD_LETTERS_PAGE
+        ):
+            raise ConfigurationError(
+                f"limit must be an int from 1 to {self.MAX_DEAD_LETTERS_PAGE}, not {limit!r}"
+            )
+        if after is not None and (
+            isinstance(after, bool) or not isinstance(after, int) or not 0 <= after < 2**63
+        ):
+            raise ConfigurationError(
+                f"after must be a transaction id (an int >= 0) or None, not {after!r}"
+            )
         if not isinstance(target_id, str) or target_id not in self._configs:
             # Unregistered targets may have dead letters stored; a malformed id cannot.
             try:
                 _check_target_id(None, None, target_id)
             except InvalidTarget:
                 raise UnknownTarget(f"no target {target_id!r} is registered") from None
-        # A limit past what the database can hold means "all of them".
-        return self._store.dead_letters(target_id, min(limit, 2**63 - 1))
+        return self._store.dead_letters(target_id, limit, after)
 
     def replay(self, target_id: str) -> Deferred[int]:
         """
         Queue a target's dead letters again, at the end of its queue, and deliver them.
 
         Replayed events are sent in new transactions, with new ids, after the events already
-        queued. Returns a Deferred firing with the number of events queued again.
+        queued. The dead letters present when the replay begins are moved in order, a chunk at
+        a time; replays of the same target (from this process or another) run one after the
+        other, so no dead letter is queued twice, and one stored during the replay stays a
+        dead letter. Returns a Deferred firing with the number of events queued again.
 
         Raises:
             NotRunning: The scheduler is not running.

@@ -37,6 +37,7 @@ from relayer._encoding import events_of_body
 from relayer.config import TargetConfig
 from relayer.controller import DEFAULT_RECOVERY_SPREAD
 from relayer.scheduler import DEFAULT_STOP_TIMEOUT
+from relayer.store import DeadLetter
 from relayer.testing import FakeTransport, Harness, build_scheduler, target
 from relayer.transport.base import OutcomeKind
 
@@ -304,8 +305,18 @@ class DeliveryMachine(RuleBasedStateMachine):
     def statuses(self) -> dict[str, TargetStatus]:
         return {s.target_id: s for s in result_of(self.harness.scheduler.status())}
 
+    def all_dead_letters(self, target_id: str) -> list[DeadLetter]:
+        """Every dead letter of a target, a page at a time."""
+        letters: list[DeadLetter] = []
+        while True:
+            after = letters[-1].txn_id if letters else None
+            page = result_of(self.harness.scheduler.dead_letters(target_id, 1000, after=after))
+            letters.extend(page)
+            if len(page) < 1000:
+                return letters
+
     def dead_lettered(self, target_id: str) -> list[int]:
-        letters = result_of(self.harness.scheduler.dead_letters(target_id, limit=1_000_000))
+        letters = self.all_dead_letters(target_id)
         return [json.loads(e)["n"] for d in letters for e in events_of_body(d.body)]
 
     def _take_completions(self) -> None:
@@ -364,9 +375,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             f"{target_id}: {len(acked)} acknowledged, {len(delivered)} delivered, "
             f"{len(dead)} dead-lettered, {s.pending_events} pending"
         )
-        assert s.dead_letters == len(
-            result_of(self.harness.scheduler.dead_letters(target_id, limit=1_000_000))
-        )
+        assert s.dead_letters == len(self.all_dead_letters(target_id))
 
         if s.state is TargetState.UP:
             # No stranded work: an UP target with anything pending is sending it right now.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import pytest_twisted
 import sqlalchemy as sa
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -16,10 +18,13 @@ from twisted.python.failure import Failure
 
 from relayer import Scheduler, SchemaVersionError, SQLiteStore, StoreError, TargetState
 from relayer._encoding import ENVELOPE_BYTES, events_of_body, join_events, transaction_body
-from relayer.errors import NotRunning
-from relayer.store import DeadLetter, QueueCounts, Transaction, schema
+from relayer.errors import ConfigurationError, NotRunning
+from relayer.store import DeadLetter, QueueCounts, SQLStore, Transaction, schema
+from relayer.store import sql as sql_store
+from relayer.store.postgres import postgres_url
 from relayer.store.schema import SCHEMA_VERSION
 from relayer.testing import FakeTransport, InlineDatabasePool, build_scheduler, target
+from relayer.testing import open_store as open_test_store
 
 T = TypeVar("T")
 BIG = 1024 * 1024
@@ -532,3 +537,339 @@ def test_queue_counts(store: SQLiteStore) -> None:
     assert counts["a"] == QueueCounts(
         pending_events=3, pending_transactions=1, oldest_pending_at=10.0, dead_letters=0
     )
+
+
+# -- replay: atomic, serialised, in chunks ----------------------------------------------------
+
+
+def store_on(db_path: Path | str) -> SQLStore:
+    """An opened store on the test database (SQLite or PostgreSQL), with target "t"."""
+    s = open_test_store(Clock(), db_path)
+    result_of(s.open())
+    result_of(s.register_targets(["t"]))
+    return s
+
+
+def dead_letter_events(s: SQLStore, numbers_: list[int], target_id: str = "t") -> None:
+    """Dead-letter one transaction per number, each holding that one event."""
+    for n in numbers_:
+        result_of(s.add_events([(target_id, [ev(n)])], float(n)))
+        txn = result_of(s.claim(target_id, 1, BIG, float(n)))
+        assert txn is not None and numbers(txn) == [n]
+        assert result_of(s.dead_letter(target_id, txn.txn_id, "HTTP 400", 1, BIG, float(n))) is None
+
+
+def drained_numbers(s: SQLStore, target_id: str = "t") -> list[int]:
+    return [n for txn in drain(s, target_id, 100, BIG) for n in numbers(txn)]  # type: ignore[arg-type]
+
+
+def other_engine(db_path: Path | str) -> sa.Engine:
+    """An engine on the same database, as another process has."""
+    if isinstance(db_path, Path):
+        return sa.create_engine(f"sqlite:///{db_path}", poolclass=sa.pool.NullPool)
+    return sa.create_engine(postgres_url(db_path), poolclass=sa.pool.NullPool)
+
+
+@pytest.mark.postgres_only
+def test_a_dead_letter_stored_while_a_replay_runs_is_not_lost(db_path: str) -> None:
+    s = store_on(db_path)
+    dead_letter_events(s, [1, 2])
+    other = other_engine(db_path)
+    stored: list[str] = []
+
+    def store_another(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # Another process dead-letters a transaction after the replay read the dead letters,
+        # before it deleted them; READ COMMITTED lets the delete see it.
+        if statement.lstrip().upper().startswith("DELETE FROM RELAYER_DEAD_LETTERS") and not stored:
+            stored.append(statement)
+            with other.begin() as c:
+                c.execute(
+                    sa.insert(schema.dead_letters).values(
+                        target_id="t",
+                        txn_id=99,
+                        n_events=1,
+                        body=transaction_body(ev(99)),
+                        oldest_at=50.0,
+                        attempts=1,
+                        reason="HTTP 400",
+                        dead_at=51.0,
+                    )
+                )
+
+    sa.event.listen(s._engine, "before_cursor_execute", store_another)
+    try:
+        assert result_of(s.replay("t", 60.0)) == 2
+    finally:
+        sa.event.remove(s._engine, "before_cursor_execute", store_another)
+        other.dispose()
+    assert stored
+    # The one stored meanwhile was not replayed, and it is still there to be replayed.
+    assert [d.txn_id for d in result_of(s.dead_letters("t", 10))] == [99]
+    assert drained_numbers(s) == [1, 2]
+    assert result_of(s.replay("t", 70.0)) == 1
+    assert drained_numbers(s) == [99]
+    result_of(s.close())
+
+
+@pytest.mark.postgres_only
+def test_two_replays_at_once_queue_each_event_once(db_path: str) -> None:
+    first, second = store_on(db_path), store_on(db_path)
+    dead_letter_events(first, [1, 2, 3])
+    monitor = other_engine(db_path)
+    read = {id(first): threading.Event(), id(second): threading.Event()}
+    other_of = {id(first): second, id(second): first}
+
+    def blocks_another(pid: int) -> bool:
+        with monitor.connect() as c:
+            waiting = c.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"
+                ),
+                {"pid": pid},
+            ).scalar_one()
+        return bool(waiting)
+
+    def hook(store: SQLStore) -> Any:
+        def wait_for_the_other(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            # Each replay, once it has read the dead letters (it is about to queue them), waits
+            # until the other has read them too, or is held up by this one's lock.
+            if not statement.lstrip().upper().startswith("INSERT INTO RELAYER_QUEUE"):
+                return
+            mine = read[id(store)]
+            if mine.is_set():
+                return
+            mine.set()
+            theirs = read[id(other_of[id(store)])]
+            pid = cursor.connection.info.backend_pid
+            for _ in range(10_000):
+                if theirs.wait(0.01) or blocks_another(pid):
+                    return
+
+        return wait_for_the_other
+
+    hooks = [(s, hook(s)) for s in (first, second)]
+    for s, h in hooks:
+        sa.event.listen(s._engine, "before_cursor_execute", h)
+    results: dict[int, Any] = {}
+    start = threading.Barrier(2)
+
+    def replay(s: SQLStore) -> None:
+        start.wait()
+        d = s.replay("t", 10.0)
+        d.addBoth(lambda r: results.__setitem__(id(s), r))
+
+    threads = [threading.Thread(target=replay, args=(s,)) for s in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s, h in hooks:
+        sa.event.remove(s._engine, "before_cursor_execute", h)
+    monitor.dispose()
+    assert all(isinstance(r, int) for r in results.values()), results
+    assert sorted(results.values()) == [0, 3]
+    assert drained_numbers(first) == [1, 2, 3]
+    assert result_of(first.dead_letters("t", 10)) == []
+    result_of(first.close())
+    result_of(second.close())
+
+
+def test_a_long_replay_moves_dead_letters_in_chunks_in_order(db_path: Path | str) -> None:
+    s = store_on(db_path)
+    dead_letter_events(s, list(range(10)))
+    result_of(s.add_events([("t", [ev(100)])], 20.0))
+    s.replay_chunk = 3  # type: ignore[misc]
+    chunks: list[int] = []
+    take = s._take_dead_letters
+
+    def counting(*args: Any) -> list[Any]:
+        rows = take(*args)
+        chunks.append(len(rows))
+        return rows
+
+    s._take_dead_letters = counting  # type: ignore[method-assign]
+    assert result_of(s.replay("t", 30.0)) == 10
+    # Read three at a time, never all of them at once.
+    assert chunks == [3, 3, 3, 1]
+    assert drained_numbers(s) == [100, *range(10)]
+    assert result_of(s.dead_letters("t", 100)) == []
+    result_of(s.close())
+
+
+def test_a_replay_chunk_stops_early_at_its_byte_budget(
+    db_path: Path | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = store_on(db_path)
+    dead_letter_events(s, list(range(5)))
+    chunks: list[int] = []
+    take = s._take_dead_letters
+
+    def counting(*args: Any) -> list[Any]:
+        rows = take(*args)
+        chunks.append(len(rows))
+        return rows
+
+    s._take_dead_letters = counting  # type: ignore[method-assign]
+    # Each dead letter is larger than the budget: a chunk takes one.
+    monkeypatch.setattr(sql_store, "_REPLAY_BYTES", 1)
+    assert result_of(s.replay("t", 30.0)) == 5
+    assert chunks == [1, 1, 1, 1, 1]
+    assert drained_numbers(s) == list(range(5))
+    result_of(s.close())
+
+
+# -- paging -----------------------------------------------------------------------------------
+
+
+def test_status_is_paged_by_target_id(db_path: Path | str) -> None:
+    h = build_scheduler(["a", "b", "c", "d", "e"], path=db_path)
+    for t in ("a", "b", "c", "d", "e"):
+        h.transport[t].down()
+        h.scheduler.submit(t, {"n": 1})
+    result_of(h.scheduler.stop())
+    # Only "a" is registered again; b..e are not, but have data.
+    transport = FakeTransport(h.clock)
+    transport["a"].down()
+    h = build_scheduler(["a"], path=db_path, clock=h.clock, transport=transport)
+    pages = []
+    after = None
+    while True:
+        page = result_of(h.scheduler.status(after=after, limit=2))
+        pages.append([(st.target_id, st.registered, st.pending_events) for st in page])
+        if len(page) < 2:
+            break
+        after = page[-1].target_id
+    assert pages == [
+        [("a", True, 1), ("b", False, 1)],
+        [("c", False, 1), ("d", False, 1)],
+        [("e", False, 1)],
+    ]
+    # Without arguments: the first page, of up to 1000.
+    assert [st.target_id for st in result_of(h.scheduler.status())] == ["a", "b", "c", "d", "e"]
+    assert result_of(h.scheduler.status(after="e")) == []
+    for bad in ({"limit": 0}, {"limit": True}, {"limit": 10_001}, {"limit": 2.0}, {"after": 3}):
+        with pytest.raises(ConfigurationError):
+            h.scheduler.status(**bad)  # type: ignore[arg-type]
+    result_of(h.scheduler.stop())
+
+
+def test_status_pages_include_registered_targets_not_stored_yet(db_path: Path | str) -> None:
+    h = build_scheduler(["b", "d"], path=db_path)
+    store = h.scheduler._store
+    # A target added while running, whose registration in the store has not happened yet.
+    h.scheduler._configs["c"] = target("c")
+    assert [st.target_id for st in result_of(h.scheduler.status(limit=2))] == ["b", "c"]
+    assert [st.target_id for st in result_of(h.scheduler.status(after="c", limit=2))] == ["d"]
+    assert set(result_of(store.queue_counts("b", 1))) == {"d"}
+    del h.scheduler._configs["c"]
+    result_of(h.scheduler.stop())
+
+
+@pytest.mark.sqlite_only
+def test_queue_counts_read_only_the_page_s_targets_by_index(db_path: Path) -> None:
+    s = store_on(db_path)
+    result_of(s.register_targets(["a", "b", "c"]))
+    result_of(s.add_events([("a", [ev(1)]), ("b", [ev(2)]), ("c", [ev(3)])], 1.0))
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    sa.event.listen(s._read_engine, "before_cursor_execute", record)
+    counts = result_of(s.queue_counts("a", 1))
+    sa.event.remove(s._read_engine, "before_cursor_execute", record)
+    assert counts == {"b": QueueCounts(1, 0, 1.0, 0)}
+    conn = sqlite3.connect(db_path)
+    try:
+        plans = [
+            row[-1]
+            for statement, parameters in statements
+            if statement.lstrip().upper().startswith("SELECT")
+            for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
+        ]
+    finally:
+        conn.close()
+    # Every table is searched through an index, none scanned whole.
+    assert plans and all(not p.startswith("SCAN") for p in plans), plans
+    result_of(s.close())
+
+
+def test_dead_letters_are_paged_by_transaction_id(db_path: Path | str) -> None:
+    h = build_scheduler(["t"], path=db_path, max_events=1)
+    h.transport["t"].fail_with(400)
+    for n in range(5):
+        h.scheduler.submit("t", {"n": n})
+    first = result_of(h.scheduler.dead_letters("t", 2))
+    assert [d.txn_id for d in first] == [1, 2]
+    second = result_of(h.scheduler.dead_letters("t", 2, after=first[-1].txn_id))
+    assert [d.txn_id for d in second] == [3, 4]
+    assert [d.txn_id for d in result_of(h.scheduler.dead_letters("t", 2, after=4))] == [5]
+    assert result_of(h.scheduler.dead_letters("t", 2, after=5)) == []
+    assert len(result_of(h.scheduler.dead_letters("t", Scheduler.MAX_DEAD_LETTERS_PAGE))) == 5
+    for limit in (0, Scheduler.MAX_DEAD_LETTERS_PAGE + 1, 2**63, True):
+        with pytest.raises(ConfigurationError):
+            h.scheduler.dead_letters("t", limit)
+    for after in (-1, "2", True, 2.0):
+        with pytest.raises(ConfigurationError):
+            h.scheduler.dead_letters("t", 2, after=after)  # type: ignore[arg-type]
+    result_of(h.scheduler.stop())
+
+
+# -- reads beside the writer ------------------------------------------------------------------
+
+
+@pytest.mark.sqlite_only
+def test_reads_answer_while_another_connection_holds_the_write_lock(db_path: Path) -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    store = SQLiteStore.open_path(
+        clock,  # type: ignore[arg-type]
+        db_path,
+        pool=InlineDatabasePool(),
+        busy_timeout_ms=0,
+    )
+    scheduler = Scheduler(clock, store, transport, [target("t", max_events=1)])
+    result_of(scheduler.start())
+    transport["t"].fail_with(400)
+    result_of(scheduler.submit("t", {"n": 1}))
+    lock = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        # With the write lock held elsewhere (and no waiting for it), reads still answer.
+        (status,) = result_of(scheduler.status())
+        assert (status.target_id, status.dead_letters) == ("t", 1)
+        assert [d.txn_id for d in result_of(scheduler.dead_letters("t"))] == [1]
+        assert set(result_of(store.register_targets(["t"]))) == {"t"}
+        assert set(result_of(store.load_targets(["t"]))) == {"t"}
+        # A write does wait for the lock: registering a new target is a write.
+        with pytest.raises(StoreError):
+            result_of(store.register_targets(["new"]))
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+    assert set(result_of(store.register_targets(["new"]))) == {"t", "new"}
+    result_of(scheduler.stop())
+
+
+@pytest.mark.sqlite_only
+@pytest_twisted.ensureDeferred
+async def test_reads_on_the_read_thread_do_not_wait_for_the_writer(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    path = tmp_path / "relayer.db"
+    store = SQLiteStore.open_path(reactor, path, busy_timeout_ms=0)  # type: ignore[arg-type]
+    await store.open()
+    await store.register_targets(["t"])
+    await store.add_events([("t", [ev(1)])], 1.0)
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        counts = await store.queue_counts()
+        assert counts["t"].pending_events == 1
+        assert await store.dead_letters("t", 10) == []
+        assert set(await store.register_targets(["t"])) == {"t"}
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+    await store.close()
+    assert store._read_pool is not None and not store._read_pool._started  # type: ignore[attr-defined]

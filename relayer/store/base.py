@@ -173,10 +173,15 @@ class IStore(Interface):
         """Finish pending work and release connections and threads."""
 
     def register_targets(target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
-        """Make sure each target has a state row; return every target's stored state."""
+        """
+        Make sure each target has a state row; return every target's stored state.
+
+        Targets that have a state row already are only read, without waiting for writers; a
+        write happens only when some are missing.
+        """
 
     def load_targets(target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
-        """Return the stored state of the given targets (those the store knows)."""
+        """Return the stored state of the given targets (those the store knows); only reads."""
 
     def pending_targets(target_ids: Sequence[str]) -> Deferred[set[str]]:
         """
@@ -234,15 +239,39 @@ class IStore(Interface):
         half goes back to the head of the queue. Returns None if it holds a single event.
         """
 
-    def queue_counts() -> Deferred[dict[str, QueueCounts]]:
-        """Return how much each target has pending and dead-lettered."""
+    def queue_counts(
+        after: str | None = None, limit: int | None = None
+    ) -> Deferred[dict[str, QueueCounts]]:
+        """
+        Return how much targets have pending and dead-lettered, by target id.
 
-    def dead_letters(target_id: str, limit: int) -> Deferred[list[DeadLetter]]:
-        """Return up to ``limit`` of a target's dead letters, oldest first."""
+        The targets are those with a state row, in order of id: the first ``limit`` of them
+        (all of them if ``limit`` is None) whose ids sort after ``after`` (from the first if
+        ``after`` is None). Each target's counts are looked up by index, for that page's
+        targets only; a target with nothing stored has zero counts. Only reads.
+        """
+
+    def dead_letters(
+        target_id: str, limit: int, after: int | None = None
+    ) -> Deferred[list[DeadLetter]]:
+        """
+        Return up to ``limit`` of a target's dead letters, oldest (lowest ``txn_id``) first,
+        with ``txn_id`` above ``after`` (from the first if ``after`` is None). Only reads.
+        """
 
     def replay(target_id: str, now: float) -> Deferred[int]:
-        """Queue every dead letter of a target again, at the end of its queue; return how many
-        events were queued."""
+        """
+        Queue a target's dead letters again, at the end of its queue; return how many events
+        were queued.
+
+        The dead letters present when the replay begins are moved, in ``txn_id`` order, a
+        chunk at a time (each chunk one database transaction that appends its dead letters to
+        the queue and deletes exactly them), so memory stays bounded however many there are.
+        Replays of one target are serialised under a lock on the target's row: none is queued
+        twice or skipped, and a dead letter stored meanwhile stays a dead letter. If a replay
+        fails part-way, the chunks done stay done and the rest stay dead letters. Other
+        processes are told of the queued events as by :meth:`add_events`.
+        """
 
 
 #: Maps a target id to its stored record.

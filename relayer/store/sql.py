@@ -115,6 +115,33 @@ _DELIVERED = (
     )
 )
 
+# Replay: the target's row, locked; a chunk of dead letters in txn_id order; deleting exactly
+# those.
+_LOCK_TARGET = (
+    sa.select(_t.c.target_id).where(_t.c.target_id == sa.bindparam("p_target")).with_for_update()
+)
+_DEAD_CHUNK = (
+    sa.select(_d.c.txn_id, _d.c.body, _d.c.oldest_at)
+    .where(
+        _d.c.target_id == sa.bindparam("p_target"),
+        _d.c.txn_id > sa.bindparam("p_after"),
+        _d.c.txn_id <= sa.bindparam("p_high"),
+    )
+    .order_by(_d.c.txn_id)
+    .limit(sa.bindparam("p_limit", type_=sa.Integer))
+    # Fetched a few at a time: a chunk stops early once it holds _REPLAY_BYTES.
+    .execution_options(yield_per=8)
+)
+#: A replay chunk takes no more dead letters once it holds this many bytes.
+_REPLAY_BYTES = 8 * 1024 * 1024
+_INSERT_RUN = sa.insert(_q)
+_DELETE_DEAD = sa.delete(_d).where(
+    _d.c.target_id == sa.bindparam("p_target"),
+    _d.c.txn_id.in_(sa.bindparam("p_txns", expanding=True)),
+)
+#: How many targets one statement of queue_counts() looks at.
+_PAGE = 500
+
 
 @implementer(ILeaseStore)
 class SQLStore:
@@ -134,14 +161,27 @@ class SQLStore:
     lease_owner: str | None = None
     log = Logger(namespace="relayer.store")
 
+    #: How many dead letters :meth:`replay` moves back to the queue per database transaction.
+    replay_chunk = 100
+
     def __init__(
-        self, engine: sa.Engine, pool: DatabasePool, lease_pool: DatabasePool | None = None
+        self,
+        engine: sa.Engine,
+        pool: DatabasePool,
+        lease_pool: DatabasePool | None = None,
+        *,
+        read_engine: sa.Engine | None = None,
+        read_pool: DatabasePool | None = None,
     ) -> None:
         self._engine = engine
         self._pool = pool
         # Lease rounds must not queue behind a backlog of other work, or leases would lapse
         # under load: a backend with several connections gives them a thread of their own.
         self._lease_pool = lease_pool
+        # Reads that change nothing (status, dead letters, loading targets) may run on
+        # connections of their own, beside the writer: see :meth:`_read`.
+        self._read_engine = read_engine if read_engine is not None else engine
+        self._read_pool = read_pool
 
     def __repr__(self) -> str:
         # The URL is shown without its password.
@@ -152,16 +192,18 @@ class SQLStore:
     def _run(
         self, f: Callable[..., T], *args: Any, pool: DatabasePool | None = None
     ) -> Deferred[T]:
-        def in_transaction() -> T:
-            try:
-                with self._engine.begin() as conn:
-                    return f(conn, *args)
-            except _TRANSIENT as e:
-                raise StoreUnavailable(f"the database is unavailable: {_db_message(e)}") from e
-            except sa.exc.SQLAlchemyError as e:
-                raise StoreError(f"the database operation failed: {_db_message(e)}") from e
+        return _in_transaction(self._engine, pool or self._pool, f, *args)
 
-        return (pool or self._pool).run(in_transaction)
+    def _read(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Run ``f(connection, *args)`` in a database transaction that only reads.
+
+        It runs on the store's read engine and read pool, when it has them, so that it never
+        waits for the writer (on SQLite, a read transaction begins DEFERRED, and WAL lets it
+        read beside the writer); otherwise as any other unit of work, but never grouped with
+        writes.
+        """
+        return _in_transaction(self._read_engine, self._read_pool or self._pool, f, *args)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -169,6 +211,8 @@ class SQLStore:
         self._pool.start()
         if self._lease_pool is not None:
             self._lease_pool.start()
+        if self._read_pool is not None:
+            self._read_pool.start()
 
         def upgrade(conn: sa.Connection) -> None:
             before, after = schema.upgrade(conn)
@@ -186,6 +230,10 @@ class SQLStore:
             try:
                 if self._lease_pool is not None:
                     await self._lease_pool.stop()
+                if self._read_engine is not self._engine:
+                    await (self._read_pool or self._pool).run(self._read_engine.dispose)
+                if self._read_pool is not None:
+                    await self._read_pool.stop()
                 await self._pool.run(self._engine.dispose)
             finally:
                 await self._pool.stop()
@@ -195,7 +243,17 @@ class SQLStore:
     # -- targets --------------------------------------------------------------------------------
 
     def register_targets(self, target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
-        return self._run(self._register_targets, list(target_ids))
+        ids = list(dict.fromkeys(target_ids))
+
+        async def register() -> dict[str, TargetRecord]:
+            # Targets are nearly always registered already: read first, beside the writer,
+            # and write only for the targets that are missing.
+            records = await self._read(self._all_targets)
+            if all(t in records for t in ids):
+                return records
+            return await self._run(self._register_targets, ids)
+
+        return Deferred.fromCoroutine(register())
 
     def load_targets(self, target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
         ids = list(dict.fromkeys(target_ids))
@@ -217,7 +275,7 @@ class SQLStore:
                     records[row.target_id] = _record(row, row.target_id in pending)
             return records
 
-        return self._run(load)
+        return self._read(load)
 
     def pending_targets(self, target_ids: Sequence[str]) -> Deferred[set[str]]:
         ids = list(dict.fromkeys(target_ids))
@@ -260,6 +318,10 @@ class SQLStore:
                     for t in missing
                 ],
             )
+        return self._all_targets(conn)
+
+    def _all_targets(self, conn: sa.Connection) -> dict[str, TargetRecord]:
+        """Every target's stored state."""
         pending = set(conn.execute(sa.select(_q.c.target_id).distinct()).scalars())
         pending.update(conn.execute(sa.select(_x.c.target_id).distinct()).scalars())
         records = {}
@@ -551,57 +613,83 @@ class SQLStore:
 
     # -- inspection -----------------------------------------------------------------------------
 
-    def queue_counts(self) -> Deferred[dict[str, QueueCounts]]:
+    def queue_counts(
+        self, after: str | None = None, limit: int | None = None
+    ) -> Deferred[dict[str, QueueCounts]]:
         def counts(conn: sa.Connection) -> dict[str, QueueCounts]:
-            acc: dict[str, dict[str, Any]] = {}
+            result: dict[str, QueueCounts] = {}
+            last = after
+            while limit is None or len(result) < limit:
+                want = _PAGE if limit is None else min(_PAGE, limit - len(result))
+                query = sa.select(_t.c.target_id).order_by(_t.c.target_id).limit(want)
+                if last is not None:
+                    query = query.where(_t.c.target_id > last)
+                ids = list(conn.execute(query).scalars())
+                result.update(self._counts_of(conn, ids))
+                if len(ids) < want:
+                    break
+                last = ids[-1]
+            return result
 
-            def slot(target_id: str) -> dict[str, Any]:
-                return acc.setdefault(
-                    target_id,
-                    {
-                        "pending_events": 0,
-                        "pending_transactions": 0,
-                        "oldest_pending_at": None,
-                        "dead_letters": 0,
-                    },
-                )
+        return self._read(counts)
 
-            def older(a: float | None, b: float | None) -> float | None:
-                return b if a is None else a if b is None else min(a, b)
+    def _counts_of(self, conn: sa.Connection, ids: list[str]) -> dict[str, QueueCounts]:
+        """The counts of the given targets, each looked up by its index."""
+        acc: dict[str, dict[str, Any]] = {
+            t: {
+                "pending_events": 0,
+                "pending_transactions": 0,
+                "oldest_pending_at": None,
+                "dead_letters": 0,
+            }
+            for t in ids
+        }
 
-            for target_id, n, oldest in conn.execute(
-                sa.select(
-                    _q.c.target_id, sa.func.sum(_q.c.n_events), sa.func.min(_q.c.oldest_at)
-                ).group_by(_q.c.target_id)
-            ):
-                s = slot(target_id)
-                s["pending_events"] += int(n)
-                s["oldest_pending_at"] = older(s["oldest_pending_at"], oldest)
-            for target_id, count, n, oldest in conn.execute(
-                sa.select(
-                    _x.c.target_id,
-                    sa.func.count(),
-                    sa.func.sum(_x.c.n_events),
-                    sa.func.min(_x.c.oldest_at),
-                ).group_by(_x.c.target_id)
-            ):
-                s = slot(target_id)
-                s["pending_transactions"] += int(count)
-                s["pending_events"] += int(n)
-                s["oldest_pending_at"] = older(s["oldest_pending_at"], oldest)
-            for target_id, count in conn.execute(
-                sa.select(_d.c.target_id, sa.func.count()).group_by(_d.c.target_id)
-            ):
-                slot(target_id)["dead_letters"] = int(count)
-            return {t: QueueCounts(**v) for t, v in acc.items()}
+        def older(a: float | None, b: float | None) -> float | None:
+            return b if a is None else a if b is None else min(a, b)
 
-        return self._run(counts)
-
-    def dead_letters(self, target_id: str, limit: int) -> Deferred[list[DeadLetter]]:
-        def list_dead(conn: sa.Connection) -> list[DeadLetter]:
-            rows = conn.execute(
-                sa.select(_d).where(_d.c.target_id == target_id).order_by(_d.c.txn_id).limit(limit)
+        if not ids:
+            return {}
+        # Each query reads only these targets' rows, through the indexes whose keys start
+        # with target_id (relayer_queue_order, and the other tables' primary keys).
+        for target_id, n, oldest in conn.execute(
+            sa.select(_q.c.target_id, sa.func.sum(_q.c.n_events), sa.func.min(_q.c.oldest_at))
+            .where(_q.c.target_id.in_(ids))
+            .group_by(_q.c.target_id)
+        ):
+            s = acc[target_id]
+            s["pending_events"] += int(n)
+            s["oldest_pending_at"] = older(s["oldest_pending_at"], oldest)
+        for target_id, count, n, oldest in conn.execute(
+            sa.select(
+                _x.c.target_id,
+                sa.func.count(),
+                sa.func.sum(_x.c.n_events),
+                sa.func.min(_x.c.oldest_at),
             )
+            .where(_x.c.target_id.in_(ids))
+            .group_by(_x.c.target_id)
+        ):
+            s = acc[target_id]
+            s["pending_transactions"] += int(count)
+            s["pending_events"] += int(n)
+            s["oldest_pending_at"] = older(s["oldest_pending_at"], oldest)
+        for target_id, count in conn.execute(
+            sa.select(_d.c.target_id, sa.func.count())
+            .where(_d.c.target_id.in_(ids))
+            .group_by(_d.c.target_id)
+        ):
+            acc[target_id]["dead_letters"] = int(count)
+        return {t: QueueCounts(**v) for t, v in acc.items()}
+
+    def dead_letters(
+        self, target_id: str, limit: int, after: int | None = None
+    ) -> Deferred[list[DeadLetter]]:
+        def list_dead(conn: sa.Connection) -> list[DeadLetter]:
+            query = sa.select(_d).where(_d.c.target_id == target_id)
+            if after is not None:
+                query = query.where(_d.c.txn_id > after)
+            rows = conn.execute(query.order_by(_d.c.txn_id).limit(limit))
             return [
                 DeadLetter(
                     target_id=r.target_id,
@@ -615,33 +703,94 @@ class SQLStore:
                 for r in rows
             ]
 
-        return self._run(list_dead)
+        return self._read(list_dead)
 
     def replay(self, target_id: str, now: float) -> Deferred[int]:
-        def replay(conn: sa.Connection) -> int:
-            rows = conn.execute(
-                sa.select(_d.c.txn_id, _d.c.body, _d.c.n_events, _d.c.oldest_at)
-                .where(_d.c.target_id == target_id)
-                .order_by(_d.c.txn_id)
-            ).all()
+        chunk = self.replay_chunk
+
+        def replay_chunk(
+            conn: sa.Connection, last: int | None, high: int | None
+        ) -> tuple[int | None, int | None, int]:
+            # The target's row lock serialises replays of one target (on SQLite, BEGIN
+            # IMMEDIATE does): two replays never take the same dead letters.
+            if conn.execute(_LOCK_TARGET, {"p_target": target_id}).first() is None:
+                return None, None, 0
+            if high is None:
+                # Only what was dead-lettered when the replay began is replayed.
+                high = conn.execute(
+                    sa.select(sa.func.max(_d.c.txn_id)).where(_d.c.target_id == target_id)
+                ).scalar()
+                if high is None:
+                    return None, None, 0
+            rows = self._take_dead_letters(conn, target_id, last, high, chunk)
+            if not rows:
+                return None, high, 0
             total = 0
             for r in rows:
                 events = _encoding.events_of_body(bytes(r.body))
+                # Appended in txn_id order: runs keep their order by id.
                 conn.execute(
-                    sa.insert(_q).values(
-                        target_id=target_id,
-                        pos=0,
-                        n_events=len(events),
-                        events=_encoding.join_events(events),
-                        oldest_at=r.oldest_at,
-                    )
+                    _INSERT_RUN,
+                    {
+                        "target_id": target_id,
+                        "pos": 0,
+                        "n_events": len(events),
+                        "events": _encoding.join_events(events),
+                        "oldest_at": r.oldest_at,
+                    },
                 )
                 total += len(events)
-            if rows:
-                conn.execute(sa.delete(_d).where(_d.c.target_id == target_id))
-            return total
+            taken = [r.txn_id for r in rows]
+            # Exactly the rows replayed are deleted, by primary key: a dead letter stored
+            # meanwhile stays a dead letter.
+            deleted = conn.execute(_DELETE_DEAD, {"p_target": target_id, "p_txns": taken})
+            if deleted.rowcount != len(taken):
+                raise StoreError(
+                    f"replaying {target_id!r}: {len(taken)} dead letters read, "
+                    f"{deleted.rowcount} deleted; nothing was replayed from this chunk"
+                )
+            self._events_added(conn, [target_id])
+            return taken[-1], high, total
 
-        return self._run(replay)
+        async def replay() -> int:
+            total = 0
+            last: int | None = None
+            high: int | None = None
+            while True:
+                last, high, n = await self._run(replay_chunk, last, high)
+                total += n
+                if last is None or high is None or last >= high:
+                    return total
+
+        return Deferred.fromCoroutine(replay())
+
+    def _take_dead_letters(
+        self, conn: sa.Connection, target_id: str, after: int | None, high: int, limit: int
+    ) -> list[Any]:
+        """
+        A target's next dead letters to replay, oldest first, with ids in ``(after, high]``: up
+        to ``limit`` of them, and no more once they hold :data:`_REPLAY_BYTES` bytes.
+        """
+        rows: list[Any] = []
+        size = 0
+        result = conn.execute(
+            _DEAD_CHUNK,
+            {
+                "p_target": target_id,
+                "p_after": after if after is not None else -1,
+                "p_high": high,
+                "p_limit": limit,
+            },
+        )
+        try:
+            for row in result:
+                rows.append(row)
+                size += len(row.body)
+                if size >= _REPLAY_BYTES:
+                    break
+        finally:
+            result.close()
+        return rows
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -751,6 +900,23 @@ class SQLStore:
                 )
 
         return self._run(release, pool=self._lease_pool)
+
+
+def _in_transaction(
+    engine: sa.Engine, pool: DatabasePool, f: Callable[..., T], *args: Any
+) -> Deferred[T]:
+    """Run ``f(connection, *args)`` on ``pool``, in one database transaction on ``engine``."""
+
+    def in_transaction() -> T:
+        try:
+            with engine.begin() as conn:
+                return f(conn, *args)
+        except _TRANSIENT as e:
+            raise StoreUnavailable(f"the database is unavailable: {_db_message(e)}") from e
+        except sa.exc.SQLAlchemyError as e:
+            raise StoreError(f"the database operation failed: {_db_message(e)}") from e
+
+    return pool.run(in_transaction)
 
 
 def _chunks(items: list[str], size: int = 500) -> list[list[str]]:

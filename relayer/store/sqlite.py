@@ -4,6 +4,11 @@ The SQLite store: relayer's embedded default.
 The database is one file, in WAL mode, written by a single thread. Every write transaction
 begins with ``BEGIN IMMEDIATE``, so that it takes the write lock up front rather than failing
 half-way when another connection holds it, and waits up to ``busy_timeout`` for that lock.
+
+Reads that change nothing (status, dead letters, loading targets, and registering targets that
+are registered already) run on a connection of their own, on a thread of their own, in
+transactions that begin with a plain (deferred) ``BEGIN``: WAL lets them read a consistent
+snapshot beside the writer, so they never wait for its lock, and never hold up its work.
 """
 
 from __future__ import annotations
@@ -70,6 +75,32 @@ def sqlite_engine(path: str, synchronous: str = "FULL", busy_timeout_ms: int = 1
     return engine
 
 
+def _sqlite_read_engine(path: str, busy_timeout_ms: int) -> sa.Engine:
+    """An engine for the read connection: its transactions begin DEFERRED and only read."""
+    engine = sa.create_engine(
+        f"sqlite:///{path}", poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # The writer sets up the file (WAL, page size) before any read runs; a reader
+            # waits for a lock only while the WAL is recovered after a crash.
+            cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            cursor.execute("PRAGMA query_only = ON")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def on_begin(conn: sa.Connection) -> None:
+        # Deferred: no lock is taken until the first read, and then only a shared one.
+        conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
 class SQLiteStore(SQLStore):
     """
     A store in a SQLite file.
@@ -79,12 +110,21 @@ class SQLiteStore(SQLStore):
     Its single database thread uses group commit (:mod:`relayer.store._group`): the units of
     work that wait while it is busy run together in one database transaction, with one commit
     (one fsync) for all of them, and each reports its result only after that commit.
+
+    Reads run on ``read_engine`` (deferred transactions, beside the writer) and ``read_pool``:
+    by default the writer's engine and pool.
     """
 
     def __init__(
-        self, engine: sa.Engine, pool: DatabasePool, lease_pool: DatabasePool | None = None
+        self,
+        engine: sa.Engine,
+        pool: DatabasePool,
+        lease_pool: DatabasePool | None = None,
+        *,
+        read_engine: sa.Engine | None = None,
+        read_pool: DatabasePool | None = None,
     ) -> None:
-        super().__init__(engine, pool, lease_pool)
+        super().__init__(engine, pool, lease_pool, read_engine=read_engine, read_pool=read_pool)
         self._group = GroupCommit(super()._run)
 
     def _run(
@@ -118,7 +158,9 @@ class SQLiteStore(SQLStore):
         Args:
             reactor: The reactor that database results are delivered to.
             path: The database file.
-            pool: Where database work runs; by default a dedicated single-thread pool.
+            pool: Where database work runs; by default a dedicated single-thread pool for
+                writes, and another single thread for reads. A pool given here runs both, reads
+                on a read connection of their own all the same.
             synchronous: SQLite's ``synchronous`` setting; see :func:`sqlite_engine`.
             busy_timeout_ms: How long a transaction waits for another connection's lock
                 before it fails (and is retried).
@@ -126,4 +168,9 @@ class SQLiteStore(SQLStore):
         engine = sqlite_engine(
             os.fspath(path), synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
         )
-        return cls(engine, pool if pool is not None else ThreadedDatabasePool(reactor))
+        read_engine = _sqlite_read_engine(os.fspath(path), busy_timeout_ms)
+        read_pool: DatabasePool | None = None
+        if pool is None:
+            pool = ThreadedDatabasePool(reactor)
+            read_pool = ThreadedDatabasePool(reactor, name="relayer-db-read")
+        return cls(engine, pool, read_engine=read_engine, read_pool=read_pool)
