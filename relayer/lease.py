@@ -8,16 +8,21 @@ targets (their number divided by the number of live processes). A process that o
 its share gives the excess up, after their deliveries have stopped, so that a process that joins
 gets work.
 
-A lease lasts ``timeout`` seconds from the start of the round that renewed it. A process sends
-to a target only while it holds the lease with at least the target's ``request_timeout`` left,
-so its last request has ended before the lease can pass to another process: two processes never
-send to the same target at the same time. Besides, every change to a target's queue or state
-checks the lease in the same database transaction (see :class:`relayer.errors.LeaseLost`).
+A lease lasts ``timeout`` seconds from the start of the round that renewed it. A process starts
+a request to a target only while it holds the lease with more than the target's
+``request_timeout`` left, and the scheduler cancels every request at its ``request_timeout``,
+so a process that runs normally has ended its last request before the lease can pass to
+another process. Every change to a target's queue or state checks the lease in the same
+database transaction (see :class:`relayer.errors.LeaseLost`), so a process that lost a lease
+records nothing for the target.
 
 When a process dies, its leases (and its heartbeat) expire ``timeout`` seconds after its last
 renewal; the others take them over right then, since every process schedules a round for the
 moment the earliest lease of another process would expire. The new owner resumes each target
-from its stored state, pending transactions and backoff included.
+from its stored state, pending transactions and backoff included; but since the previous owner
+may only be frozen, with a request still open, its first send to a target whose lease expired
+waits until that expiry plus the target's ``request_timeout``. What a receiver can still see
+when a process is frozen for longer than that is told in ``docs/scaling.md``.
 
 Lease times are the processes' own clocks: the hosts' clocks must agree (NTP) to well within
 ``timeout``.

@@ -254,3 +254,138 @@ async def test_three_processes_one_killed(db_path: str, tmp_path: Path) -> None:
     # timeout of the kill (of its last renewal, in fact), plus the moment a round takes.
     assert after_expiry <= 1.0
     assert takeover <= LEASE_TIMEOUT + 1.0
+
+
+#: The stalled-process test: a short lease, renewed often, and a request timeout of 1 s.
+STALL_LEASE = 3.0
+STALL_RENEW = 0.25
+STALL_REQUEST_TIMEOUT = 1.0
+#: How long the receiver takes over the request that the stalled process has open: longer than
+#: the request timeout, and longer than the lease has left once that request was sent.
+SLOW_ANSWER = 3.4
+#: How long the process stays stopped: past its lease.
+STALL = 4.5
+
+
+class StallReceiver(Resource):
+    """
+    One target's receiver. It stops the sending process with SIGSTOP as the first request comes
+    in, answers that request slowly, and records every moment two requests were open at once.
+    """
+
+    isLeaf = True
+
+    def __init__(self, reactor: Any, stop_sender: Callable[[], None]) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.stop_sender = stop_sender
+        self.open: list[int] = []
+        self.bodies: dict[int, bytes] = {}
+        self.next_seq = 0
+        self.requests: list[int] = []
+        self.delivered: set[int] = set()
+        self.violations: list[str] = []
+
+    def render_PUT(self, request: server.Request) -> Any:
+        txn_id = int(request.path.decode().rstrip("/").split("/")[-1])
+        body = request.content.read()
+        if self.open:
+            self.violations.append(f"transaction {txn_id} came while {self.open} was open")
+        if self.bodies.setdefault(txn_id, body) != body:
+            self.violations.append(f"transaction {txn_id} was resent with other bytes")
+        first = not self.requests
+        self.requests.append(txn_id)
+        self.open.append(txn_id)
+
+        def answer() -> None:
+            self.open.remove(txn_id)
+            if txn_id not in self.delivered:
+                self.delivered.add(txn_id)
+                for event in json.loads(body)["events"]:
+                    if event["seq"] != self.next_seq:
+                        self.violations.append(f"seq {event['seq']} came, {self.next_seq} expected")
+                    self.next_seq = event["seq"] + 1
+            if not request._disconnected:
+                request.write(b"{}")
+                request.finish()
+
+        if first:
+            self.stop_sender()
+            self.reactor.callLater(SLOW_ANSWER, answer)
+        else:
+            self.reactor.callLater(0.002, answer)
+        return server.NOT_DONE_YET
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_process_never_overlaps_the_new_owner(db_path: str, tmp_path: Path) -> None:
+    """
+    A process is stopped with SIGSTOP, for longer than its lease, right after it sent a
+    request that the receiver answers slowly; the other process takes the target over. The
+    receiver never has two requests open at once, and gets every event once, in order.
+    """
+    from twisted.internet import reactor
+
+    go = tmp_path / "go"
+    events = 300
+    pids: dict[str, int] = {}
+    stopped_at: list[float] = []
+
+    def stop_sender() -> None:
+        os.kill(pids["a"], signal.SIGSTOP)
+        stopped_at.append(time.monotonic())
+        reactor.callLater(STALL, os.kill, pids["a"], signal.SIGCONT)
+
+    receiver = StallReceiver(reactor, stop_sender)
+    port = reactor.listenTCP(0, server.Site(receiver), interface="127.0.0.1")
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    nodes: dict[str, NodeProcess] = {}
+    transports: dict[str, Any] = {}
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    try:
+        for name in ("a", "b"):
+            argv = [sys.executable, str(NODE), "--database", db_path, "--node-id", name]
+            argv += ["--targets", "1", "--receiver", base]
+            argv += ["--lease-timeout", str(STALL_LEASE), "--renew-interval", str(STALL_RENEW)]
+            argv += ["--request-timeout", str(STALL_REQUEST_TIMEOUT)]
+            if name == "a":
+                argv += ["--submit", str(events), "--submit-when", str(go)]
+            node = NodeProcess(name)
+            transports[name] = reactor.spawnProcess(node, sys.executable, argv, env=env)
+            pids[name] = transports[name].pid
+            nodes[name] = node
+            await node.ready
+            if name == "a":
+                await wait_until(
+                    reactor,
+                    "a to own the target",
+                    lambda: bool(stopped_at) or _owner_is(db_path, "a"),
+                    30,
+                )
+        go.touch()
+        await wait_until(reactor, "every event", lambda: receiver.next_seq >= events, 60)
+        # Let the stalled process come back and see that it lost the target.
+        await wait_until(
+            reactor, "a to resume", lambda: time.monotonic() > stopped_at[0] + STALL + 1.0, 30
+        )
+    finally:
+        if stopped_at:
+            os.kill(pids["a"], signal.SIGCONT)
+        for name, transport in transports.items():
+            if not nodes[name].ended.called:
+                transport.signalProcess("TERM")
+        for node in nodes.values():
+            await node.ended
+        await port.stopListening()
+
+    assert stopped_at, "the first request never came"
+    assert receiver.violations == []
+    assert receiver.next_seq == events
+    # The first transaction was resent, unchanged, by the new owner, and then the rest.
+    assert receiver.requests[:2] == [1, 1]
+    assert receiver.requests == sorted(receiver.requests)
+
+
+def _owner_is(url: str, node: str) -> bool:
+    owners = lease_owners(url)
+    return bool(owners) and all(owner == node for owner in owners.values())

@@ -248,9 +248,11 @@ class SQLStore:
         async def register() -> dict[str, TargetRecord]:
             # Targets are nearly always registered already: read first, beside the writer,
             # and write only for the targets that are missing.
-            records = await self._read(self._all_targets)
-            if all(t in records for t in ids):
+            records, orphans = await self._read(self._stored_targets)
+            if not orphans and all(t in records for t in ids):
                 return records
+            # Events may have been stored for a target while its registration had not reached
+            # the store yet: the write registers it, and checks again.
             return await self._run(self._register_targets, ids)
 
         return Deferred.fromCoroutine(register())
@@ -294,7 +296,7 @@ class SQLStore:
                 )
             return found
 
-        return self._run(pending)
+        return self._read(pending)
 
     def _register_targets(
         self, conn: sa.Connection, target_ids: list[str]
@@ -322,15 +324,20 @@ class SQLStore:
 
     def _all_targets(self, conn: sa.Connection) -> dict[str, TargetRecord]:
         """Every target's stored state."""
+        records, orphans = self._stored_targets(conn)
+        # A queue without a state row would be invisible to status(); report it all the same.
+        for target_id in orphans:
+            raise StoreError(f"the store holds events for target {target_id!r} without its state")
+        return records
+
+    def _stored_targets(self, conn: sa.Connection) -> tuple[dict[str, TargetRecord], set[str]]:
+        """Every target's stored state, and the targets with events stored but no state row."""
         pending = set(conn.execute(sa.select(_q.c.target_id).distinct()).scalars())
         pending.update(conn.execute(sa.select(_x.c.target_id).distinct()).scalars())
         records = {}
         for row in conn.execute(sa.select(_t)):
             records[row.target_id] = _record(row, row.target_id in pending)
-        # A queue without a state row would be invisible to status(); report it all the same.
-        for target_id in pending - records.keys():
-            raise StoreError(f"the store holds events for target {target_id!r} without its state")
-        return records
+        return records, pending - records.keys()
 
     def _insert_ignoring_conflicts(self, table: sa.Table) -> Any:
         """An INSERT that skips rows whose primary key exists already."""

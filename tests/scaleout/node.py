@@ -34,7 +34,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
             t,
             f"{args.receiver}/{t}",
             "scale-out-token",
-            request_timeout=1.0,
+            request_timeout=args.request_timeout,
             backoff=BackoffPolicy(initial=0.1, maximum=1.0),
         )
         for t in target_ids(args.targets)
@@ -45,7 +45,9 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         transport,
         targets,
         leases=LeaseSettings(
-            node_id=args.node_id, timeout=args.lease_timeout, renew_interval=args.lease_timeout / 4
+            node_id=args.node_id,
+            timeout=args.lease_timeout,
+            renew_interval=args.renew_interval or args.lease_timeout / 4,
         ),
     )
     await scheduler.start()
@@ -87,6 +89,8 @@ def main() -> None:
     parser.add_argument("--submit", type=int, default=0)
     parser.add_argument("--submit-when", help="submit once this file exists")
     parser.add_argument("--lease-timeout", type=float, default=4.0)
+    parser.add_argument("--renew-interval", type=float, default=None)
+    parser.add_argument("--request-timeout", type=float, default=1.0)
     args = parser.parse_args()
     react(lambda reactor: Deferred.fromCoroutine(run(reactor, args)))
 
