@@ -36,6 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from relayer import _faults
 from relayer.errors import ConfigurationError
 from relayer.store.base import ILeaseStore
 
@@ -207,6 +208,7 @@ class LeaseManager:
                     n=len(new),
                     live=result.live_nodes,
                 )
+                _faults.checkpoint("lease.acquired")
                 self._acquired(new)
             excess = len(self.owned) - result.fair_share
             if excess > 0 and result.live_nodes > 1 and not self._stopping:
