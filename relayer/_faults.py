@@ -21,6 +21,8 @@ The points, in the order an event meets them:
   state, before it commits (database thread).
 - ``up.transition``: inside the database transaction of a claim that found nothing left and marks
   a DOWN target UP, before it commits (database thread).
+- ``lease.acquired``: a lease round took the leases of targets (at start, from a process that
+  died or gave them up); their deliveries have not started yet (reactor thread).
 
 A hook may run on the database thread, so it must be thread-safe; ``os.kill`` is. It should not
 raise: an exception from it goes wherever an error at that point of the code would go.
@@ -40,6 +42,7 @@ POINTS = (
     "send.accepted",
     "backoff.write",
     "up.transition",
+    "lease.acquired",
 )
 
 _hook: Callable[[str], None] | None = None

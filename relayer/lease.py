@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from relayer import _faults
 from relayer.errors import ConfigurationError
 from relayer.store.base import ILeaseStore, LeaseRound
 
@@ -231,6 +232,7 @@ class LeaseManager:
                 n=len(new),
                 live=result.live_nodes,
             )
+            _faults.checkpoint("lease.acquired")
             self._acquired(new, {t: result.taken_over[t] for t in new if t in result.taken_over})
         excess = len(self.owned) - result.fair_share
         if excess > 0 and result.live_nodes > 1 and not self._stopping:

@@ -14,12 +14,29 @@ again, until a run drains the store and exits with 0. Then:
 - no transaction id was ever sent with two different bodies (failed attempts included);
 - no event arrived that was not submitted, and the store is empty.
 
+Two more targets answer HTTP 400 to some transactions: ``d0`` (dead-letter policy) to the same
+transactions every time it is sent them (the answer depends on the body only), and ``b0``
+(BLOCK policy) to some transactions the first time it sees them. The child replays ``d0``'s
+dead letters during each run, and wakes ``b0`` a moment after it blocks. For them:
+
+- every acknowledged event was delivered or is in ``relayer_dead_letters`` at the end, and no
+  event is both; only ``d0`` has dead letters, and only of events it refused;
+- no event reached its target in two transactions with different ids;
+- the events delivered without a refusal came in submit order; a refused event was delivered
+  only after a replay that followed its refusal, and after every event of the first submission
+  acknowledged before that replay.
+
+The same runs on PostgreSQL, with three child processes at once sharing the targets through
+short leases; one of them is killed (at each checkpoint, ``lease.acquired`` included, or at
+random) and started again, as a supervisor would, until the store drains. There the events of
+each run come in that run's submit order.
+
 The receivers live in this process, so what they recorded survives the child's death. They are
 scripted so that every run meets the DOWN paths: one target fails its first requests, one fails
 at random, one loses an answer after accepting, and one answers 413 to large bodies.
 
 The child runs are forked from a "zygote" that has imported relayer once (see the child's
-docstring); each run is still its own process with its own reactor, database connection and
+docstring); each run is still its own process with its own reactor, database connections and
 threads.
 """
 
@@ -32,6 +49,7 @@ import random
 import signal
 import sqlite3
 import sys
+import time
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +58,7 @@ from typing import Any, cast
 import attrs
 import pytest
 import pytest_twisted
+import sqlalchemy as sa
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IListeningPort
@@ -50,13 +69,29 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from relayer._faults import POINTS
+from relayer.store import schema
 from relayer.testing import Receiver
 
-# The crash suite runs its child schedulers on SQLite files; the PostgreSQL pass skips it.
-pytestmark = [pytest.mark.integration, pytest.mark.sqlite_only]
+# Each test is for SQLite (one process on a file) or for PostgreSQL (processes sharing leases).
+pytestmark = [pytest.mark.integration]
 
 CHILD = Path(__file__).parent / "crash" / "crash_child.py"
-TARGETS = ("t0", "t1", "t2", "t3", "t4")
+#: The dead-letter target and the BLOCK target, which refuse some transactions with HTTP 400.
+DEAD_LETTER = "d0"
+BLOCK = "b0"
+TARGETS = ("t0", "t1", "t2", "t3", "t4", DEAD_LETTER, BLOCK)
+#: The share (in percent) of transaction bodies that each of them refuses.
+REFUSE_PERCENT = {DEAD_LETTER: 15, BLOCK: 20}
+#: The points a single process without leases passes.
+SQLITE_POINTS = tuple(p for p in POINTS if p != "lease.acquired")
+#: The processes that share a PostgreSQL database, and their lease settings: short, so that a
+#: dead process's targets are taken over quickly. Requests must end well within a lease.
+NODES = ("a", "b", "c")
+LEASES = {"timeout": 1.5, "renew_interval": 0.3}
+SHARED_REQUEST_TIMEOUT = 1.0
+#: Events each shared run submits per target, and each restarted run.
+SHARED_EVENTS = 40
+RESTART_EVENTS = 20
 #: Events submitted to each target in one run, and how many per target at once.
 EVENTS_PER_RUN = 60
 CHUNK = 10
@@ -64,6 +99,8 @@ MAX_EVENTS = 8
 BACKOFF = {"initial": 0.02, "maximum": 0.1}
 #: A bound on one run, so that a hang shows as a failure rather than a stuck suite.
 RUN_DEADLINE = 60.0
+#: The same for a run sharing PostgreSQL (such a run takes a few seconds).
+SHARED_RUN_DEADLINE = 30.0
 #: The random rounds: sequences (each on its own database), and the kills in each.
 SEQUENCES = 10
 KILLS_PER_SEQUENCE = 6
@@ -139,13 +176,13 @@ class Direct:
 
 
 class Zygote(ProcessProtocol):
-    """The fork server of ``crash_child.py --zygote``: one run at a time."""
+    """The fork server of ``crash_child.py --zygote``: any number of runs at once."""
 
     def __init__(self) -> None:
         self._buffer = b""
         self.stderr = b""
-        self._pid: Deferred[int] | None = None
-        self._exit: Deferred[int] | None = None
+        self._pids: list[Deferred[int]] = []
+        self._exits: dict[int, Deferred[int]] = {}
         self.ended: Deferred[None] = Deferred()
 
     @classmethod
@@ -161,21 +198,22 @@ class Zygote(ProcessProtocol):
         while b"\n" in self._buffer:
             line, self._buffer = self._buffer.split(b"\n", 1)
             words = line.split()
-            if words[:1] == [b"pid"] and self._pid is not None:
-                d, self._pid = self._pid, None
-                d.callback(int(words[1]))
-            elif words[:1] == [b"exit"] and self._exit is not None:
-                e, self._exit = self._exit, None
-                e.callback(int(words[2]))
+            if words[:1] == [b"pid"] and self._pids:
+                pid = int(words[1])
+                # Registered before the start returns, so that no exit line can come first.
+                self._exits[pid] = Deferred()
+                self._pids.pop(0).callback(pid)
+            elif words[:1] == [b"exit"] and int(words[1]) in self._exits:
+                self._exits.pop(int(words[1])).callback(int(words[2]))
 
     def errReceived(self, data: bytes) -> None:
         self.stderr += data
 
     def processEnded(self, reason: Failure) -> None:
-        for d in (self._pid, self._exit):
-            if d is not None:
-                d.errback(RuntimeError(f"the zygote died: {self.stderr.decode()[-2000:]}"))
-        self._pid = self._exit = None
+        waiting = self._pids + list(self._exits.values())
+        self._pids, self._exits = [], {}
+        for d in waiting:
+            d.errback(RuntimeError(f"the zygote died: {self.stderr.decode()[-2000:]}"))
         if reason.check(ProcessDone):
             self.ended.callback(None)
         else:
@@ -183,16 +221,15 @@ class Zygote(ProcessProtocol):
 
     async def start(self, config: dict[str, Any]) -> tuple[int, Deferred[int]]:
         """Start a run; return its pid, and a Deferred firing with its wait status."""
-        assert self._pid is None and self._exit is None, "one run at a time"
         pid: Deferred[int] = Deferred()
-        ended: Deferred[int] = Deferred()
-        self._pid, self._exit = pid, ended
+        self._pids.append(pid)
         assert self.transport is not None
         self.transport.write(json.dumps(config).encode() + b"\n")
-        return await pid, ended
+        number = await pid
+        return number, self._exits[number]
 
     def close(self) -> Deferred[None]:
-        """Let the zygote finish its run and exit; kill it if it takes longer than a run may."""
+        """Let the zygote finish its runs and exit; kill it if it takes longer than a run may."""
         transport = self.transport
         assert transport is not None
         transport.closeStdin()
@@ -218,10 +255,28 @@ def zygotes() -> Iterator[list[Zygote]]:
 # -- the receivers ---------------------------------------------------------------------------
 
 
+def refuses(target_id: str, body: bytes) -> bool:
+    """Whether ``target_id`` refuses a transaction with this body (the same answer every time)."""
+    digest = hashlib.sha256(target_id.encode() + b"\0" + body).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < REFUSE_PERCENT.get(target_id, 0)
+
+
+@attrs.frozen
+class Refusal:
+    """A transaction a target answered with HTTP 400."""
+
+    at: float
+    txn_id: int
+    numbers: tuple[int, ...]
+
+
 class Recorder(Resource):
     """
     One target: a :class:`Receiver`, plus a ledger of every request's body digest by
     transaction id (failed attempts included), and a hook called when a transaction is accepted.
+
+    ``d0`` answers 400 to the bodies :func:`refuses` picks, and to the first body it is sent,
+    every time; ``b0`` answers 400 to those the first time only, so that a woken target goes on.
     """
 
     isLeaf = True
@@ -233,26 +288,49 @@ class Recorder(Resource):
         self.ledger: dict[int, bytes] = {}
         self.violations: list[str] = []
         self.on_accept: Callable[[], None] | None = None
+        self.refusals: list[Refusal] = []
+        #: When each accepted transaction was first accepted, in order.
+        self.accepted_at: list[float] = []
+        self._verdicts: dict[bytes, bool] = {}
+
+    def _refuse(self, digest: bytes, body: bytes) -> bool:
+        if self.target_id not in REFUSE_PERCENT:
+            return False
+        verdict = self._verdicts.get(digest)
+        if verdict is None:
+            verdict = not self._verdicts or refuses(self.target_id, body)
+            self._verdicts[digest] = verdict
+            return verdict
+        # The dead-letter target refuses a body every time; the BLOCK target only at first.
+        return verdict and self.target_id == DEAD_LETTER
 
     def render_PUT(self, request: Request) -> bytes | int:
         assert request.content is not None
         body = request.content.read()
         request.content.seek(0)
         path = request.postpath or []
+        digest = hashlib.sha256(body).digest()
         if path and path[-1].isdigit():
             txn_id = int(path[-1])
-            digest = hashlib.sha256(body).digest()
             seen = self.ledger.setdefault(txn_id, digest)
             if seen != digest:
                 self.violations.append(
                     f"{self.target_id}: transaction {txn_id} was sent with different bytes"
                 )
+            if self._refuse(digest, body):
+                numbers = tuple(e["n"] for e in json.loads(body)["events"])
+                self.refusals.append(Refusal(time.monotonic(), txn_id, numbers))
+                request.setResponseCode(400)
+                request.setHeader(b"content-type", b"application/json")
+                return b'{"errcode": "M_BAD_JSON", "error": "refused by the test"}'
         before = len(self.receiver.transactions)
         answer = self.receiver.render_PUT(request)
-        if len(self.receiver.transactions) > before and self.on_accept is not None:
-            # Before the answer goes out: the target has the transaction, the sender never
-            # learns it.
-            self.on_accept()
+        if len(self.receiver.transactions) > before:
+            self.accepted_at.append(time.monotonic())
+            if self.on_accept is not None:
+                # Before the answer goes out: the target has the transaction, the sender never
+                # learns it.
+                self.on_accept()
         return answer
 
 
@@ -261,31 +339,76 @@ class _QuietSite(Site):
         pass
 
 
+def postgres_engine(url: str) -> sa.Engine:
+    return sa.create_engine(
+        sa.make_url(url).set(drivername="postgresql+psycopg"), poolclass=sa.pool.NullPool
+    )
+
+
+@attrs.define
+class Acks:
+    """The acknowledgement file: acknowledged events, and replays, in the order they happened."""
+
+    #: Per target: (line number, n) of each acknowledged event.
+    events: dict[str, list[tuple[int, int]]]
+    #: Per target: (line number, monotonic time) of each replay.
+    replays: dict[str, list[tuple[int, float]]]
+
+    @classmethod
+    def read(cls, path: Path) -> Acks:
+        events: dict[str, list[tuple[int, int]]] = {t: [] for t in TARGETS}
+        replays: dict[str, list[tuple[int, float]]] = {t: [] for t in TARGETS}
+        if path.exists():
+            for i, line in enumerate(path.read_text().splitlines()):
+                words = line.split()
+                if words[0] == "replay":
+                    replays[words[1]].append((i, float(words[2])))
+                else:
+                    events[words[0]].append((i, int(words[1])))
+        return cls(events, replays)
+
+
 @attrs.define
 class Sequence:
-    """Runs of the child on one database, until it drains; and what they did."""
+    """
+    Runs of the child on one database, until it drains; and what they did.
+
+    On SQLite one run goes at a time; on PostgreSQL (``url`` given) the runs of the nodes go on
+    at the same time, sharing the targets through leases.
+    """
 
     folder: Path
     name: str
     seed: int
     recorders: dict[str, Recorder]
     port: IListeningPort
+    url: str | None = None
     planned: dict[str, set[int]] = attrs.field(factory=dict)
     runs: list[RunResult] = attrs.field(factory=list)
     kills: list[Any] = attrs.field(factory=list)
+    launched: int = 0
 
     @classmethod
-    def make(cls, folder: Path, name: str, seed: int) -> Sequence:
+    def make(cls, folder: Path, name: str, seed: int, url: str | None = None) -> Sequence:
         root = Resource()
         recorders = {}
         for t in TARGETS:
-            recorder = Recorder(t, Receiver(f"token-{t}", order_key="n"))
+            # Replayed events come after later ones, and the runs of several processes
+            # interleave: the check looks at those orders itself.
+            order = "n" if url is None and t != DEAD_LETTER else None
+            recorder = Recorder(t, Receiver(f"token-{t}", order_key=order))
             recorders[t] = recorder
             root.putChild(t.encode(), recorder)
         site = _QuietSite(root)
         site.noisy = False
         port = reactor_().listenTCP(0, site, interface="127.0.0.1")
-        return cls(folder, name, seed, recorders, port, {t: set() for t in TARGETS})
+        if url is not None:
+            # Once, ahead of the processes, as an operator would.
+            engine = postgres_engine(url)
+            with engine.begin() as conn:
+                schema.upgrade(conn)
+            engine.dispose()
+        return cls(folder, name, seed, recorders, port, url, {t: set() for t in TARGETS})
 
     @property
     def db(self) -> Path:
@@ -294,10 +417,6 @@ class Sequence:
     @property
     def acks(self) -> Path:
         return self.folder / f"{self.name}.acks"
-
-    @property
-    def log(self) -> Path:
-        return self.folder / f"{self.name}.log"
 
     def script_receivers(self, rng: random.Random) -> None:
         """Make this run meet the DOWN paths: failures, a lost answer and 413s."""
@@ -308,13 +427,18 @@ class Sequence:
         r["t3"].limit_body(400)
 
     async def run(
-        self, launcher: Launcher, kill: dict[str, Any] | None, events: int = EVENTS_PER_RUN
+        self,
+        launcher: Launcher,
+        kill: dict[str, Any] | None,
+        events: int = EVENTS_PER_RUN,
+        node: str | None = None,
     ) -> RunResult:
         """
         One run of the child, with ``kill`` (a child kill spec, a receiver kill, or None),
-        submitting ``events`` new events to each target.
+        submitting ``events`` new events to each target; on PostgreSQL, as ``node``.
         """
-        index = len(self.runs)
+        index = self.launched
+        self.launched += 1
         rng = random.Random(f"{self.seed}/{index}")
         first = index * 1000
         for t in TARGETS:
@@ -322,24 +446,39 @@ class Sequence:
         self.script_receivers(rng)
         port = self.port.getHost().port  # type: ignore[attr-defined]
         child_kill = kill if kill is not None and "receiver" not in kill else None
-        config = {
+        targets: list[dict[str, Any]] = [
+            {"id": t, "base_url": f"http://127.0.0.1:{port}/{t}", "token": f"token-{t}"}
+            for t in TARGETS
+        ]
+        for t in targets:
+            if t["id"] == DEAD_LETTER:
+                t["replay"] = True
+            elif t["id"] == BLOCK:
+                t["policy"] = "block"
+        config: dict[str, Any] = {
             "db": str(self.db),
-            "targets": [
-                {"id": t, "base_url": f"http://127.0.0.1:{port}/{t}", "token": f"token-{t}"}
-                for t in TARGETS
-            ],
+            "targets": targets,
             "max_events": MAX_EVENTS,
             "backoff": BACKOFF,
             "first": first,
             "events": events,
             "chunk": CHUNK,
+            "run": index,
             "acks": str(self.acks),
             "seed": rng.random(),
-            "log": str(self.log),
+            "log": str(self.run_log(index)),
             "kill": child_kill,
         }
-        with open(self.log, "a") as f:
-            f.write(f"\n==== run {index}: kill {kill!r}\n")
+        if self.url is not None:
+            config.update(
+                store="postgres",
+                db=self.url,
+                leases=dict(LEASES, node_id=f"{node}{index}"),
+                request_timeout=SHARED_REQUEST_TIMEOUT,
+                poll=0.05,
+            )
+        with open(self.run_log(index), "a") as f:
+            f.write(f"\n==== run {index} of {self.name} (node {node}): kill {kill!r}\n")
         pid, ended = await launcher.start(config)
         accepted = [0]
         if kill is not None and "receiver" in kill:
@@ -357,21 +496,25 @@ class Sequence:
             hung.append(True)
             os.kill(pid, signal.SIGKILL)
 
-        timer = reactor_().callLater(RUN_DEADLINE, watchdog)
+        deadline = RUN_DEADLINE if self.url is None else SHARED_RUN_DEADLINE
+        timer = reactor_().callLater(deadline, watchdog)
         try:
             status = await ended
         finally:
             if timer.active():
                 timer.cancel()
-            for recorder in self.recorders.values():
-                recorder.on_accept = None
+            if kill is not None and "receiver" in kill:
+                for recorder in self.recorders.values():
+                    recorder.on_accept = None
         result = RunResult(status, hung=bool(hung))
         self.runs.append(result)
         if result.killed and not result.hung:
             self.kills.append(kill)
-        assert not result.hung, f"run {index} of {self.name} hung\n{self.log_tail()}"
+        assert not result.hung, (
+            f"run {index} of {self.name} hung; the store: {self.snapshot()}\n{self.log_tail(index)}"
+        )
         assert result.killed or result.code == 0, (
-            f"run {index} of {self.name} failed: {result}\n{self.log_tail()}"
+            f"run {index} of {self.name} failed: {result}\n{self.log_tail(index)}"
         )
         return result
 
@@ -384,55 +527,143 @@ class Sequence:
         result = await self.run(launcher, None, events=0)
         assert result.code == 0, f"{self.name}: the clean run ended with {result}"
 
-    def log_tail(self, lines: int = 60) -> str:
+    async def shared(self, launcher: Launcher, kills: dict[str, list[dict[str, Any]]]) -> None:
+        """
+        Run every node at once; start again each one that is killed (taking its next kill from
+        ``kills``, or none), until each has had a run that drained the store and exited with 0.
+        """
+
+        async def node(name: str) -> None:
+            left = list(kills.get(name, []))
+            events = SHARED_EVENTS
+            while True:
+                result = await self.run(launcher, left.pop(0) if left else None, events, name)
+                if result.code == 0:
+                    return
+                assert len(self.runs) < MAX_RUNS_PER_SEQUENCE, f"{self.name}: too many runs"
+                events = RESTART_EVENTS
+
+        await gather([Deferred.fromCoroutine(node(n)) for n in NODES])
+
+    def run_log(self, index: int) -> Path:
+        return self.folder / f"{self.name}.run{index}.log"
+
+    def log_tail(self, index: int | None = None, lines: int = 60) -> str:
+        """The end of a run's log (the last run's by default)."""
         try:
-            text = self.log.read_text(errors="replace")
+            path = self.run_log(self.launched - 1 if index is None else index)
+            text = path.read_text(errors="replace")
         except FileNotFoundError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
+    def snapshot(self) -> dict[str, Any]:
+        """The targets' states, queues and leases in the store, to show why a run hung."""
+        leases = []
+        if self.url is not None:
+            leases = self.query("SELECT target_id, owner, expires_at FROM relayer_leases")
+        return {
+            "states": self.states(),
+            "queue": self.query("SELECT target_id, count(*) FROM relayer_queue GROUP BY target_id"),
+            "transactions": self.query(
+                "SELECT target_id, count(*) FROM relayer_transactions GROUP BY target_id"
+            ),
+            "leases": leases,
+            "now": time.time(),
+        }
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of a query on the store (once no run goes on)."""
+        if self.url is None:
+            with sqlite3.connect(self.db) as conn:
+                rows = conn.execute(sql).fetchall()
+            conn.close()
+            return rows
+        engine = postgres_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(sa.text(sql)).all()]
+        finally:
+            engine.dispose()
+
     def states(self) -> dict[str, str]:
         """The targets' states in the store."""
-        with sqlite3.connect(self.db) as conn:
-            rows = conn.execute("SELECT target_id, state FROM relayer_targets").fetchall()
-        conn.close()
-        return dict(rows)
+        return {t: state for t, state in self.query("SELECT target_id, state FROM relayer_targets")}
 
     def acknowledged(self) -> dict[str, list[int]]:
-        acked: dict[str, list[int]] = {t: [] for t in TARGETS}
-        if self.acks.exists():
-            for line in self.acks.read_text().splitlines():
-                t, n = line.split()
-                acked[t].append(int(n))
-        return acked
+        return {t: [n for _, n in a] for t, a in Acks.read(self.acks).events.items()}
 
     def check(self) -> None:
         """Every invariant, once the store is drained."""
-        acked = self.acknowledged()
+        acks = Acks.read(self.acks)
+        acked = {t: {n for _, n in a} for t, a in acks.events.items()}
         problems: list[str] = []
+        dead: dict[str, list[int]] = {t: [] for t in TARGETS}
+        for target_id, body in self.query("SELECT target_id, body FROM relayer_dead_letters"):
+            dead[target_id] += [e["n"] for e in json.loads(bytes(body))["events"]]
         for t in TARGETS:
             recorder = self.recorders[t]
             receiver = recorder.receiver
             problems += [f"{t}: {v}" for v in receiver.violations]
             problems += recorder.violations
-            delivered = [e["n"] for e in receiver.events]
-            if delivered != sorted(set(delivered)):
-                problems.append(f"{t}: events duplicated or out of order: {delivered}")
-            unexpected = set(delivered) - self.planned[t]
+            # Where each event arrived (its index among the target's events), and in which
+            # transaction; and which events were refused, when last.
+            arrived: dict[int, int] = {}
+            txn_of: dict[int, int] = {}
+            when: dict[int, float] = {}
+            i = 0
+            for txn, at in zip(receiver.transactions, recorder.accepted_at, strict=True):
+                for e in txn.events:
+                    n = e["n"]
+                    if n in txn_of and txn_of[n] != txn.txn_id:
+                        problems.append(
+                            f"{t}: event {n} arrived in transactions {txn_of[n]} and {txn.txn_id}"
+                        )
+                    txn_of.setdefault(n, txn.txn_id)
+                    arrived.setdefault(n, i)
+                    when.setdefault(n, at)
+                    i += 1
+            refused: dict[int, list[float]] = {}
+            for refusal in recorder.refusals:
+                for n in refusal.numbers:
+                    refused.setdefault(n, []).append(refusal.at)
+            delivered = set(arrived)
+            unexpected = delivered - self.planned[t]
             if unexpected:
                 problems.append(f"{t}: events never submitted arrived: {sorted(unexpected)}")
-            lost = set(acked[t]) - set(delivered)
+            lost = acked[t] - delivered - set(dead[t])
             if lost:
                 problems.append(f"{t}: acknowledged events were lost: {sorted(lost)}")
+            both = delivered & set(dead[t])
+            if both:
+                problems.append(f"{t}: events delivered and dead-lettered: {sorted(both)}")
+            if len(dead[t]) != len(set(dead[t])):
+                problems.append(f"{t}: events dead-lettered twice: {sorted(dead[t])}")
+            if dead[t] and t != DEAD_LETTER:
+                problems.append(f"{t}: {len(dead[t])} events were dead-lettered")
+            if set(dead[t]) - set(refused):
+                problems.append(
+                    f"{t}: events dead-lettered unrefused: {set(dead[t]) - set(refused)}"
+                )
+            # Events delivered without a refusal: in submit order (of their run, if the runs of
+            # several processes went on at once).
+            streams: dict[int, list[int]] = {}
+            for txn in receiver.transactions:
+                for e in txn.events:
+                    if e["n"] not in refused:
+                        streams.setdefault(0 if self.url is None else e["r"], []).append(e["n"])
+            for stream in streams.values():
+                if stream != sorted(set(stream)):
+                    problems.append(f"{t}: events duplicated or out of order: {stream}")
+            if t == DEAD_LETTER:
+                problems += self._check_replays(t, acks, arrived, when, refused)
             ids = [x.txn_id for x in receiver.transactions]
             if ids != sorted(set(ids)):
                 problems.append(f"{t}: transaction ids did not only grow: {ids}")
-        with sqlite3.connect(self.db) as conn:
-            for table in ("relayer_queue", "relayer_transactions", "relayer_dead_letters"):
-                (rows,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
-                if rows:
-                    problems.append(f"{rows} rows are left in {table}")
-        conn.close()
+        for table in ("relayer_queue", "relayer_transactions"):
+            ((rows,),) = self.query(f"SELECT count(*) FROM {table}")
+            if rows:
+                problems.append(f"{rows} rows are left in {table}")
         assert not problems, f"{self.name} (seed {self.seed}):\n" + "\n".join(problems[:20])
         # The check had something to check: acknowledged events were delivered, and the runs met
         # the failure paths they were scripted to meet.
@@ -441,11 +672,61 @@ class Sequence:
         assert r["t0"].failed > 0
         assert r["t2"].lost > 0 and r["t2"].duplicates > 0
         assert r["t3"].too_large > 0
+        assert self.recorders[DEAD_LETTER].refusals and self.recorders[BLOCK].refusals
+        assert acks.replays[DEAD_LETTER]
+
+    def _check_replays(
+        self,
+        t: str,
+        acks: Acks,
+        arrived: dict[int, int],
+        when: dict[int, float],
+        refused: dict[int, list[float]],
+    ) -> list[str]:
+        """
+        A refused event that was delivered came after a replay that followed its refusal, and
+        after each event acknowledged before that replay (and not refused itself).
+        """
+        problems = []
+        replays = acks.replays[t]
+        # For each replay, the latest arrival of an unrefused event acknowledged before it.
+        latest = []
+        for line, _ in replays:
+            before = [
+                arrived[n]
+                for i, n in acks.events[t]
+                if i < line and n in arrived and n not in refused
+            ]
+            latest.append(max(before, default=-1))
+        for n, i in arrived.items():
+            if n not in refused:
+                continue
+            last = max((at for at in refused[n] if at < when[n]), default=None)
+            if last is None:
+                problems.append(f"{t}: event {n} was delivered before it was refused")
+                continue
+            after = [k for k, (_, at) in enumerate(replays) if at > last]
+            if not after:
+                problems.append(f"{t}: event {n} was delivered after its refusal, unreplayed")
+            elif latest[after[0]] > i:
+                problems.append(
+                    f"{t}: replayed event {n} arrived before events acknowledged before the replay"
+                )
+        return problems
 
     async def close(self) -> None:
         stopped = self.port.stopListening()
         if stopped is not None:
             await stopped
+
+
+async def gather(ds: list[Deferred[Any]]) -> list[Any]:
+    """Wait for all of ``ds``, even if one fails (so that no run goes on after the test)."""
+    results = await DeferredList(ds, consumeErrors=True)
+    for ok, result in results:
+        if not ok:
+            cast(Failure, result).raiseException()
+    return [result for _, result in results]
 
 
 # -- deterministic kills ---------------------------------------------------------------------
@@ -460,12 +741,27 @@ DETERMINISTIC = {
     "up.transition": 1,
     RECEIVER_KILL: 5,
 }
+#: The same for the processes sharing PostgreSQL: the first process is killed at the first pass
+#: given, and after its restart (which has less to do) at the second. A process takes leases at
+#: its start; a restarted one takes those of the processes that died or gave them up, and "c"
+#: dies too in the "lease.acquired" test, so that the others take its targets over.
+SHARED = {
+    "submit.stored": (3, 2),
+    "txn.stored": (8, 2),
+    "send.started": (8, 2),
+    "send.accepted": (8, 2),
+    "backoff.write": (1, 1),
+    "up.transition": (1, 1),
+    "lease.acquired": (1, 1),
+}
 
 
 def test_every_point_is_covered() -> None:
-    assert set(DETERMINISTIC) == set(POINTS) | {RECEIVER_KILL}
+    assert set(DETERMINISTIC) == set(SQLITE_POINTS) | {RECEIVER_KILL}
+    assert set(SHARED) == set(POINTS)
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("point", sorted(DETERMINISTIC))
 @pytest_twisted.ensureDeferred
 async def test_kill_at_point_loses_nothing(
@@ -490,6 +786,7 @@ async def test_kill_at_point_loses_nothing(
         await seq.close()
 
 
+@pytest.mark.sqlite_only
 @pytest_twisted.ensureDeferred
 async def test_kill_and_restart_as_new_processes(tmp_path: Path) -> None:
     """The same without the fork server: each run is a new interpreter."""
@@ -503,23 +800,50 @@ async def test_kill_and_restart_as_new_processes(tmp_path: Path) -> None:
         await seq.close()
 
 
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("point", sorted(SHARED))
+@pytest_twisted.ensureDeferred
+async def test_shared_kill_at_point_loses_nothing(
+    point: str, zygotes: list[Zygote], db_path: str, tmp_path: Path
+) -> None:
+    """
+    Three processes share the targets; the first is killed at the point, and once more after
+    its restart, while the others take its targets over.
+    """
+    name = "shared_" + point.replace(".", "_")
+    seq = Sequence.make(tmp_path, name, seed=sorted(SHARED).index(point), url=str(db_path))
+    try:
+        plan = {"a": [{"point": point, "at": at} for at in SHARED[point]]}
+        if point == "lease.acquired":
+            plan["c"] = [{"after": 1.0}]
+        await seq.shared(zygotes[0], plan)
+        killed = [k for k in seq.kills if k.get("point") == point]
+        assert len(killed) == 2, f"not killed twice at {point}: {seq.runs}\n{seq.log_tail()}"
+        seq.check()
+    finally:
+        await seq.close()
+
+
 # -- random kills ----------------------------------------------------------------------------
 
 
-def random_kill(rng: random.Random) -> dict[str, Any]:
+def random_kill(rng: random.Random, shared: bool = False) -> dict[str, Any]:
     """A kill at a random moment of a run: by checkpoint count, by delay, or by the receiver."""
-    kind = rng.choice(("any", "named", "delay", "receiver"))
+    kind = rng.choice(
+        ("any", "named", "delay") if shared else ("any", "named", "delay", "receiver")
+    )
     if kind == "any":
         return {"point": "*", "at": rng.randint(1, 150)}
     if kind == "named":
-        point = rng.choice(POINTS)
+        point = rng.choice(POINTS if shared else SQLITE_POINTS)
         high = {"submit.stored": 10, "backoff.write": 4, "up.transition": 3}.get(point, 45)
-        return {"point": point, "at": rng.randint(1, high)}
+        return {"point": point, "at": rng.randint(1, 3 if point == "lease.acquired" else high)}
     if kind == "delay":
-        return {"after": round(rng.uniform(0.0, 0.5), 3)}
+        return {"after": round(rng.uniform(0.0, 2.0 if shared else 0.5), 3)}
     return {"receiver": rng.randint(1, 40)}
 
 
+@pytest.mark.sqlite_only
 @pytest_twisted.ensureDeferred
 async def test_random_kills_lose_nothing(zygotes: list[Zygote], tmp_path: Path) -> None:
     master = random.Random(SEED)
@@ -540,15 +864,10 @@ async def test_random_kills_lose_nothing(zygotes: list[Zygote], tmp_path: Path) 
     async def lane(zygote: Launcher, lane_seeds: list[int]) -> list[Sequence]:
         return [await sequence(zygote, seed) for seed in lane_seeds]
 
-    lanes = [
-        Deferred.fromCoroutine(lane(z, seeds[i :: len(zygotes)])) for i, z in enumerate(zygotes)
-    ]
-    # Wait for both lanes, even if one fails, so that no run goes on after the test.
-    results = await DeferredList(lanes, consumeErrors=True)
-    for ok, lane_result in results:
-        if not ok:
-            cast(Failure, lane_result).raiseException()
-    done = [seq for _, lane_result in results for seq in cast(list[Sequence], lane_result)]
+    lanes = await gather(
+        [Deferred.fromCoroutine(lane(z, seeds[i :: len(zygotes)])) for i, z in enumerate(zygotes)]
+    )
+    done = [seq for lane_result in lanes for seq in cast(list[Sequence], lane_result)]
     kills = [k for seq in done for k in seq.kills]
     kinds = {
         ("receiver" if "receiver" in k else "after" if "after" in k else "point") for k in kills
@@ -556,3 +875,31 @@ async def test_random_kills_lose_nothing(zygotes: list[Zygote], tmp_path: Path) 
     print(f"seed {SEED}: {len(kills)} kills in {sum(len(s.runs) for s in done)} runs")
     assert len(kills) >= 50
     assert kinds == {"receiver", "after", "point"}
+
+
+#: The random rounds on PostgreSQL: sequences, and the kills of one process in each.
+SHARED_SEQUENCES = 2
+SHARED_KILLS = 3
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("index", range(SHARED_SEQUENCES))
+@pytest_twisted.ensureDeferred
+async def test_shared_random_kills_lose_nothing(
+    index: int, zygotes: list[Zygote], db_path: str, tmp_path: Path
+) -> None:
+    """Three processes share the targets; random ones are killed at random moments."""
+    master = random.Random(SEED)
+    seed = [master.randrange(2**31) for _ in range(SHARED_SEQUENCES)][index]
+    rng = random.Random(seed)
+    plan: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(SHARED_KILLS):
+        plan.setdefault(rng.choice(NODES), []).append(random_kill(rng, shared=True))
+    seq = Sequence.make(tmp_path, f"shared{seed}", seed, url=str(db_path))
+    try:
+        await seq.shared(zygotes[index % len(zygotes)], plan)
+        seq.check()
+    finally:
+        await seq.close()
+    print(f"seed {SEED}/{seed}: plan {plan}, {len(seq.kills)} kills in {len(seq.runs)} runs")
+    assert seq.kills

@@ -2,9 +2,12 @@
 The child process of the crash tests: a real scheduler that may be killed with SIGKILL.
 
 One *run* starts a :class:`relayer.Scheduler` on the global reactor, with a SQLite file on a
-:class:`relayer.ThreadedDatabasePool` and the HTTP transport, submits events to its targets,
-waits until the store has nothing pending, stops, and exits with 0. It is configured by one JSON
-object (see :func:`run`); if that says so, it kills itself with ``SIGKILL``:
+:class:`relayer.ThreadedDatabasePool` (or a PostgreSQL database, shared through leases with other
+runs going on at the same time) and the HTTP transport, submits events to its targets, waits
+until the store has nothing pending, stops, and exits with 0. While it waits it wakes each
+BLOCKED target it delivers to, once per blockage; at a chosen moment it replays the dead letters
+of the dead-letter targets. It is configured by one JSON object (see :func:`run`); if that says
+so, it kills itself with ``SIGKILL``:
 
 - ``{"point": NAME, "at": N}``: at the Nth pass of the checkpoint NAME (``"*"`` counts every
   checkpoint), through the hook of :mod:`relayer._faults`;
@@ -12,11 +15,13 @@ object (see :func:`run`); if that says so, it kills itself with ``SIGKILL``:
 
 Every event whose submit Deferred fired is appended to the ``acks`` file (``"{target} {n}"`` a
 line) at once, with an unbuffered ``write``: a line in that file means the scheduler acknowledged
-the event. The file survives the process's death: the page cache is the kernel's, and SIGKILL
-does not drop it (only a power loss would, which these tests do not simulate).
+the event. Before each replay it appends ``replay {target} {time.monotonic()}``. The file survives
+the process's death: the page cache is the kernel's, and SIGKILL does not drop it (only a power
+loss would, which these tests do not simulate). Runs that go on at the same time append to the
+same file; each ``write`` of an ``O_APPEND`` file lands whole, in the order of the writes.
 
-Events are ``{"n": N, "t": TARGET, "p": PADDING}``; ``n`` goes from ``first`` to
-``first + events - 1``, in submit order, for every target.
+Events are ``{"n": N, "t": TARGET, "r": RUN, "p": PADDING}``; ``n`` goes from ``first`` to
+``first + events - 1``, in submit order, for every target, and ``r`` is the run's index.
 
 Two ways to start it:
 
@@ -24,8 +29,9 @@ Two ways to start it:
 - ``python crash_child.py --zygote``: a fork server. It imports everything once, then reads one
   config a line on standard input; for each it forks a child that does the run (with its standard
   output and error sent to the config's ``log`` file) and writes ``pid PID`` and, once the child
-  is gone, ``exit PID STATUS`` (the raw wait status) on standard output. No reactor is made
-  before the fork: each child makes its own. This spares each run the second or so of imports.
+  is gone, ``exit PID STATUS`` (the raw wait status) on standard output. Several runs may go on
+  at once; ``pid`` lines come in the order of the configs. No reactor is made before the fork:
+  each child makes its own. This spares each run the second or so of imports.
 """
 
 from __future__ import annotations
@@ -33,17 +39,22 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 
 from relayer import _faults
-from relayer.config import BackoffPolicy, TargetConfig
+from relayer.config import BackoffPolicy, FailurePolicy, TargetConfig
+from relayer.lease import LeaseSettings
 from relayer.scheduler import Scheduler
+from relayer.store.base import IStore, TargetState
+from relayer.store.postgres import PostgresStore
 from relayer.store.sqlite import SQLiteStore
 from relayer.transport.http import HTTPTransport
 
@@ -72,8 +83,14 @@ def install_kill(kill: dict[str, Any] | None) -> None:
     _faults.install(hook)
 
 
-def event(rng: random.Random, target: str, n: int) -> dict[str, Any]:
-    return {"n": n, "t": target, "p": "x" * rng.randrange(0, 60)}
+def event(rng: random.Random, target: str, n: int, run: int) -> dict[str, Any]:
+    return {"n": n, "t": target, "r": run, "p": "x" * rng.randrange(0, 60)}
+
+
+def open_store(reactor: Any, config: dict[str, Any]) -> IStore:
+    if config.get("store", "sqlite") == "postgres":
+        return PostgresStore.open_url(reactor, config["db"], pool_size=2)
+    return SQLiteStore.open_path(reactor, config["db"])
 
 
 async def main(reactor: Any, config: dict[str, Any]) -> int:
@@ -90,37 +107,63 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             t["token"],
             max_events=config["max_events"],
             backoff=backoff,
-            request_timeout=10.0,
+            request_timeout=config.get("request_timeout", 10.0),
+            failure_policy=FailurePolicy(t.get("policy", "dead_letter")),
         )
         for t in config["targets"]
     ]
+    replayed = [t["id"] for t in config["targets"] if t.get("replay")]
     acks = os.open(config["acks"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    store = SQLiteStore.open_path(reactor, config["db"])
+    store = open_store(reactor, config)
     transport = HTTPTransport(reactor)
+    leases = config.get("leases")
     scheduler = Scheduler(
-        reactor, store, transport, targets, random=random.Random(rng.random()).random
+        reactor,
+        store,
+        transport,
+        targets,
+        random=random.Random(rng.random()).random,
+        leases=LeaseSettings(**leases) if leases else None,
     )
 
     def acked(_: object, lines: bytes) -> None:
         os.write(acks, lines)
 
+    async def replay() -> None:
+        for t in replayed:
+            os.write(acks, f"replay {t} {time.monotonic()!r}\n".encode())
+            await scheduler.replay(t)
+
     await scheduler.start()
     first, events, chunk = config["first"], config["events"], config["chunk"]
+    run_index = config.get("run", 0)
     ids = [t.target_id for t in targets]
+    replay_at = first + chunk * config.get("replay_after_chunks", 3)
     for start in range(first, first + events, chunk):
+        if start == replay_at:
+            await replay()
         numbers = range(start, min(start + chunk, first + events))
         pending: list[Deferred[Any]] = []
         if (start // chunk) % 2:
-            pairs = [(t, event(rng, t, n)) for n in numbers for t in ids]
+            pairs = [(t, event(rng, t, n, run_index)) for n in numbers for t in ids]
             lines = "".join(f"{t} {e['n']}\n" for t, e in pairs).encode()
             pending.append(scheduler.submit_many(pairs).addCallback(acked, lines))
         else:
             for n in numbers:
                 for t in ids:
-                    d = scheduler.submit(t, event(rng, t, n))
+                    d = scheduler.submit(t, event(rng, t, n, run_index))
                     pending.append(d.addCallback(acked, f"{t} {n}\n".encode()))
         await DeferredList(pending, fireOnOneErrback=True, consumeErrors=True)
+    if not events:
+        # A run that submits nothing still replays, while the store drains.
+        await replay()
 
+    # Each blockage is woken once, a moment after it is seen: a wake that did not take leaves
+    # the target blocked, and the run hangs (the test's deadline turns that into a failure).
+    # A blockage is told apart from the next one by the target's last success.
+    wake_after = config.get("wake_after", 0.2)
+    blocked_since: dict[str, tuple[Any, float]] = {}
+    woken: dict[str, Any] = {}
     while True:
         statuses = await scheduler.status()
         if all(
@@ -128,7 +171,24 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             for s in statuses
         ):
             break
-        await deferLater(reactor, 0.02, lambda: None)
+        now = reactor.seconds()
+        owned = scheduler.owned_targets
+        for s in statuses:
+            if s.state != TargetState.BLOCKED or s.target_id not in owned:
+                # Blocked again later, or here again after another process had it: a new
+                # blockage.
+                blocked_since.pop(s.target_id, None)
+                woken.pop(s.target_id, None)
+                continue
+            key = s.last_success_at
+            seen = blocked_since.setdefault(s.target_id, (key, now))
+            if seen[0] != key:
+                blocked_since[s.target_id] = seen = (key, now)
+            if now - seen[1] >= wake_after and woken.get(s.target_id, object()) != key:
+                woken[s.target_id] = key
+                print(f"waking {s.target_id}", file=sys.stderr, flush=True)
+                scheduler.wake(s.target_id)
+        await deferLater(reactor, config.get("poll", 0.02), lambda: None)
     await scheduler.stop()
     await transport.close()
     os.close(acks)
@@ -139,11 +199,18 @@ def run(config: dict[str, Any]) -> int:
     """
     Do one run on the global reactor; return the exit status.
 
-    ``config`` holds: ``db`` (the SQLite file), ``targets`` (``id``, ``base_url``, ``token``
-    each), ``max_events``, ``backoff`` (:class:`relayer.BackoffPolicy` arguments), ``first``,
-    ``events`` and ``chunk`` (the events to submit, per target, and how many per target are
-    submitted at once), ``acks`` (the acknowledgement file), ``seed``, ``log`` (relayer's log)
-    and ``kill`` (see the module's docstring; null for none).
+    ``config`` holds: ``store`` (``"sqlite"``, the default, or ``"postgres"``), ``db`` (the
+    SQLite file or the PostgreSQL URL), ``leases`` (:class:`relayer.lease.LeaseSettings`
+    arguments, or null to deliver to every target), ``targets`` (``id``, ``base_url``, ``token``
+    each, and optionally ``policy``, a :class:`relayer.FailurePolicy` value, and ``replay``,
+    true to replay its dead letters), ``max_events``, ``backoff`` (:class:`relayer.BackoffPolicy`
+    arguments), ``request_timeout``, ``first``, ``events`` and ``chunk`` (the events to submit,
+    per target, and how many per target are submitted at once), ``run`` (the run's index),
+    ``replay_after_chunks`` (when to replay: after that many chunks, or at once in a run that
+    submits nothing), ``wake_after`` (how long a target stays BLOCKED before it is woken),
+    ``poll`` (how often the store is checked for pending work), ``acks`` (the acknowledgement
+    file), ``seed``, ``log`` (relayer's log) and ``kill`` (see the module's docstring; null for
+    none).
     """
     from twisted.internet import reactor
     from twisted.logger import (
@@ -193,22 +260,53 @@ def redirect(config: dict[str, Any]) -> None:
 
 
 def zygote() -> int:
-    """Serve runs: fork a child for each config line on standard input."""
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        config = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            code = EXIT_ERROR
-            try:
-                redirect(config)
-                code = run(config)
-            finally:
-                os._exit(code)
-        print(f"pid {pid}", flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(f"exit {pid} {status}", flush=True)
+    """Serve runs: fork a child for each config line on standard input; reap them as they end."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_w)
+    stdin = sys.stdin.fileno()
+    buffer = b""
+    children: set[int] = set()
+    reading = True
+    while reading or children:
+        ready, _, _ = select.select([stdin, wake_r] if reading else [wake_r], [], [])
+        if wake_r in ready:
+            while True:
+                try:
+                    if not os.read(wake_r, 512):
+                        break
+                except BlockingIOError:
+                    break
+        if stdin in ready:
+            data = os.read(stdin, 65536)
+            reading = bool(data)
+            buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if not line.strip():
+                continue
+            config = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                code = EXIT_ERROR
+                try:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    redirect(config)
+                    code = run(config)
+                finally:
+                    os._exit(code)
+            children.add(pid)
+            print(f"pid {pid}", flush=True)
+        for child in list(children):
+            done, status = os.waitpid(child, os.WNOHANG)
+            if done:
+                children.discard(child)
+                print(f"exit {child} {status}", flush=True)
     return 0
 
 
