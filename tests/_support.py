@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 from twisted.internet.task import deferLater
 
+from relayer.testing import FakeTarget, FakeTransport
+from relayer.testing._fakes import _Held
+
 #: How long a real-reactor test waits for something before it fails.
 DEADLINE = 30.0
 
@@ -101,3 +104,30 @@ class GatedStore:
         for _, run in held:
             run()
         return len(held)
+
+
+class RememberingTarget(FakeTarget):
+    """
+    A FakeTarget that answers a transaction it accepted before with 200, whatever it is scripted
+    to answer next, as a receiver that checks transaction ids before content does.
+
+    A transaction is resent after it was accepted when recording its delivery failed (the store
+    was unavailable, or the lease was lost); refusing the resend would make the receiver both
+    accept and refuse the same transaction.
+    """
+
+    def _answer(self, held: _Held) -> None:
+        if not self._refuse and held.txn_id in self._bodies:
+            self.in_flight -= 1
+            held.result.callback(self._accept(held.txn_id, held.body))
+            return
+        super()._answer(held)
+
+
+class RememberingTransport(FakeTransport):
+    """A FakeTransport whose targets are :class:`RememberingTarget` s."""
+
+    def __getitem__(self, target_id: str) -> FakeTarget:
+        if target_id not in self._targets:
+            self._targets[target_id] = RememberingTarget(target_id, self)
+        return self._targets[target_id]
