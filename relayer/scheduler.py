@@ -34,6 +34,7 @@ from relayer.errors import (
     InvalidEvent,
     InvalidTarget,
     NotRunning,
+    StoreError,
     UnknownTarget,
 )
 from relayer.grouper import DEFAULT_STORE_RETRY_TIMEOUT, EventGrouper
@@ -239,14 +240,22 @@ class Scheduler:
         if not wanted:
             return
         records = await self._store.load_targets(wanted)
+        unknown = []
         for target_id in wanted:
             record = records.get(target_id)
-            if record is None or not self._should_deliver(target_id):
+            if record is None:
+                # Its lease was taken before its registration had committed (the lease round
+                # runs on a connection of its own): try again once it has.
+                unknown.append(target_id)
+                continue
+            if not self._should_deliver(target_id):
                 continue
             fence = self._fences.pop(target_id, None)
             self._controller.add(self._configs[target_id], record, fence)
             # It may have events that arrived while another process owned it.
             self._controller.notify([target_id])
+        if unknown:
+            raise StoreError(f"{len(unknown)} targets are not registered in the store yet")
 
     def _should_deliver(self, target_id: str) -> bool:
         """Whether this process should deliver to the target and has not taken charge of it."""

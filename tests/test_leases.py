@@ -211,3 +211,31 @@ def test_lease_timeout_must_outlast_requests(db_path: Path) -> None:
     scheduler.start().addErrback(failures.append)
     assert failures and failures[0].check(ConfigurationError)
     assert "request_timeout" in failures[0].getErrorMessage()
+
+
+def test_a_process_with_no_targets_takes_no_share(db_path: Path) -> None:
+    """A process that only submits (it registers no target) must not halve the others' share."""
+    clock = Clock()
+    transport = FakeTransport(clock)
+    ids = [f"t{i}" for i in range(4)]
+
+    def node(name: str, targets: list[str]) -> Scheduler:
+        scheduler = Scheduler(
+            clock,
+            open_store(clock, db_path),
+            transport,
+            [target(t, request_timeout=1.0) for t in targets],
+            random=lambda: 0.0,
+            leases=LeaseSettings(node_id=name, timeout=TIMEOUT, renew_interval=INTERVAL),
+        )
+        assert scheduler.start().called
+        return scheduler
+
+    a = node("a", ids)
+    submitter = node("submitter", [])
+    for _ in range(40):
+        clock.advance(0.25)
+    assert a.owned_targets == frozenset(ids)
+    assert submitter.owned_targets == frozenset()
+    a.submit_many([(t, {"n": 1}) for t in ids])
+    assert all(transport[t].events == [{"n": 1}] for t in ids)

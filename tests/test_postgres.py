@@ -110,3 +110,83 @@ async def test_the_listener_outlives_an_unexpected_error(
     finally:
         unlisten()
         await store.close()
+
+
+class _ManualPool:
+    """A database pool that runs each job only when the test says which one."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Any] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+    def run(self, f: Any, *args: Any, **kwargs: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((f, args, kwargs, d))
+        return d
+
+    def step(self, index: int = 0) -> None:
+        f, args, kwargs, d = self.jobs.pop(index)
+        try:
+            result = f(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's Deferred
+            d.errback(e)
+            return
+        d.callback(result)
+
+    def drain(self) -> None:
+        while self.jobs:
+            self.step()
+
+
+@pytest.mark.postgres_only
+def test_a_lease_taken_before_its_registration_commits_is_delivered(db_path: str) -> None:
+    """
+    The lease round runs on a connection of its own: it can take a new target's lease, and the
+    takeover can load it, before the registration has committed. The takeover is retried.
+    """
+    from relayer.lease import LeaseSettings
+
+    clock = Clock()
+    pool = _ManualPool()
+    store = PostgresStore.open_url(clock, db_path, pool=pool, pool_size=1)  # type: ignore[arg-type]
+    transport = FakeTransport(clock)
+    scheduler = Scheduler(
+        clock,
+        store,
+        transport,
+        [target("a", request_timeout=1.0)],
+        random=lambda: 0.0,
+        leases=LeaseSettings(node_id="n", timeout=10.0, renew_interval=1.0),
+        # The sweep would find the target too, in time; this is about the takeover itself.
+        sweep_interval=1000.0,
+    )
+    started = scheduler.start()
+    pool.drain()
+    assert started.called
+    scheduler.add_target(target("new", request_timeout=1.0))  # its registration waits
+    clock.advance(1.0)  # the next lease round waits behind it
+    assert len(pool.jobs) == 2
+    pool.step(1)  # the lease round takes the new target's lease...
+    pool.step(1)  # ...and the takeover loads it, before the registration commits
+    pool.drain()
+    assert "new" in scheduler.owned_targets
+    scheduler.submit("new", {"n": 1})
+    pool.drain()
+    for _ in range(5):
+        clock.advance(1.0)
+        pool.drain()
+    assert transport["new"].events == [{"n": 1}]
+    stopping = scheduler.stop()
+    for _ in range(5):
+        pool.drain()
+        clock.advance(1.0)
+    assert stopping.called

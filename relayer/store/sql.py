@@ -820,11 +820,19 @@ class SQLStore:
         until = now + timeout
 
         def round_(conn: sa.Connection) -> LeaseRound:
-            # Heartbeat; forget processes that have been silent for long.
-            conn.execute(
-                self._insert_ignoring_conflicts(_n), [{"node_id": node_id, "expires_at": until}]
-            )
-            conn.execute(sa.update(_n).where(_n.c.node_id == node_id).values(expires_at=until))
+            # Heartbeat; forget processes that have been silent for long. A process with no
+            # targets (one that only submits) takes no share, so it does not count as live:
+            # the others would otherwise give it targets it never delivers to.
+            if ids:
+                conn.execute(
+                    self._insert_ignoring_conflicts(_n),
+                    [{"node_id": node_id, "expires_at": until}],
+                )
+                conn.execute(
+                    sa.update(_n).where(_n.c.node_id == node_id).values(expires_at=until)
+                )
+            else:
+                conn.execute(sa.delete(_n).where(_n.c.node_id == node_id))
             conn.execute(sa.delete(_n).where(_n.c.expires_at < now - 10 * timeout))
             live = conn.execute(
                 sa.select(sa.func.count()).select_from(_n).where(_n.c.expires_at > now)
