@@ -12,6 +12,7 @@ import random as _random
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
@@ -40,6 +41,22 @@ DEFAULT_STOP_TIMEOUT = 10.0
 
 #: What iterates or unpacks, but not as pairs: characters, or a mapping's or a set's keys.
 _NOT_PAIRS = (str, bytes, bytearray, Mapping, Set)
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _receiver_key(config: TargetConfig) -> tuple[str, str, int | None, str, str]:
+    """
+    What identifies the receiver a target sends to: its normalised base URL, and its token.
+
+    The scheme and host are compared without case, a default port equals no port, and a
+    trailing slash is ignored; the path is compared as written.
+    """
+    parts = urlsplit(config.base_url)
+    scheme = parts.scheme.lower()
+    port = parts.port if parts.port is not None else _DEFAULT_PORTS.get(scheme)
+    host = (parts.hostname or "").lower().rstrip(".")
+    return (scheme, host, port, parts.path.rstrip("/"), config.token)
 
 
 @attrs.frozen
@@ -253,12 +270,25 @@ class Scheduler:
 
         Raises:
             InvalidTarget: ``config`` is not a :class:`TargetConfig`.
-            DuplicateTarget: A target with the same id is registered already.
+            DuplicateTarget: A target with the same id is registered already, or one with the
+                same base URL and token: one target is one registration with its receiver,
+                since the receiver tells transactions apart by id alone.
         """
         if not isinstance(config, TargetConfig):
             raise InvalidTarget(f"add_target takes a TargetConfig, not {type(config).__name__}")
         if config.target_id in self._configs:
             raise DuplicateTarget(f"target {config.target_id!r} is registered already")
+        receiver = _receiver_key(config)
+        for other in self._configs.values():
+            if _receiver_key(other) == receiver:
+                # The token is never shown; the URL holds no secret (no query, no credentials).
+                raise DuplicateTarget(
+                    f"target {config.target_id!r} has the same base URL "
+                    f"({config.base_url!r}) and token as target {other.target_id!r}: a receiver "
+                    "tells transactions apart by id alone, and each target numbers its own, so "
+                    "the receiver would drop events as repeats. One target is one "
+                    "registration: send every event for it through one target"
+                )
         self._configs[config.target_id] = config
         if self._lifecycle == _Lifecycle.RUNNING:
             self._track(Deferred.fromCoroutine(self._register([config]))).addErrback(

@@ -170,7 +170,8 @@ async def test_the_token_never_appears(tmp_path: Path, logs: Everything) -> None
     configs.append(
         TargetConfig(
             "blocked",
-            urls["echo400"],
+            # Another registration with the same receiver: one target is one registration.
+            urls["echo400"] + "/blocked",
             TOKEN,
             backoff=FAST,
             failure_policy=FailurePolicy.BLOCK,
@@ -430,7 +431,7 @@ NASTY = [
 def test_event_content_round_trips_byte_exactly(db_path: Path) -> None:
     ids = ["t'; DROP TABLE relayer_targets; --", 'quote"target', "%s?:x"]
     h = build_scheduler(
-        [target(t, base_url="http://h.example", max_events=3) for t in ids],
+        [target(t, base_url=f"http://h.example/{n}", max_events=3) for n, t in enumerate(ids)],
         path=db_path,
     )
     events = {
