@@ -434,7 +434,8 @@ class Scheduler:
 
         Args:
             target_id: A registered target's id.
-            event: A JSON-serialisable value, normally a dict.
+            event: A JSON object, as Matrix events are: a dict whose keys are strings at every
+                depth, with integers within +-(2**53 - 1), Matrix's canonical JSON range.
 
         Returns:
             A Deferred that fires once the event is durably stored.
@@ -442,7 +443,8 @@ class Scheduler:
         Raises:
             NotRunning: The scheduler is not started, or is stopping.
             UnknownTarget: No target has this id.
-            InvalidEvent: The event cannot be encoded as JSON.
+            InvalidEvent: The event is not a dict, cannot be encoded as JSON, has a key that is
+                not a string or an integer out of range; the message says where.
             EventTooLarge: The encoded event exceeds the target's ``max_bytes``.
         """
         self._check_running()
@@ -463,7 +465,8 @@ class Scheduler:
         Raises:
             NotRunning: The scheduler is not started, or is stopping.
             UnknownTarget: A pair names no registered target.
-            InvalidEvent: A pair's event cannot be encoded, a pair is not a pair, or
+            InvalidEvent: A pair's event is refused as :meth:`submit` refuses it, a pair is not
+                a pair, or
                 ``events`` is a string or a mapping (pass a mapping's ``items()``).
             EventTooLarge: A pair's encoded event exceeds its target's ``max_bytes``.
 
