@@ -11,6 +11,7 @@ from relayer.config import BackoffPolicy, FailurePolicy, TargetConfig
 from relayer.controller import TransactionController
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import (
+    Backpressure,
     ConfigurationError,
     DuplicateTarget,
     EventTooLarge,
@@ -35,6 +36,7 @@ from relayer.transport.http import HTTPSendError, HTTPTransport
 
 __all__ = [
     "BackoffPolicy",
+    "Backpressure",
     "ConfigurationError",
     "DatabasePool",
     "DeadLetter",

@@ -23,6 +23,7 @@ from relayer import _encoding
 from relayer.config import TargetConfig, _check_target_id
 from relayer.controller import TargetRuntime, TransactionController
 from relayer.errors import (
+    Backpressure,
     ConfigurationError,
     DuplicateTarget,
     InvalidEvent,
@@ -37,6 +38,8 @@ from relayer.transport.base import ITransport
 
 #: How long :meth:`Scheduler.stop` lets sends in flight finish before it abandons them.
 DEFAULT_STOP_TIMEOUT = 10.0
+#: How many submitted events may wait to be stored, by default, before submits are refused.
+DEFAULT_MAX_WAITING_EVENTS = 100_000
 
 
 #: What iterates or unpacks, but not as pairs: characters, or a mapping's or a set's keys.
@@ -121,6 +124,11 @@ class Scheduler:
         store_retry_timeout: How long storing submitted events is retried while the store is
             unavailable (locked, full, disconnected) before those submits fail. Delivery work
             that fails on the store is retried with backoff for as long as it takes.
+        max_waiting_events: How many submitted events may wait to be stored (while the store
+            is slow or unavailable) before :meth:`submit` and :meth:`submit_many` refuse more
+            at once with :class:`relayer.errors.Backpressure`, rather than hold them in
+            memory. An int >= 1; default 100 000. A single ``submit_many`` larger than this
+            is accepted when nothing else waits.
 
     Example::
 
@@ -144,6 +152,7 @@ class Scheduler:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         store_retry_timeout: float = DEFAULT_STORE_RETRY_TIMEOUT,
         leases: LeaseSettings | None = None,
+        max_waiting_events: int = DEFAULT_MAX_WAITING_EVENTS,
     ) -> None:
         if (
             isinstance(stop_timeout, bool)
@@ -159,6 +168,15 @@ class Scheduler:
             raise ConfigurationError(
                 f"store_retry_timeout must be a number >= 0, not {store_retry_timeout!r}"
             )
+        if (
+            isinstance(max_waiting_events, bool)
+            or not isinstance(max_waiting_events, int)
+            or max_waiting_events < 1
+        ):
+            raise ConfigurationError(
+                f"max_waiting_events must be an int >= 1, not {max_waiting_events!r}"
+            )
+        self._max_waiting = max_waiting_events
         if not callable(random):
             raise ConfigurationError("random must be a callable returning floats in [0, 1)")
         if leases is not None and not isinstance(leases, LeaseSettings):
@@ -446,11 +464,24 @@ class Scheduler:
             InvalidEvent: The event is not a dict, cannot be encoded as JSON, has a key that is
                 not a string or an integer out of range; the message says where.
             EventTooLarge: The encoded event exceeds the target's ``max_bytes``.
+            Backpressure: ``max_waiting_events`` submitted events wait to be stored already;
+                nothing was stored.
         """
         self._check_running()
         config = self._config(target_id)
         data = _encoding.encode_event(event, config.max_bytes)
+        self._check_room(1)
         return self._grouper.add_grouped({target_id: [data]}, 1)
+
+    def _check_room(self, count: int) -> None:
+        """Refuse ``count`` more events if they would take the unstored ones past the bound."""
+        unstored = self._grouper.unstored
+        if unstored and unstored + count > self._max_waiting:
+            raise Backpressure(
+                f"{unstored} submitted events wait to be stored (the store is slow or "
+                f"unavailable), and {count} more would exceed max_waiting_events of "
+                f"{self._max_waiting}; nothing of this submit was stored: submit again later"
+            )
 
     def submit_many(self, events: Iterable[tuple[str, Any]]) -> Deferred[None]:
         """
@@ -469,6 +500,8 @@ class Scheduler:
                 a pair, or
                 ``events`` is a string or a mapping (pass a mapping's ``items()``).
             EventTooLarge: A pair's encoded event exceeds its target's ``max_bytes``.
+            Backpressure: With these events, more than ``max_waiting_events`` submitted events
+                would wait to be stored; none of them was stored.
 
         If any pair is bad, the exception is raised for the first one and nothing is stored.
         """
@@ -513,6 +546,7 @@ class Scheduler:
             count += 1
         if not count:
             return Deferred.fromCoroutine(_nothing())
+        self._check_room(count)
         return self._grouper.add_grouped(per_target, count)
 
     # -- operating ------------------------------------------------------------------------------
