@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayer import _faults
+from relayer._scrub import scrub
 from relayer.config import FailurePolicy, TargetConfig
 from relayer.errors import LeaseLost, StoreUnavailable
 from relayer.recoverer import Recoverer
@@ -360,15 +361,18 @@ class TransactionController:
             t.in_flight = sending
             _faults.checkpoint("send.started")
             try:
-                return await sending
+                outcome = await sending
             finally:
                 t.in_flight = None
+            # A plugin transport's reason is not under our control: keep the token out of it.
+            reason = scrub(outcome.reason, t.config.token)
+            return outcome if reason == outcome.reason else attrs.evolve(outcome, reason=reason)
         except CancelledError:
             if self._stopping or t.removed:
                 return None
             return SendOutcome.retry("the request was cancelled")
         except Exception as e:  # noqa: BLE001 - every send error is a transient failure
-            return SendOutcome.retry(_describe(e))
+            return SendOutcome.retry(_describe(e, t.config))
 
     async def _failed(
         self, t: TargetRuntime, txn: Transaction, outcome: SendOutcome, now: float
@@ -453,8 +457,8 @@ async def _wait_all(loops: list[Deferred[None]]) -> None:
             pass  # the loop's own error handling has logged it
 
 
-def _describe(e: BaseException) -> str:
-    """A short description of a send error, for status and logs."""
+def _describe(e: BaseException, config: TargetConfig) -> str:
+    """A short description of a send error, for status and logs, without the target's token."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     name = type(e).__name__
-    return f"{name}: {text}"[:200] if text else name
+    return scrub(f"{name}: {text}" if text else name, config.token, 200)
