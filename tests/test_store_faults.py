@@ -12,7 +12,14 @@ import pytest
 import sqlalchemy as sa
 from twisted.internet.task import Clock
 
-from relayer import Backpressure, ConfigurationError, Scheduler, SQLiteStore, StoreError, TargetState
+from relayer import (
+    Backpressure,
+    ConfigurationError,
+    Scheduler,
+    SQLiteStore,
+    StoreError,
+    TargetState,
+)
 from relayer.testing import FakeTransport, InlineDatabasePool, open_store, target
 
 
