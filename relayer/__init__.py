@@ -13,6 +13,7 @@ from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import (
     Backpressure,
     ConfigurationError,
+    DatabaseInUse,
     DuplicateTarget,
     EventTooLarge,
     InvalidEvent,
@@ -38,6 +39,7 @@ __all__ = [
     "BackoffPolicy",
     "Backpressure",
     "ConfigurationError",
+    "DatabaseInUse",
     "DatabasePool",
     "DeadLetter",
     "DuplicateTarget",

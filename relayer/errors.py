@@ -71,5 +71,12 @@ class LeaseLost(RelayerError):
     """
 
 
+class DatabaseInUse(StoreError):
+    """
+    Another process uses the database in a way that excludes this one: a scheduler without
+    leases is alone on its database, and schedulers with leases share it only with each other.
+    """
+
+
 class SchemaVersionError(StoreError):
     """The database was written by a newer relayer, whose schema this version cannot read."""

@@ -367,6 +367,8 @@ class Scheduler:
         async def start() -> None:
             try:
                 await self._store.open()
+                # Alone on the database without leases; shared only among those with leases.
+                await self._store.hold_process_lock(self._leases is not None)
                 await self._register(list(self._configs.values()))
                 if self._leases is not None:
                     self._leases.settings.check(c.request_timeout for c in self._configs.values())
