@@ -11,7 +11,9 @@ from relayer.config import BackoffPolicy, FailurePolicy, TargetConfig
 from relayer.controller import TransactionController
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import (
+    Backpressure,
     ConfigurationError,
+    DatabaseInUse,
     DuplicateTarget,
     EventTooLarge,
     InvalidEvent,
@@ -35,7 +37,9 @@ from relayer.transport.http import HTTPSendError, HTTPTransport
 
 __all__ = [
     "BackoffPolicy",
+    "Backpressure",
     "ConfigurationError",
+    "DatabaseInUse",
     "DatabasePool",
     "DeadLetter",
     "DuplicateTarget",

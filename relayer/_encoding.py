@@ -13,6 +13,7 @@ The wire body of a transaction is the JSON document ``{"events":[e1,\\ne2,\\n...
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -92,12 +93,43 @@ def _outcome(encode: Callable[[Any], str], value: Any) -> tuple[Any, str]:
 _encode = _reused_encoder(_encoder)
 
 
+#: The largest integer Matrix's canonical JSON allows, and the smallest is its negation.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+# The gate: a cheap test over an encoded event that finds everything the wire format cannot
+# carry, and more. The encoded bytes are translated so that every digit and every "-" reads
+# "0" and every "{" reads ",", then searched for sixteen "0"s in a row and, with a regex whose
+# literal prefix makes it fast, for a key that starts like one json coerced. It has no false
+# negatives:
+#
+# - An int is encoded as its plain decimal digits (``int.__repr__``, for int subclasses too),
+#   and an int outside +-(2**53 - 1) has at least 16 digits (2**53 is 9007199254740992), so it
+#   reads as sixteen "0"s or more after the translation.
+# - With the separators ``(",", ":")``, every object key is written right after the ``{`` or
+#   the ``,`` before it, as ``"key"``. json writes a key that is not a str as the text of its
+#   JSON value: an int or a float as digits after an optional ``-`` (a NaN or infinite float
+#   key is refused, as allow_nan is False), True, False and None as ``true``, ``false`` and
+#   ``null``. After the translation every such key reads ``,"0``, ``,"true"``, ``,"false"``
+#   or ``,"null"``.
+#
+# The translation only merges characters, so it can add matches but never lose one. A match
+# is not a verdict: digits or dashes inside a string, a float's digits, a key such as "1st" or
+# "true", or ``,"`` inside a string match too. Only on a match is the event walked, and the
+# walk decides. Most events never match, and cost one translation and two searches.
+_GATE_TABLE = bytes(
+    ord("0") if c in b"0123456789-" else ord(",") if c == ord("{") else c for c in range(256)
+)
+_LONG_NUMBER = b"0" * 16
+_COERCED_KEY = re.compile(rb',"(?:0|true"|false"|null")')
+
+
 def encode_event(event: Any, max_bytes: int) -> bytes:
     """
     Encode one event as compact JSON.
 
     Args:
-        event: Any JSON-serialisable value; normally a dict.
+        event: A JSON object: a dict whose keys are all strings, at every depth, and whose
+            integers are within +-(2**53 - 1), as Matrix's canonical JSON requires.
         max_bytes: The target's cap on a transaction's wire size. An event whose transaction,
             holding that event alone, would be larger than this is refused.
 
@@ -105,9 +137,15 @@ def encode_event(event: Any, max_bytes: int) -> bytes:
         The UTF-8 bytes of the encoded event.
 
     Raises:
-        InvalidEvent: The event is not JSON-serialisable.
+        InvalidEvent: The event is not a dict, is not JSON-serialisable, has a key that is not a
+            string, or has an integer out of range; the message says where.
         EventTooLarge: The event alone would exceed ``max_bytes``.
     """
+    if type(event) is not dict and not isinstance(event, dict):
+        raise InvalidEvent(
+            f"an event must be a JSON object (a dict), not {_kind(event)}; "
+            'wrap other values in one, such as {"content": ...}'
+        )
     try:
         text = _encode(event)
         data = text.encode("utf-8")
@@ -127,6 +165,11 @@ def encode_event(event: Any, max_bytes: int) -> bytes:
         raise InvalidEvent(
             f"the event could not be encoded as JSON: {type(e).__name__}: {e}"
         ) from e
+    gated = data.translate(_GATE_TABLE)
+    if _LONG_NUMBER in gated or _COERCED_KEY.search(gated) is not None:
+        problem = _find_problem(event)
+        if problem is not None:
+            raise InvalidEvent(problem)
     size = len(data) + ENVELOPE_BYTES
     if size > max_bytes:
         raise EventTooLarge(
@@ -134,6 +177,48 @@ def encode_event(event: Any, max_bytes: int) -> bytes:
             f"{size} bytes, over the target's max_bytes of {max_bytes}"
         )
     return data
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "None"
+    return type(value).__name__
+
+
+def _find_problem(event: dict[Any, Any]) -> str | None:
+    """
+    What in an encoded event the wire format cannot carry, or None if nothing.
+
+    The walk is iterative, so that an event nested as deeply as the encoder allows is walked
+    too. Paths are written as ``content.items[2].count``.
+    """
+    stack: list[tuple[str, Any]] = [("", event)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            children = []
+            for key, child in value.items():
+                if not isinstance(key, str):
+                    where = f"at {path}" if path else "at the top level"
+                    return (
+                        f"the event has a key that is not a string {where}: {key!r} "
+                        f"({_kind(key)}); JSON object keys are strings, and json would turn it "
+                        "into one, possibly equal to another key"
+                    )
+                children.append((f"{path}.{key}" if path else key, child))
+            stack.extend(reversed(children))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}[{i}]", child) for i, child in reversed(list(enumerate(value))))
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
+        ):
+            return (
+                f"the event's integer at {path} is out of range: Matrix allows integers from "
+                f"-(2**53 - 1) to 2**53 - 1; send a larger number as a string"
+            )
+    return None
 
 
 def transaction_size(event_sizes: Sequence[int]) -> int:

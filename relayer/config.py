@@ -62,8 +62,12 @@ class FailurePolicy(enum.Enum):
     """
     What a target does with a transaction that failed permanently.
 
-    A permanent failure is a 4xx response other than 408, 413 and 429, or a 413 for a
-    transaction that holds a single event.
+    A permanent failure is an answer about the content of a transaction: a 400 or a 422, or a
+    413 for a transaction that holds a single event. Every other failure is retried with
+    backoff: 401 and 403 (a wrong token) and 404 (a wrong base URL) are faults of the target's
+    registration, not of its events, and mark the target DOWN, with ``last_error`` saying what
+    the target answered; so do the other 4xx (405, 409, 410, ...), 408, 429 and 5xx, as
+    Synapse backs off on any answer that is not a 2xx.
     """
 
     #: Move the transaction to the dead letters (kept in the store, listed by

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayer import _faults
+from relayer._scrub import scrub
 from relayer.config import FailurePolicy, TargetConfig, draw
 from relayer.errors import LeaseLost, StoreUnavailable
 from relayer.recoverer import Recoverer
@@ -291,7 +292,13 @@ class TransactionController:
                 # The failure is still stored (it is true), with the retry due now.
                 t.unrecorded = attrs.evolve(pending, next_attempt_at=self._clock.seconds())
             self._kick(t)
-        elif t.recoverer is not None:
+            return
+        if t.state is TargetState.BLOCKED:
+            # Unblocked now, also in what status() shows, even if its resend has to wait (for
+            # a takeover's fence): it is retried like a DOWN target, and blocked again only
+            # if the resend is refused again.
+            self._set_state(t, TargetState.DOWN)
+        if t.recoverer is not None:
             t.recoverer.wake()
         else:
             self._kick(t)
@@ -517,11 +524,14 @@ class TransactionController:
             t.in_flight = sending
             _faults.checkpoint("send.started")
             try:
-                return await sending
+                outcome = await sending
             finally:
                 t.in_flight = None
                 if deadline is not None and deadline.active():
                     deadline.cancel()
+            # A plugin transport's reason is not under our control: keep the token out of it.
+            reason = scrub(outcome.reason, t.config.token)
+            return outcome if reason == outcome.reason else attrs.evolve(outcome, reason=reason)
         except CancelledError:
             if expired:
                 return SendOutcome.retry(f"no response within the request timeout of {timeout:g}s")
@@ -529,7 +539,7 @@ class TransactionController:
                 return None
             return SendOutcome.retry("the request was cancelled")
         except Exception as e:  # noqa: BLE001 - every send error is a transient failure
-            return SendOutcome.retry(_describe(e))
+            return SendOutcome.retry(_describe(e, t.config))
 
     def _failed(
         self, t: TargetRuntime, txn: Transaction, outcome: SendOutcome, now: float
@@ -654,8 +664,8 @@ async def _wait_all(loops: list[Deferred[None]]) -> None:
             pass  # the loop's own error handling has logged it
 
 
-def _describe(e: BaseException) -> str:
-    """A short description of a send error, for status and logs."""
+def _describe(e: BaseException, config: TargetConfig) -> str:
+    """A short description of a send error, for status and logs, without the target's token."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     name = type(e).__name__
-    return f"{name}: {text}"[:200] if text else name
+    return scrub(f"{name}: {text}" if text else name, config.token, 200)

@@ -6,6 +6,10 @@
   file path) or ``postgresql://user:password@host:port/database``.
 - ``relayer db version --database URL``: show the schema version of a database.
 
+The URL may also come from the environment variable ``RELAYER_DATABASE_URL``, which keeps a
+PostgreSQL password out of the process list (where any user can read a command line);
+``--database`` wins when both are given. The password is never printed.
+
 Schedulers upgrade the schema themselves when they start; the command lets an operator do it
 ahead of a deployment, for example before starting several processes at once.
 """
@@ -20,6 +24,9 @@ import sqlalchemy as sa
 
 from relayer.errors import RelayerError
 from relayer.store import schema
+
+#: The environment variable that gives the database URL when ``--database`` is not given.
+DATABASE_ENV = "RELAYER_DATABASE_URL"
 
 
 def engine_for(database: str, create: bool = True) -> sa.Engine:
@@ -64,9 +71,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
             "--database",
-            required=True,
+            default=None,
             metavar="URL",
-            help="sqlite:///path/to/file, a SQLite file path, or postgresql://user@host/db",
+            help=(
+                "sqlite:///path/to/file, a SQLite file path, or postgresql://user@host/db; "
+                f"by default ${DATABASE_ENV}, which keeps a password off the command line"
+            ),
         )
         sub.set_defaults(func=run)
 
@@ -79,9 +89,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a ``relayer db`` command; return the exit status."""
-    where = safe_url(args.database)
+    database = args.database if args.database is not None else os.environ.get(DATABASE_ENV)
+    if not database:
+        print(
+            f"relayer db {args.db_command}: no database given: pass --database URL, or set "
+            f"{DATABASE_ENV} (which keeps a password out of the process list)",
+            file=sys.stderr,
+        )
+        return 2
+    where = safe_url(database)
     try:
-        engine = engine_for(args.database, create=args.db_command == "upgrade")
+        engine = engine_for(database, create=args.db_command == "upgrade")
         try:
             with engine.begin() as conn:
                 if args.db_command == "version":

@@ -56,10 +56,25 @@ class StoreUnavailable(StoreError):
     """
 
 
+class Backpressure(RelayerError):
+    """
+    Too many submitted events wait to be stored, as when the store has been unavailable for a
+    while: the submit is refused at once, and nothing of it is stored. Submit again once the
+    store has caught up; the bound is :class:`relayer.Scheduler`'s ``max_waiting_events``.
+    """
+
+
 class LeaseLost(RelayerError):
     """
     This process no longer owns the target it acted on: its lease expired, or another process
     took it over. Nothing was changed; the new owner carries on.
+    """
+
+
+class DatabaseInUse(StoreError):
+    """
+    Another process uses the database in a way that excludes this one: a scheduler without
+    leases is alone on its database, and schedulers with leases share it only with each other.
     """
 
 

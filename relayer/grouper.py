@@ -126,13 +126,22 @@ class EventGrouper:
         self.retry_timeout = retry_timeout
         self._random = random
         self._queue: list[_Submission] = []
+        # Running totals, so that reading them is O(1) on every submit: the events queued
+        # for a write, and those queued or being written.
+        self._queued = 0
+        self._unstored = 0
         self._busy = False
         self._idle: list[Deferred[None]] = []
 
     @property
     def waiting(self) -> int:
         """How many events wait for a write."""
-        return sum(s.count for s in self._queue)
+        return self._queued
+
+    @property
+    def unstored(self) -> int:
+        """How many events handed over are not stored yet: waiting, or being written."""
+        return self._unstored
 
     def add(self, items: Sequence[tuple[str, bytes]]) -> Deferred[None]:
         """
@@ -165,6 +174,8 @@ class EventGrouper:
         """
         done: Deferred[None] = Deferred()
         self._queue.append(_Submission(per_target, count, done))
+        self._queued += count
+        self._unstored += count
         if not self._busy:
             self._write()
         return done
@@ -186,6 +197,7 @@ class EventGrouper:
             submission = self._queue.pop(0)
             batch.append(submission)
             count += submission.count
+        self._queued -= count
         if len(batch) == 1:
             per_target = batch[0].per_target
         else:
@@ -264,6 +276,7 @@ class EventGrouper:
                         self.log.failure("Handing over stored events failed")
                     return
         finally:
+            self._unstored -= count
             self._busy = False
             if self._queue:
                 self._write()

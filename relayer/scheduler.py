@@ -12,6 +12,7 @@ import random as _random
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
@@ -29,6 +30,7 @@ from relayer.controller import (
     TransactionController,
 )
 from relayer.errors import (
+    Backpressure,
     ConfigurationError,
     DuplicateTarget,
     InvalidEvent,
@@ -45,10 +47,28 @@ from relayer.transport.base import ITransport
 
 #: How long :meth:`Scheduler.stop` lets sends in flight finish before it abandons them.
 DEFAULT_STOP_TIMEOUT = 10.0
+#: How many submitted events may wait to be stored, by default, before submits are refused.
+DEFAULT_MAX_WAITING_EVENTS = 100_000
 
 
 #: What iterates or unpacks, but not as pairs: characters, or a mapping's or a set's keys.
 _NOT_PAIRS = (str, bytes, bytearray, Mapping, Set)
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _receiver_key(config: TargetConfig) -> tuple[str, str, int | None, str, str]:
+    """
+    What identifies the receiver a target sends to: its normalised base URL, and its token.
+
+    The scheme and host are compared without case, a default port equals no port, and a
+    trailing slash is ignored; the path is compared as written.
+    """
+    parts = urlsplit(config.base_url)
+    scheme = parts.scheme.lower()
+    port = parts.port if parts.port is not None else _DEFAULT_PORTS.get(scheme)
+    host = (parts.hostname or "").lower().rstrip(".")
+    return (scheme, host, port, parts.path.rstrip("/"), config.token)
 
 
 @attrs.frozen
@@ -123,6 +143,11 @@ class Scheduler:
         sweep_interval: How often the scheduler sweeps the store for targets with pending work
             that nothing is delivering (a missed notification, a registration that failed on
             the store), in seconds. Default 30. Sweeps of several processes are staggered.
+        max_waiting_events: How many submitted events may wait to be stored (while the store
+            is slow or unavailable) before :meth:`submit` and :meth:`submit_many` refuse more
+            at once with :class:`relayer.errors.Backpressure`, rather than hold them in
+            memory. An int >= 1; default 100 000. A single ``submit_many`` larger than this
+            is accepted when nothing else waits.
 
     Example::
 
@@ -148,11 +173,21 @@ class Scheduler:
         leases: LeaseSettings | None = None,
         recovery_spread: float = DEFAULT_RECOVERY_SPREAD,
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
+        max_waiting_events: int = DEFAULT_MAX_WAITING_EVENTS,
     ) -> None:
         _check_seconds("stop_timeout", stop_timeout)
         _check_seconds("store_retry_timeout", store_retry_timeout)
         _check_seconds("recovery_spread", recovery_spread)
         _check_seconds("sweep_interval", sweep_interval, positive=True)
+        if (
+            isinstance(max_waiting_events, bool)
+            or not isinstance(max_waiting_events, int)
+            or max_waiting_events < 1
+        ):
+            raise ConfigurationError(
+                f"max_waiting_events must be an int >= 1, not {max_waiting_events!r}"
+            )
+        self._max_waiting = max_waiting_events
         if not callable(random):
             raise ConfigurationError("random must be a callable returning floats in [0, 1)")
         if leases is not None and not isinstance(leases, LeaseSettings):
@@ -364,12 +399,25 @@ class Scheduler:
 
         Raises:
             InvalidTarget: ``config`` is not a :class:`TargetConfig`.
-            DuplicateTarget: A target with the same id is registered already.
+            DuplicateTarget: A target with the same id is registered already, or one with the
+                same base URL and token: one target is one registration with its receiver,
+                since the receiver tells transactions apart by id alone.
         """
         if not isinstance(config, TargetConfig):
             raise InvalidTarget(f"add_target takes a TargetConfig, not {type(config).__name__}")
         if config.target_id in self._configs:
             raise DuplicateTarget(f"target {config.target_id!r} is registered already")
+        receiver = _receiver_key(config)
+        for other in self._configs.values():
+            if _receiver_key(other) == receiver:
+                # The token is never shown; the URL holds no secret (no query, no credentials).
+                raise DuplicateTarget(
+                    f"target {config.target_id!r} has the same base URL "
+                    f"({config.base_url!r}) and token as target {other.target_id!r}: a receiver "
+                    "tells transactions apart by id alone, and each target numbers its own, so "
+                    "the receiver would drop events as repeats. One target is one "
+                    "registration: send every event for it through one target"
+                )
         self._configs[config.target_id] = config
         if self._lifecycle == _Lifecycle.RUNNING:
             self._until_done(
@@ -432,6 +480,8 @@ class Scheduler:
                 await self._store.open()
                 if self._leases is not None:
                     self._leases.settings.check(c.request_timeout for c in self._configs.values())
+                # Alone on the database without leases; shared only among those with leases.
+                await self._store.hold_process_lock(self._leases is not None)
                 await self._register(list(self._configs.values()))
                 if self._leases is not None:
                     self._store.lease_owner = self._leases.node_id  # type: ignore[attr-defined]
@@ -543,7 +593,8 @@ class Scheduler:
 
         Args:
             target_id: A registered target's id.
-            event: A JSON-serialisable value, normally a dict.
+            event: A JSON object, as Matrix events are: a dict whose keys are strings at every
+                depth, with integers within +-(2**53 - 1), Matrix's canonical JSON range.
 
         Returns:
             A Deferred that fires once the event is durably stored.
@@ -551,13 +602,27 @@ class Scheduler:
         Raises:
             NotRunning: The scheduler is not started, or is stopping.
             UnknownTarget: No target has this id.
-            InvalidEvent: The event cannot be encoded as JSON.
+            InvalidEvent: The event is not a dict, cannot be encoded as JSON, has a key that is
+                not a string or an integer out of range; the message says where.
             EventTooLarge: The encoded event exceeds the target's ``max_bytes``.
+            Backpressure: ``max_waiting_events`` submitted events wait to be stored already;
+                nothing was stored.
         """
         self._check_running()
         config = self._config(target_id)
         data = _encoding.encode_event(event, config.max_bytes)
+        self._check_room(1)
         return self._grouper.add_grouped({target_id: [data]}, 1)
+
+    def _check_room(self, count: int) -> None:
+        """Refuse ``count`` more events if they would take the unstored ones past the bound."""
+        unstored = self._grouper.unstored
+        if unstored and unstored + count > self._max_waiting:
+            raise Backpressure(
+                f"{unstored} submitted events wait to be stored (the store is slow or "
+                f"unavailable), and {count} more would exceed max_waiting_events of "
+                f"{self._max_waiting}; nothing of this submit was stored: submit again later"
+            )
 
     def submit_many(self, events: Iterable[tuple[str, Any]]) -> Deferred[None]:
         """
@@ -572,9 +637,12 @@ class Scheduler:
         Raises:
             NotRunning: The scheduler is not started, or is stopping.
             UnknownTarget: A pair names no registered target.
-            InvalidEvent: A pair's event cannot be encoded, a pair is not a pair, or
+            InvalidEvent: A pair's event is refused as :meth:`submit` refuses it, a pair is not
+                a pair, or
                 ``events`` is a string or a mapping (pass a mapping's ``items()``).
             EventTooLarge: A pair's encoded event exceeds its target's ``max_bytes``.
+            Backpressure: With these events, more than ``max_waiting_events`` submitted events
+                would wait to be stored; none of them was stored.
 
         If any pair is bad, the exception is raised for the first one and nothing is stored.
         """
@@ -619,6 +687,7 @@ class Scheduler:
             count += 1
         if not count:
             return Deferred.fromCoroutine(_nothing())
+        self._check_room(count)
         return self._grouper.add_grouped(per_target, count)
 
     # -- operating ------------------------------------------------------------------------------

@@ -319,3 +319,52 @@ def test_a_random_that_is_not_callable_raises(sqlite_file: Path) -> None:
     store = SQLiteStore.open_path(clock, sqlite_file, pool=InlineDatabasePool())  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="random"):
         Scheduler(clock, store, FakeTransport(clock), random=0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("http://bridge.example", "http://bridge.example"),
+        ("http://bridge.example", "http://bridge.example/"),
+        ("http://bridge.example", "HTTP://Bridge.EXAMPLE"),
+        ("http://bridge.example", "http://bridge.example:80"),
+        ("https://bridge.example/hooks/", "https://BRIDGE.example:443/hooks"),
+    ],
+)
+def test_two_targets_for_one_receiver_are_refused(h: Harness, first: str, second: str) -> None:
+    token = "a-secret-token-for-both"
+    h.scheduler.add_target(target("one", base_url=first, token=token))
+    before = h.scheduler.targets
+    with pytest.raises(DuplicateTarget) as excinfo:
+        h.scheduler.add_target(target("two", base_url=second, token=token))
+    message = str(excinfo.value)
+    assert "'one'" in message and "'two'" in message and "registration" in message
+    assert token not in message and token not in repr(excinfo.value)
+    assert h.scheduler.targets == before
+    assert "two" not in pending(h)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "token"),
+    [
+        ("http://bridge.example", "https://bridge.example", "same"),
+        ("http://bridge.example", "http://bridge.example:8008", "same"),
+        ("http://bridge.example/a", "http://bridge.example/b", "same"),
+        ("http://bridge.example/A", "http://bridge.example/a", "same"),
+        ("http://bridge.example", "http://bridge.example", "other"),
+    ],
+)
+def test_targets_for_distinct_receivers_are_accepted(
+    h: Harness, first: str, second: str, token: str
+) -> None:
+    h.scheduler.add_target(target("one", base_url=first, token="same"))
+    h.scheduler.add_target(target("two", base_url=second, token=token))
+    assert {"one", "two"} <= set(h.scheduler.targets)
+
+
+def test_two_targets_for_one_receiver_in_the_constructor_are_refused(sqlite_file: Path) -> None:
+    clock = Clock()
+    store = SQLiteStore.open_path(clock, sqlite_file, pool=InlineDatabasePool())  # type: ignore[arg-type]
+    same = {"base_url": "http://bridge.example", "token": "tok"}
+    with pytest.raises(DuplicateTarget):
+        Scheduler(clock, store, FakeTransport(clock), [target("t", **same), target("u", **same)])

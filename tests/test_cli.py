@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from relayer.cli import build_parser, main
+from relayer.store.schema import SCHEMA_VERSION
 from relayer.testing._receiver import verify_delivery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,3 +148,47 @@ def test_demo_times_out_with_status_2() -> None:
     result = run_relayer("demo", "--events", "10", "--outage", "60", "--timeout", "1")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "TIMED OUT" in result.stdout
+
+
+def test_db_takes_the_database_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "relayer.db"
+    monkeypatch.setenv("RELAYER_DATABASE_URL", f"sqlite:///{path}")
+    assert main(["db", "upgrade"]) == 0
+    assert path.exists()
+    assert main(["db", "version"]) == 0
+    assert f"schema version {SCHEMA_VERSION}" in capsys.readouterr().out
+
+
+def test_db_option_wins_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RELAYER_DATABASE_URL", f"sqlite:///{tmp_path / 'not-this.db'}")
+    assert main(["db", "upgrade", "--database", str(tmp_path / "this.db")]) == 0
+    assert (tmp_path / "this.db").exists() and not (tmp_path / "not-this.db").exists()
+
+
+def test_db_without_a_database_says_how_to_give_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("RELAYER_DATABASE_URL", raising=False)
+    assert main(["db", "version"]) == 2
+    err = capsys.readouterr().err
+    assert "--database" in err and "RELAYER_DATABASE_URL" in err
+
+
+@pytest.mark.postgres_only
+def test_db_never_prints_the_password_from_the_environment(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = sa.make_url(db_path).set(password="pg-pass-w0rd")
+    monkeypatch.setenv("RELAYER_DATABASE_URL", url.render_as_string(hide_password=False))
+    assert main(["db", "upgrade"]) == 0
+    assert main(["db", "version"]) == 0
+    bad = url.set(port=1).render_as_string(hide_password=False)  # nothing listens there
+    monkeypatch.setenv("RELAYER_DATABASE_URL", bad)
+    assert main(["db", "version"]) == 1
+    out = capsys.readouterr()
+    assert "pg-pass-w0rd" not in out.out + out.err
+    assert "schema version" in out.out

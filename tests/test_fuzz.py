@@ -330,14 +330,14 @@ def test_values_json_cannot_hold_are_refused_at_the_call(db_path: Path, event: A
 def test_huge_strings(db_path: Path, logged_errors: Errors) -> None:
     h = build_scheduler(["t1"], path=db_path)  # max_bytes: 1 MiB
     with pytest.raises(RelayerError):
-        h.scheduler.submit("t1", "x" * (2 * 1024 * 1024))
+        h.scheduler.submit("t1", {"x": "x" * (2 * 1024 * 1024)})
     with pytest.raises(RelayerError):
         h.scheduler.submit("t1", {"x" * (2 * 1024 * 1024): 1})
     # Just under the cap: accepted and delivered, byte for byte.
     big = "\u00e9" * ((1024 * 1024 - 100) // 2)
-    h.scheduler.submit("t1", big)
-    assert h.transport["t1"].events == [big]
-    assert_healthy(h, {"t1": [big]}, logged_errors)
+    h.scheduler.submit("t1", {"b": big})
+    assert h.transport["t1"].events == [{"b": big}]
+    assert_healthy(h, {"t1": [{"b": big}]}, logged_errors)
 
 
 # -- configuration ---------------------------------------------------------------------------------

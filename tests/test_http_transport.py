@@ -170,9 +170,13 @@ def test_bad_arguments() -> None:
         (204, OutcomeKind.DELIVERED),
         (299, OutcomeKind.DELIVERED),
         (400, OutcomeKind.PERMANENT),
-        (401, OutcomeKind.PERMANENT),
-        (403, OutcomeKind.PERMANENT),
-        (404, OutcomeKind.PERMANENT),
+        (401, OutcomeKind.RETRY),
+        (403, OutcomeKind.RETRY),
+        (404, OutcomeKind.RETRY),
+        (405, OutcomeKind.RETRY),
+        (409, OutcomeKind.RETRY),
+        (410, OutcomeKind.RETRY),
+        (422, OutcomeKind.PERMANENT),
         (408, OutcomeKind.RETRY),
         (413, OutcomeKind.TOO_LARGE),
         (429, OutcomeKind.RETRY),
@@ -187,8 +191,17 @@ def test_bad_arguments() -> None:
 def test_classify_status(status: int, kind: OutcomeKind) -> None:
     outcome = classify_status(status)
     assert outcome.kind is kind
-    assert outcome.reason == f"HTTP {status}"
+    assert outcome.reason.startswith(f"HTTP {status}")
     assert outcome.retry_after is None
+
+
+@pytest.mark.parametrize(
+    ("status", "says"), [(401, "token"), (403, "token"), (404, "base URL")]
+)
+def test_classify_status_names_a_registration_fault(status: int, says: str) -> None:
+    outcome = classify_status(status)
+    assert outcome.kind is OutcomeKind.RETRY
+    assert says in outcome.reason
 
 
 def test_classify_status_retry_after() -> None:
@@ -264,7 +277,8 @@ async def test_connection_is_reused() -> None:
         (200, {}, OutcomeKind.DELIVERED, None),
         (202, {}, OutcomeKind.DELIVERED, None),
         (400, {}, OutcomeKind.PERMANENT, None),
-        (403, {}, OutcomeKind.PERMANENT, None),
+        (403, {}, OutcomeKind.RETRY, None),
+        (422, {}, OutcomeKind.PERMANENT, None),
         (408, {}, OutcomeKind.RETRY, None),
         (413, {}, OutcomeKind.TOO_LARGE, None),
         (429, {"Retry_After": "12"}, OutcomeKind.RETRY, 12.0),
@@ -296,7 +310,7 @@ async def test_failure_reason_has_a_snippet_without_the_token() -> None:
     h = Harness(reactor_(), Scripted(answer(403, error)))
     try:
         outcome = await h.send(h.target(), 1, b'{"events":[]}')
-        assert outcome.kind is OutcomeKind.PERMANENT
+        assert outcome.kind is OutcomeKind.RETRY
         assert "M_FORBIDDEN" in outcome.reason
         assert TOKEN not in outcome.reason
     finally:

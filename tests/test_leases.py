@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from relayer import BackoffPolicy, ConfigurationError, Scheduler, TargetState
 from relayer.lease import LeaseSettings
-from relayer.testing import FakeTransport, open_store, target
+from relayer.testing import FakeTransport, open_store, release_process_lock, target
 
 TIMEOUT = 10.0
 INTERVAL = 2.5
@@ -79,6 +79,7 @@ class Cluster:
     def kill(self, node: Node) -> None:
         """The node's process dies: its clock stops, its requests in flight are dropped."""
         node.alive = False
+        release_process_lock(node.scheduler)
         for t in self.target_ids:
             if t in node.owned:
                 self.transport[t].drop()

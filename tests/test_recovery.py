@@ -234,11 +234,11 @@ def test_4xx_dead_letters_by_default_and_goes_on(db_path: Path) -> None:
 def test_4xx_blocks_the_target_under_the_block_policy(db_path: Path) -> None:
     h = build_scheduler(["target"], path=db_path, failure_policy=FailurePolicy.BLOCK)
     fake = h.transport["target"]
-    fake.fail_with(403)
+    fake.fail_with(422)
     h.scheduler.submit("target", {"n": 1})
     h.scheduler.submit("target", {"n": 2})
     assert status(h).state is TargetState.BLOCKED
-    assert status(h).last_error == "HTTP 403"
+    assert status(h).last_error == "HTTP 422"
     h.clock.advance(10_000)
     assert len(fake.requests) == 1  # no automatic retry
     fake.up()
@@ -247,6 +247,40 @@ def test_4xx_blocks_the_target_under_the_block_policy(db_path: Path) -> None:
     # The blocked transaction was resent unchanged: same id, same bytes.
     assert fake.requests[1] == fake.requests[0]
     assert status(h).state is TargetState.UP
+
+
+@pytest.mark.parametrize(
+    ("status_code", "says"), [(401, "token"), (403, "token"), (404, "base URL"), (409, "409")]
+)
+def test_a_registration_fault_is_retried_not_dead_lettered(
+    db_path: Path, status_code: int, says: str
+) -> None:
+    h = build_scheduler(["target"], path=db_path)
+    fake = h.transport["target"]
+    fake.fail_with(status_code)
+    for n in range(3):
+        h.scheduler.submit("target", {"n": n})
+    s = status(h)
+    assert (s.state, s.dead_letters, s.pending_events) == (TargetState.DOWN, 0, 3)
+    assert s.last_error is not None and s.last_error.startswith(f"HTTP {status_code}")
+    assert says in s.last_error
+    h.clock.advance(2.0)
+    assert len(fake.requests) == 2 and fake.requests[0] == fake.requests[1]
+    fake.up()
+    h.clock.advance(4.0)
+    # Once the registration is fixed, every event goes out, in order, none dead-lettered.
+    assert fake.events == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert status(h).dead_letters == 0
+
+
+def test_422_dead_letters_by_default(db_path: Path) -> None:
+    h = build_scheduler(["target"], path=db_path)
+    fake = h.transport["target"]
+    fake.respond(422)
+    h.scheduler.submit("target", {"n": 1})
+    h.scheduler.submit("target", {"n": 2})
+    assert fake.events == [{"n": 2}]
+    assert [d.reason for d in h.scheduler.dead_letters("target").result] == ["HTTP 422"]
 
 
 @pytest.mark.parametrize("status_code", [408, 429, 500, 502, 503, 504])
@@ -288,7 +322,7 @@ def test_retry_after_is_honoured_within_the_cap(
 def test_a_woken_blocked_target_keeps_draining_across_a_restart(db_path: Path) -> None:
     h = build_scheduler(["target"], path=db_path, failure_policy=FailurePolicy.BLOCK)
     fake = h.transport["target"]
-    fake.respond(403)
+    fake.respond(422)
     for n in range(3):
         h.scheduler.submit("target", {"n": n})
     assert status(h).state is TargetState.BLOCKED

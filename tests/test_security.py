@@ -22,12 +22,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 from _support import DEADLINE, eventually, reactor_
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import provider
+from zope.interface import implementer, provider
 
 import relayer
 from relayer import (
@@ -35,13 +36,15 @@ from relayer import (
     FailurePolicy,
     HTTPTransport,
     InvalidTarget,
+    ITransport,
     Scheduler,
+    SendOutcome,
     SQLiteStore,
     TargetConfig,
     TargetState,
 )
 from relayer._encoding import events_of_body
-from relayer.testing import Receiver, build_scheduler, listen_receiver, target
+from relayer.testing import Receiver, build_scheduler, listen_receiver, open_store, target
 from relayer.transport.http import transaction_url
 
 TOKEN = "s3cr3t-T0KEN-xyz"
@@ -170,7 +173,8 @@ async def test_the_token_never_appears(tmp_path: Path, logs: Everything) -> None
     configs.append(
         TargetConfig(
             "blocked",
-            urls["echo400"],
+            # Another registration with the same receiver: one target is one registration.
+            urls["echo400"] + "/blocked",
             TOKEN,
             backoff=FAST,
             failure_policy=FailurePolicy.BLOCK,
@@ -430,7 +434,7 @@ NASTY = [
 def test_event_content_round_trips_byte_exactly(db_path: Path) -> None:
     ids = ["t'; DROP TABLE relayer_targets; --", 'quote"target', "%s?:x"]
     h = build_scheduler(
-        [target(t, base_url="http://h.example", max_events=3) for t in ids],
+        [target(t, base_url=f"http://h.example/{n}", max_events=3) for n, t in enumerate(ids)],
         path=db_path,
     )
     events = {
@@ -558,3 +562,57 @@ def test_a_postgres_schema_name_is_a_plain_identifier(schema: str) -> None:
             PostgresStore(engine, ThreadedDatabasePool(reactor_()), schema=schema)
     finally:
         engine.dispose()
+
+
+@implementer(ITransport)
+class LeakyTransport:
+    """A plugin transport whose exceptions and reasons repeat the token, as careless ones do."""
+
+    def __init__(self) -> None:
+        self.answers: list[Any] = []
+
+    def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
+        answer = self.answers.pop(0) if self.answers else SendOutcome.delivered()
+        if isinstance(answer, BaseException):
+            return fail(answer)
+        return succeed(answer)
+
+
+@pytest.mark.parametrize("policy", [FailurePolicy.DEAD_LETTER, FailurePolicy.BLOCK])
+def test_a_plugin_transport_cannot_leak_the_token(
+    db_path: Path, logs: Everything, policy: FailurePolicy
+) -> None:
+    clock = Clock()
+    transport = LeakyTransport()
+    store = open_store(clock, db_path)
+    config = TargetConfig("t", "http://t.example", TOKEN, backoff=FAST, failure_policy=policy)
+    scheduler = Scheduler(clock, store, transport, [config], random=lambda: 0.0)
+    assert scheduler.start().called
+    texts: list[str] = []
+
+    def last_error() -> str:
+        d = scheduler.status()
+        assert d.called
+        error = d.result[0].last_error
+        assert error is not None
+        texts.append(error)
+        return error
+
+    transport.answers = [
+        RuntimeError(f"could not authenticate with token {TOKEN}"),
+        SendOutcome.retry(f"the target said: bad token {TOKEN}, try again"),
+        SendOutcome.permanent(f"refused for {TOKEN}" + " padding" * 100),
+    ]
+    assert scheduler.submit("t", {"n": 1}).called
+    assert "could not authenticate" in last_error() and "[REDACTED]" in last_error()
+    clock.advance(0.05)
+    assert "the target said" in last_error() and "[REDACTED]" in last_error()
+    clock.advance(0.1)
+    assert "refused for [REDACTED]" in last_error() and len(last_error()) <= 300
+    dead = scheduler.dead_letters("t")
+    assert dead.called
+    texts += [d.reason for d in dead.result] + [repr(d) for d in dead.result]
+    assert (len(dead.result) == 1) is (policy is FailurePolicy.DEAD_LETTER)
+    assert any("padding" in t for t in logs.texts)  # the log did see the failures
+    assert_no_token(texts)
+    assert_no_token(logs.texts)

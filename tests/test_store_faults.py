@@ -12,7 +12,14 @@ import pytest
 import sqlalchemy as sa
 from twisted.internet.task import Clock
 
-from relayer import Scheduler, SQLiteStore, StoreError, TargetState
+from relayer import (
+    Backpressure,
+    ConfigurationError,
+    Scheduler,
+    SQLiteStore,
+    StoreError,
+    TargetState,
+)
 from relayer.testing import FakeTransport, InlineDatabasePool, open_store, target
 
 
@@ -46,7 +53,7 @@ class Setup:
         return {s.target_id: s for s in d.result}[target_id]
 
 
-def make(path: Path | str, store_retry_timeout: float = 60.0) -> Setup:
+def make(path: Path | str, store_retry_timeout: float = 60.0, **settings: Any) -> Setup:
     clock = Clock()
     if isinstance(path, Path):
         store: Any = SQLiteStore.open_path(
@@ -67,6 +74,7 @@ def make(path: Path | str, store_retry_timeout: float = 60.0) -> Setup:
         [target("target")],
         random=lambda: 0.0,
         store_retry_timeout=store_retry_timeout,
+        **settings,
     )
     assert scheduler.start().called
     return Setup(scheduler, clock, transport, faults, path)
@@ -185,3 +193,63 @@ def test_events_acknowledged_before_a_fault_survive_a_restart(db_path: Path) -> 
     again.transport["target"].up()
     again.clock.advance(1000)
     assert again.transport["target"].events == [{"n": n} for n in range(3)]
+
+
+def test_submits_past_the_waiting_bound_are_refused_while_the_store_is_down(
+    db_path: Path,
+) -> None:
+    s = make(db_path, max_waiting_events=5)
+    s.faults.error = "database or disk is full"
+    acks = [s.scheduler.submit("target", {"n": n}) for n in range(4)]
+    acks.append(s.scheduler.submit_many([("target", {"n": 4})]))
+    s.clock.pump([0.5] * 3)
+    assert not any(d.called for d in acks)
+    with pytest.raises(Backpressure, match="max_waiting_events of 5"):
+        s.scheduler.submit("target", {"n": "refused"})
+    with pytest.raises(Backpressure):
+        s.scheduler.submit_many([("target", {"n": "refused too"})])
+    # The store comes back: the waiting events are stored and delivered, the refused ones never.
+    s.faults.error = None
+    s.clock.pump([5.0] * 2)
+    assert all(d.called and d.result is None for d in acks)
+    assert s.scheduler.submit_many([("target", {"n": 5}), ("target", {"n": 6})]).called
+    assert s.scheduler.submit("target", {"n": 7}).called
+    assert s.transport["target"].events == [{"n": n} for n in range(8)]
+    assert s.status().pending_events == 0
+
+
+def test_a_submit_many_that_would_cross_the_bound_is_refused_whole(db_path: Path) -> None:
+    s = make(db_path, max_waiting_events=3)
+    s.faults.error = "disk I/O error"
+    first = s.scheduler.submit_many([("target", {"n": 0}), ("target", {"n": 1})])
+    with pytest.raises(Backpressure):
+        s.scheduler.submit_many([("target", {"n": 2}), ("target", {"n": 3})])
+    s.faults.error = None
+    s.clock.pump([5.0] * 2)
+    assert first.called and first.result is None
+    assert s.transport["target"].events == [{"n": 0}, {"n": 1}]
+    assert s.status().pending_events == 0
+
+
+@pytest.mark.sqlite_only
+def test_events_whose_submits_failed_no_longer_count_as_waiting(
+    db_path: Path, lock: sqlite3.Connection
+) -> None:
+    s = make(db_path, store_retry_timeout=2.0, max_waiting_events=2)
+    lock.execute("BEGIN IMMEDIATE")
+    failed = [s.scheduler.submit("target", {"n": n}) for n in range(2)]
+    for d in failed:
+        d.addErrback(lambda f: None)
+    with pytest.raises(Backpressure):
+        s.scheduler.submit("target", {"n": 2})
+    s.clock.pump([0.5] * 12)  # past the retry timeout, twice: those submits fail
+    assert [d.called for d in failed] == [True, True]
+    lock.execute("ROLLBACK")
+    assert s.scheduler.submit("target", {"n": 3}).called
+    assert s.transport["target"].events == [{"n": 3}]
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "10", None])
+def test_max_waiting_events_is_validated(db_path: Path, value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="max_waiting_events"):
+        make(db_path, max_waiting_events=value)

@@ -170,7 +170,26 @@ class IStore(Interface):
         """
 
     def close() -> Deferred[None]:
-        """Finish pending work and release connections and threads."""
+        """Finish pending work and release connections and threads, and the process lock."""
+
+    def hold_process_lock(shared: bool) -> Deferred[None]:
+        """
+        Hold the database's process lock until :meth:`close`, called once after :meth:`open`.
+
+        Schedulers that claim work without leases take no lock on the rows they claim, so two
+        of them on one database would form transactions from the same rows. The lock keeps a
+        scheduler without leases alone on its database (``shared=False``: exclusive) and lets
+        schedulers with leases share it (``shared=True``). The lock belongs to the process
+        and goes when it dies. A store that cannot be shared may do nothing.
+
+        Args:
+            shared: Whether the lock is shared, for a scheduler with leases.
+
+        Returns:
+            A Deferred that fires once the lock is held, or fails with
+            :class:`relayer.errors.DatabaseInUse` if another process holds it in a way that
+            excludes this one.
+        """
 
     def register_targets(target_ids: Sequence[str]) -> Deferred[dict[str, TargetRecord]]:
         """

@@ -18,17 +18,22 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from relayer.config import BackoffPolicy
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
-from relayer.errors import ConfigurationError, StoreUnavailable
+from relayer.errors import ConfigurationError, DatabaseInUse, StoreUnavailable
 from relayer.store.sql import SQLStore
+from relayer.store.sqlite import _in_use_message
 
 #: The most bytes a NOTIFY payload may carry (PostgreSQL's limit is 8000).
 _MAX_PAYLOAD = 7000
+#: The process lock: a session advisory lock keyed by relayer and the schema in use.
+_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('relayer process'), hashtext(%s))"
+_TRY_LOCK_SHARED = "SELECT pg_try_advisory_lock_shared(hashtext('relayer process'), hashtext(%s))"
+
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -111,6 +116,65 @@ class PostgresStore(SQLStore):
         self._schema = schema
         self._reactor = reactor
         self.channel = f"relayer_events_{schema}" if schema else "relayer_events"
+        # The connection that holds the process lock, outside the engine's pool.
+        self._lock_conn: Any = None
+        self._lock_guard = threading.Lock()
+
+    def hold_process_lock(self, shared: bool) -> Deferred[None]:
+        """
+        Hold a session advisory lock, keyed by relayer and the schema, until :meth:`close`.
+
+        It is held on a connection of its own, kept open; PostgreSQL ends the session of a
+        client that dies when its socket closes, and the lock with it.
+        """
+        if self._lock_conn is not None:
+            return succeed(None)
+        statement = _TRY_LOCK_SHARED if shared else _TRY_LOCK
+
+        def take(conn: sa.Connection) -> None:
+            where = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+            dialect = self._engine.dialect
+            cargs, cparams = dialect.create_connect_args(self._engine.url)
+            raw = dialect.connect(*cargs, **cparams)
+            try:
+                raw.autocommit = True
+                cursor = raw.cursor()
+                cursor.execute(statement, (where,))
+                row: Any = cursor.fetchone()
+                held = bool(row[0])
+                cursor.close()
+            except BaseException:
+                raw.close()
+                raise
+            if not held:
+                raw.close()
+                raise DatabaseInUse(_in_use_message(shared, f"schema {where!r}"))
+            with self._lock_guard:
+                self._lock_conn = raw
+
+        return self._run(take)
+
+    def release_process_lock(self) -> None:
+        """
+        Release the process lock at once, as PostgreSQL does when the process dies.
+
+        For tests that simulate a crash by abandoning a store and opening another on the same
+        database in the same process; :meth:`close` releases it too.
+        """
+        with self._lock_guard:
+            raw, self._lock_conn = self._lock_conn, None
+        if raw is not None:
+            raw.close()
+
+    def close(self) -> Deferred[None]:
+        async def close() -> None:
+            try:
+                if self._lock_conn is not None:
+                    await self._pool.run(self.release_process_lock)
+            finally:
+                await super(PostgresStore, self).close()
+
+        return Deferred.fromCoroutine(close())
 
     @classmethod
     def open_url(

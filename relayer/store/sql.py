@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -224,6 +224,10 @@ class SQLStore:
                 )
 
         return self._run(upgrade)
+
+    def hold_process_lock(self, shared: bool) -> Deferred[None]:
+        """Hold the process lock: nothing here; the SQLite and PostgreSQL stores take one."""
+        return succeed(None)
 
     def close(self) -> Deferred[None]:
         async def close() -> None:

@@ -13,16 +13,17 @@ snapshot beside the writer, so they never wait for its lock, and never hold up i
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
-from relayer.errors import ConfigurationError
+from relayer.errors import ConfigurationError, DatabaseInUse
 from relayer.store._group import GroupCommit
 from relayer.store.sql import SQLStore
 
@@ -126,6 +127,47 @@ class SQLiteStore(SQLStore):
     ) -> None:
         super().__init__(engine, pool, lease_pool, read_engine=read_engine, read_pool=read_pool)
         self._group = GroupCommit(super()._run)
+        self._lock_fd: int | None = None
+
+    @property
+    def lock_path(self) -> str | None:
+        """The lock file beside the database (``relayer.db-relayer.lock``); None in memory."""
+        path = self._engine.url.database
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return None
+        return path + "-relayer.lock"
+
+    def hold_process_lock(self, shared: bool) -> Deferred[None]:
+        """
+        Hold an ``flock`` on the lock file beside the database until :meth:`close`.
+
+        The kernel releases it when the process dies, however it dies.
+        """
+        path = self.lock_path
+        if path is None or self._lock_fd is not None:
+            return succeed(None)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return fail(DatabaseInUse(_in_use_message(shared, path)))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+        return succeed(None)
+
+    def release_process_lock(self) -> None:
+        """
+        Release the process lock at once, as the kernel does when the process dies.
+
+        For tests that simulate a crash by abandoning a store and opening another on the same
+        database in the same process; :meth:`close` releases it too.
+        """
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _run(
         self, f: Callable[..., T], *args: Any, pool: DatabasePool | None = None
@@ -138,7 +180,10 @@ class SQLiteStore(SQLStore):
         async def close() -> None:
             # Work handed over before close() runs before the database is closed.
             await self._group.idle()
-            await super(SQLiteStore, self).close()
+            try:
+                await super(SQLiteStore, self).close()
+            finally:
+                self.release_process_lock()
 
         return Deferred.fromCoroutine(close())
 
@@ -174,3 +219,16 @@ class SQLiteStore(SQLStore):
             pool = ThreadedDatabasePool(reactor)
             read_pool = ThreadedDatabasePool(reactor, name="relayer-db-read")
         return cls(engine, pool, read_engine=read_engine, read_pool=read_pool)
+
+
+def _in_use_message(shared: bool, where: str) -> str:
+    """Why a process lock was refused, and what to do."""
+    if shared:
+        why = "a relayer scheduler without leases uses this database"
+    else:
+        why = "another relayer scheduler uses this database"
+    return (
+        f"{why} (lock {where}): a scheduler without leases must be alone on its database, "
+        "since it claims work without locking it. Stop the other process, or give every "
+        "process leases=LeaseSettings() so that they share the targets"
+    )

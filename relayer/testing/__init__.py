@@ -63,6 +63,7 @@ __all__ = [
     "build_scheduler",
     "listen_receiver",
     "open_store",
+    "release_process_lock",
     "target",
     "verify_delivery",
 ]
@@ -126,12 +127,28 @@ class Harness:
                     clock.advance(DEFAULT_STOP_TIMEOUT)
                 assert stopping.called, "the old scheduler did not stop"
         else:
+            # The dead process's locks go with it.
+            release_process_lock(self.scheduler)
             clock = Clock()
             clock.advance(self.clock.seconds())
             self.transport.clock = clock
             for target_id in {t.target_id for t in self.targets}:
                 self.transport[target_id].drop()
         return _start(self.path, clock, self.transport, self.targets, self.random)
+
+
+def release_process_lock(scheduler: Scheduler) -> None:
+    """
+    Release the process lock of an abandoned scheduler's store, as the operating system does
+    when a process dies.
+
+    A test that simulates a crash by abandoning a scheduler and starting another on the same
+    database, in the same process, calls this first: the abandoned store still holds its lock,
+    and the new scheduler would be refused with :class:`relayer.errors.DatabaseInUse`.
+    """
+    release = getattr(scheduler._store, "release_process_lock", None)
+    if release is not None:
+        release()
 
 
 def build_scheduler(

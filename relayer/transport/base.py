@@ -123,22 +123,46 @@ def classify_status(status: int, retry_after: str | None = None, now: float = 0.
     """
     Classify an HTTP status code.
 
-    - 2xx: delivered.
-    - 408, 429 and 5xx: retried; 429 and 503 honour ``Retry-After``.
-    - 413: too large (the transaction is split if it holds more than one event).
-    - Other 4xx: permanent; the target's failure policy decides what happens.
-    - Anything else (1xx, 3xx: redirects are not followed): retried, since it is more likely a
-      misconfiguration that will be fixed than a verdict on the transaction.
+    ======================================  ==============================================
+    Status                                  Outcome
+    ======================================  ==============================================
+    2xx                                     delivered
+    408, 429, 5xx                           retried; 429 and 503 honour ``Retry-After``
+    401, 403, 404                           retried: a fault of the target's registration
+                                            (a wrong token, a wrong base URL), not of the
+                                            events; the reason says so
+    413                                     too large: a transaction of several events is
+                                            split; one event alone is permanent
+    400, 422                                permanent: the target refuses the content; its
+                                            failure policy decides what happens
+    any other 4xx (405, 409, 410, ...)      retried, as Synapse retries any non-2xx
+    anything else (1xx, 3xx: redirects      retried, since it is more likely a
+    are not followed)                       misconfiguration that will be fixed than a
+                                            verdict on the transaction
+    ======================================  ==============================================
+
+    Only an answer about the content itself is permanent: an answer about who is asking, or
+    where, would dead-letter every event at full speed, and a later replay would deliver them
+    out of order.
     """
     reason = f"HTTP {status}"
     if 200 <= status < 300:
         return SendOutcome.delivered(reason)
     if status in (429, 503):
         return SendOutcome.retry(reason, parse_retry_after(retry_after, now))
-    if status == 408 or 500 <= status < 600:
-        return SendOutcome.retry(reason)
     if status == 413:
         return SendOutcome.too_large(reason)
-    if 400 <= status < 500:
+    if status in PERMANENT_STATUSES:
         return SendOutcome.permanent(reason)
-    return SendOutcome.retry(reason)
+    hint = _CONFIGURATION_HINTS.get(status)
+    return SendOutcome.retry(f"{reason} ({hint})" if hint else reason)
+
+
+#: The statuses that refuse a transaction's content for good: the failure policy applies.
+PERMANENT_STATUSES = frozenset({400, 422})
+
+_CONFIGURATION_HINTS = {
+    401: "the target refused the token: check the target's token",
+    403: "the target refused the token: check the target's token",
+    404: "the target has no such endpoint: check the target's base URL",
+}

@@ -41,6 +41,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from relayer._scrub import REDACTED, scrub, without_token_start
 from relayer._version import __version__
 from relayer.config import TargetConfig
 from relayer.errors import ConfigurationError, RelayerError
@@ -59,7 +60,6 @@ DEFAULT_PERSISTENT_PER_HOST = 100
 
 _TRANSACTIONS_PATH = "/_matrix/app/v1/transactions/"
 _USER_AGENT = f"relayer/{__version__}".encode("ascii")
-_REDACTED = "[REDACTED]"
 
 
 class IHTTPReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
@@ -250,22 +250,6 @@ def _reasons(exc: Any) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
-def _scrub(text: str, token: str, limit: int = 300) -> str:
-    """Remove the token from a text, and cap its length."""
-    text = text.replace(token, _REDACTED)
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return text
-
-
-def _without_token_start(text: str, token: str) -> str:
-    """Remove the first part of the token from the end of a text, if it ends with one."""
-    for n in range(len(token) - 1, 0, -1):
-        if text.endswith(token[:n]):
-            return text[:-n]
-    return text
-
-
 def _printable(data: bytes) -> str:
     text = data.decode("utf-8", errors="replace")
     return "".join(c if c.isprintable() else " " for c in text).strip()
@@ -427,7 +411,7 @@ class HTTPTransport:
                 # The caller cancelled the attempt: that goes on up as a cancellation.
                 raise CancelledError() from None
             else:
-                failure = HTTPSendError(url, _scrub(_describe(e), target.token))
+                failure = HTTPSendError(url, scrub(_describe(e), target.token))
         if failure is not None:
             # Returned rather than raised, so that the original exception, whose text is not
             # under our control, is not chained to it as its __context__.
@@ -458,11 +442,11 @@ class HTTPTransport:
             size=read.size if read is not None else 0,
         )
         if outcome.reason and read is not None and read.snippet and not 200 <= status < 300:
-            text = _printable(read.snippet).replace(target.token, _REDACTED)
+            text = _printable(read.snippet).replace(target.token, REDACTED)
             if read.size > len(read.snippet):
                 # The kept bytes may end in the first part of a token: drop it.
-                text = _without_token_start(text, target.token)
-            snippet = _scrub(text, target.token, SNIPPET_BYTES)
+                text = without_token_start(text, target.token)
+            snippet = scrub(text, target.token, SNIPPET_BYTES)
             if snippet:
                 outcome = attrs.evolve(outcome, reason=f"{outcome.reason}: {snippet}")
         return outcome
