@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from relayer import BackoffPolicy, Scheduler, SendOutcome, TargetConfig, TargetState
+from relayer import BackoffPolicy, FailurePolicy, Scheduler, SendOutcome, TargetConfig, TargetState
 from relayer.lease import LeaseSettings
 from relayer.testing import FakeTransport, build_scheduler, open_store, target
 from relayer.transport.base import ITransport
@@ -97,11 +97,16 @@ class Cluster:
     def __attrs_post_init__(self) -> None:
         self.transport = FakeTransport(self.world)
 
-    def start(self, name: str, targets: list[str]) -> Node:
+    def start(self, name: str, targets: list[str], **settings: Any) -> Node:
         clock = Clock()
         clock.advance(self.now)
         configs = [
-            target(t, request_timeout=REQUEST_TIMEOUT, backoff=BackoffPolicy.constant(1.0))
+            target(
+                t,
+                request_timeout=REQUEST_TIMEOUT,
+                backoff=BackoffPolicy.constant(1.0),
+                **settings,
+            )
             for t in targets
         ]
         scheduler = Scheduler(
@@ -207,3 +212,24 @@ def test_a_longer_stall_shows_the_receiver_only_a_resend_of_the_same_transaction
     a.alive = True
     cluster.advance(0.5)
     assert stored(b, "t") == before
+
+
+def test_a_blocked_target_woken_during_a_takeover_fence_shows_as_retrying(db_path: Path) -> None:
+    cluster = Cluster(db_path)
+    a = cluster.start("a", ["t"], failure_policy=FailurePolicy.BLOCK)
+    fake = cluster.transport["t"]
+    fake.respond(400)
+    a.scheduler.submit("t", {"n": 1})
+    assert a.scheduler.status().result[0].state is TargetState.BLOCKED  # type: ignore[attr-defined]
+    b = cluster.start("b", ["t"], failure_policy=FailurePolicy.BLOCK)
+    a.alive = False  # a dies; its lease expires
+    cluster.advance(TIMEOUT + 0.2)
+    assert "t" in b.scheduler.owned_targets
+    b.scheduler.wake("t")
+    # The resend waits for the fence, but the target is no longer shown as blocked.
+    s = b.scheduler.status().result[0]  # type: ignore[attr-defined]
+    assert s.state is TargetState.DOWN
+    assert s.next_retry_at is not None and s.next_retry_at > cluster.now
+    cluster.advance(REQUEST_TIMEOUT)
+    assert fake.events == [{"n": 1}]
+    assert b.scheduler.status().result[0].state is TargetState.UP  # type: ignore[attr-defined]
