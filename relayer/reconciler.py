@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayer.config import draw
+from relayer.errors import StoreUnavailable
 
 #: How often, by default, a scheduler sweeps for stranded work, in seconds.
 DEFAULT_SWEEP_INTERVAL = 30.0
@@ -81,7 +82,15 @@ class Reconciler:
         def done(result: object) -> None:
             self._running = None
             if isinstance(result, Failure):
-                self.log.failure("A sweep for stranded work failed", result)
+                if result.check(StoreUnavailable):
+                    self.log.warn(
+                        "A sweep for stranded work failed ({error}); the next one comes in "
+                        "{interval:.0f}s",
+                        error=result.getErrorMessage(),
+                        interval=self.interval,
+                    )
+                else:
+                    self.log.failure("A sweep for stranded work failed", result)
             self._next()
 
         d.addBoth(done)

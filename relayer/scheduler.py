@@ -366,7 +366,8 @@ class Scheduler:
         candidates = self._leases.owned if self._leases is not None else self._configs
         missing = [t for t in candidates if self._should_deliver(t)]
         if missing:
-            await self._take(missing)
+            # Registered again (a no-op for those the store has), then taken in charge.
+            await self._register([self._configs[t] for t in missing])
         idle = self._controller.idle_targets()
         if idle:
             pending = await self._store.pending_targets(idle)

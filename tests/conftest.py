@@ -8,6 +8,7 @@ dropped when the test ends.
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -68,15 +69,28 @@ def db_path(tmp_path: Path) -> Iterator[Path | str]:
     try:
         yield postgres_schema_url(schema)
     finally:
+        # Stores that a test abandoned (as a crashed process would) close their connections
+        # once they are collected.
+        gc.collect()
         with engine.connect() as conn:
-            # Connections a test abandoned (as a crashed process would) must not keep the
-            # schema alive.
+            # Connections a test abandoned must not keep the schema alive, nor, piling up
+            # over the suite, use up the server's connections.
             conn.execute(
                 sa.text(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE pid <> pg_backend_pid() AND query ILIKE :pattern"
                 ),
                 {"pattern": f"%{quote(schema)}%"},
+            )
+            # Among them, the connections that hold a scheduler's process lock on the schema.
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND pid <> pg_backend_pid() "
+                    "AND classid = (hashtext('relayer process')::bigint & 4294967295)::oid "
+                    "AND objid = (hashtext(:schema)::bigint & 4294967295)::oid"
+                ),
+                {"schema": schema},
             )
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         engine.dispose()

@@ -70,7 +70,9 @@ def test_a_failure_and_a_recovery_pass_every_point_in_order(
         "send.accepted",
         "up.transition",
     ]
-    assert set(passed) == set(_faults.POINTS)
+    # Every point but the lease takeover's, which a process without leases never passes: the
+    # crash suite's shared runs cover it.
+    assert set(passed) == set(_faults.POINTS) - {"lease.acquired"}
 
 
 def test_an_up_target_does_not_pass_the_up_transition(passed: list[str], db_path: Path) -> None:
