@@ -79,7 +79,7 @@ class FailurePolicy(enum.Enum):
     BLOCK = "block"
 
 
-def draw(random: Callable[[], float]) -> float:
+def _draw(random: Callable[[], float]) -> float:
     """
     A draw from a jitter source, within ``[0, 1]`` whatever the source returns.
 
@@ -163,7 +163,7 @@ class BackoffPolicy:
             failures: How many consecutive failures the target has had, 1 or more.
             random: The jitter source; returns a float in ``[0, 1)``.
         """
-        return self.base_delay(failures) * (1.0 - self.jitter * draw(random))
+        return self.base_delay(failures) * (1.0 - self.jitter * _draw(random))
 
 
 def _check_target_id(instance: Any, attribute: Any, value: Any) -> None:

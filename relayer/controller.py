@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from relayer import _faults
 from relayer._scrub import scrub
-from relayer.config import FailurePolicy, TargetConfig, draw
+from relayer.config import FailurePolicy, TargetConfig, _draw
 from relayer.errors import LeaseLost, StoreUnavailable
 from relayer.recoverer import Recoverer
 from relayer.store.base import IStore, TargetRecord, TargetState, Transaction
@@ -206,7 +206,7 @@ class TransactionController:
                 # Overdue (after a restart or a takeover): spread such retries over a window,
                 # so that many targets that went down together are not retried as a herd.
                 window = min(self._recovery_spread, config.backoff.maximum)
-                when = now + window * draw(self._random)
+                when = now + window * _draw(self._random)
             t.recoverer.schedule(when)
         elif record.state is TargetState.UP and record.has_pending:
             self._kick(t)

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayer.config import draw
+from relayer.config import _draw
 from relayer.errors import StoreUnavailable
 
 #: How often, by default, a scheduler sweeps for stranded work, in seconds.
@@ -62,7 +62,7 @@ class Reconciler:
 
     def start(self) -> None:
         """Schedule the first sweep, at a random point of the first interval."""
-        self._schedule(self.interval * draw(self._random))
+        self._schedule(self.interval * _draw(self._random))
 
     def _schedule(self, delay: float) -> None:
         if not self._stopped:
@@ -96,7 +96,7 @@ class Reconciler:
         d.addBoth(done)
 
     def _next(self) -> None:
-        self._schedule(self.interval * (1.0 - _JITTER * draw(self._random)))
+        self._schedule(self.interval * (1.0 - _JITTER * _draw(self._random)))
 
     def stop(self) -> Deferred[None]:
         """Cancel the next sweep; fire once a sweep in progress, if any, has ended."""
