@@ -20,6 +20,7 @@ so the DOWN to UP transition cannot strand an event.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -507,31 +508,45 @@ class TransactionController:
         Send a transaction; None if the send was abandoned because the scheduler stops.
 
         The target's ``request_timeout`` is enforced here, whatever the transport does: at the
-        deadline the send is cancelled and counts as a transient failure, so no send outlives
-        the time it was allowed (with leases, the lease it was sent under).
+        deadline the send is abandoned and counts as a transient failure, so no send outlives
+        the time it was allowed (with leases, the lease it was sent under). The loop waits on a
+        Deferred of its own, so that a transport whose Deferred never fires, or whose canceller
+        fails, cannot hold it.
         """
-        timeout = t.config.request_timeout
+        config = t.config
+        timeout = config.request_timeout
         expired = False
+
+        def cancel_send(_: object) -> None:
+            try:
+                sending.cancel()
+            except Exception:
+                self.log.failure(
+                    "Cancelling a send to {target_id} failed", target_id=config.target_id
+                )
+
+        def forward(result: Any) -> None:
+            if not waiting.called:
+                waiting.callback(result)  # a Failure errbacks
 
         def expire() -> None:
             nonlocal expired
             expired = True
-            sending.cancel()
+            waiting.cancel()
 
+        waiting: Deferred[SendOutcome] = Deferred(cancel_send)
         try:
-            sending = self._transport.send(t.config, txn.txn_id, txn.body)
-            deadline = None if sending.called else self._clock.callLater(timeout, expire)
-            t.in_flight = sending
+            sending = self._transport.send(config, txn.txn_id, txn.body)
+            sending.addBoth(forward)
+            deadline = self._clock.callLater(timeout, expire)
+            t.in_flight = waiting
             _faults.checkpoint("send.started")
             try:
-                outcome = await sending
+                outcome = await waiting
             finally:
                 t.in_flight = None
-                if deadline is not None and deadline.active():
+                if deadline.active():
                     deadline.cancel()
-            # A plugin transport's reason is not under our control: keep the token out of it.
-            reason = scrub(outcome.reason, t.config.token)
-            return outcome if reason == outcome.reason else attrs.evolve(outcome, reason=reason)
         except CancelledError:
             if expired:
                 return SendOutcome.retry(f"no response within the request timeout of {timeout:g}s")
@@ -539,7 +554,14 @@ class TransactionController:
                 return None
             return SendOutcome.retry("the request was cancelled")
         except Exception as e:  # noqa: BLE001 - every send error is a transient failure
-            return SendOutcome.retry(_describe(e, t.config))
+            return SendOutcome.retry(_describe(e, config))
+        if not isinstance(outcome, SendOutcome):
+            return SendOutcome.retry(
+                f"the transport answered {type(outcome).__name__}, not a SendOutcome"
+            )
+        # A plugin transport's reason is not under our control: keep the token out of it.
+        reason = scrub(str(outcome.reason), config.token)
+        return outcome if reason == outcome.reason else attrs.evolve(outcome, reason=reason)
 
     def _failed(
         self, t: TargetRuntime, txn: Transaction, outcome: SendOutcome, now: float

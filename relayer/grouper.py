@@ -227,6 +227,16 @@ class EventGrouper:
     ) -> None:
         started = self._clock.seconds()
         attempt = 0
+        settled = False
+
+        def settle() -> None:
+            # Before the submits' Deferreds fire: a submit made from their callbacks must not
+            # find these events still counted as waiting.
+            nonlocal settled
+            if not settled:
+                settled = True
+                self._unstored -= count
+
         try:
             while True:
                 try:
@@ -242,6 +252,7 @@ class EventGrouper:
                             waited=waited,
                             error=str(e),
                         )
+                        settle()
                         self._fail(
                             batch,
                             f"the events were not stored: the store was unavailable for "
@@ -264,10 +275,12 @@ class EventGrouper:
                         "Storing {count} submitted events failed; their submits fail",
                         count=count,
                     )
+                    settle()
                     self._fail(batch, f"the events were not stored: {e}")
                     return
                 else:
                     _faults.checkpoint("submit.stored")
+                    settle()
                     for submission in batch:
                         submission.done.callback(None)
                     try:
@@ -276,7 +289,7 @@ class EventGrouper:
                         self.log.failure("Handing over stored events failed")
                     return
         finally:
-            self._unstored -= count
+            settle()
             self._busy = False
             if self._queue:
                 self._write()

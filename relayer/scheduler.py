@@ -229,6 +229,8 @@ class Scheduler:
         self._retries: set[IDelayedCall] = set()
         #: Targets taken over from a process whose lease expired: no send before this time.
         self._fences: dict[str, float] = {}
+        #: stop() calls waiting for a start in progress to finish.
+        self._start_waiters: list[Deferred[None]] = []
         self._grouper = EventGrouper(
             clock,
             store,
@@ -498,7 +500,14 @@ class Scheduler:
             self._reconciler.start()
             self.log.info("relayer scheduler started with {n} targets", n=len(self._configs))
 
-        return Deferred.fromCoroutine(start())
+        def started(result: object) -> object:
+            # A stop() called while starting goes on from here.
+            waiters, self._start_waiters = self._start_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return result
+
+        return Deferred.fromCoroutine(start()).addBoth(started)
 
     async def _abort_start(self) -> None:
         """Undo what a start that failed had begun: no timer, loop or lease is left behind."""
@@ -539,6 +548,18 @@ class Scheduler:
         if self._lifecycle == _Lifecycle.NEW:
             self._lifecycle = _Lifecycle.STOPPED
             return Deferred.fromCoroutine(_nothing())
+        if self._lifecycle == _Lifecycle.STARTING:
+            # Stopping a scheduler that is still starting: let the start finish (or fail), so
+            # that it cannot run again behind the stop, then stop.
+            started: Deferred[None] = Deferred()
+            self._start_waiters.append(started)
+
+            async def stop_once_started() -> None:
+                await started
+                if self._lifecycle == _Lifecycle.RUNNING:
+                    await self.stop()
+
+            return Deferred.fromCoroutine(stop_once_started())
         self._lifecycle = _Lifecycle.STOPPING
 
         async def stop() -> None:

@@ -818,6 +818,11 @@ async def test_shared_kill_at_point_loses_nothing(
     seq = Sequence.make(tmp_path, name, seed=sorted(SHARED).index(point), url=str(db_path))
     try:
         plan = {"a": [{"point": point, "at": at} for at in SHARED[point]]}
+        if point in _REACHED_BY_CHANCE:
+            # Only a process whose share of the targets makes it pass the point can be killed
+            # there: arm the others too, so that one of them is.
+            for other in NODES[1:]:
+                plan[other] = [{"point": point, "at": 1}]
         if point == "lease.acquired":
             plan["c"] = [{"after": 1.0}]
         await seq.shared(zygotes[0], plan)
@@ -902,6 +907,9 @@ async def test_shared_random_kills_lose_nothing(
     plan: dict[str, list[dict[str, Any]]] = {}
     for _ in range(SHARED_KILLS):
         plan.setdefault(rng.choice(NODES), []).append(random_kill(rng, shared=True))
+    # A kill by count may come after its run has drained the store; this one never does, so
+    # that every sequence has at least one process die.
+    plan.setdefault(rng.choice(NODES), []).insert(0, {"after": round(rng.uniform(0.05, 0.5), 3)})
     seq = Sequence.make(tmp_path, f"shared{seed}", seed, url=str(db_path))
     try:
         await seq.shared(zygotes[index % len(zygotes)], plan)

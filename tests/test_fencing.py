@@ -15,14 +15,14 @@ from typing import Any
 
 import attrs
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from relayer import BackoffPolicy, FailurePolicy, Scheduler, SendOutcome, TargetConfig, TargetState
 from relayer.lease import LeaseSettings
 from relayer.testing import FakeTransport, build_scheduler, open_store, target
-from relayer.transport.base import ITransport
+from relayer.transport.base import ITransport, OutcomeKind
 
 TIMEOUT = 10.0
 INTERVAL = 2.5
@@ -233,3 +233,59 @@ def test_a_blocked_target_woken_during_a_takeover_fence_shows_as_retrying(db_pat
     cluster.advance(REQUEST_TIMEOUT)
     assert fake.events == [{"n": 1}]
     assert b.scheduler.status().result[0].state is TargetState.UP  # type: ignore[attr-defined]
+
+
+@implementer(ITransport)
+class OddTransport:
+    """Plugin transports that get their Deferreds wrong in the ways plugins do."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sent: list[int] = []
+
+    def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
+        self.sent.append(txn_id)
+        if self.mode == "chained":
+            # Called, but waiting on an inner Deferred that never fires, as
+            # succeed(None).addCallback(lambda _: agent.request(...)) is.
+            inner: Deferred[SendOutcome] = Deferred()
+            return succeed(None).addCallback(lambda _: inner)
+        if self.mode == "bad-canceller":
+            return Deferred(lambda d: 1 / 0)
+        if self.mode == "no-reason":
+            return succeed(SendOutcome(OutcomeKind.DELIVERED, None))  # type: ignore[arg-type]
+        return succeed(None)  # type: ignore[arg-type]  # "not-an-outcome"
+
+
+@pytest.mark.parametrize("mode", ["chained", "bad-canceller"])
+def test_no_transport_can_hold_a_send_past_its_deadline(db_path: Path, mode: str) -> None:
+    clock = Clock()
+    transport = OddTransport(mode)
+    config = target("t", request_timeout=5.0, backoff=BackoffPolicy.constant(2.0))
+    scheduler = Scheduler(clock, open_store(clock, db_path), transport, [config])
+    assert scheduler.start().called
+    scheduler.submit("t", {"n": 1})
+    clock.advance(5.0)
+    s = scheduler.status().result[0]  # type: ignore[attr-defined]
+    assert not s.in_flight
+    assert s.state is TargetState.DOWN
+    clock.advance(2.0)
+    assert transport.sent == [1, 1]
+
+
+@pytest.mark.parametrize("mode", ["no-reason", "not-an-outcome"])
+def test_a_malformed_outcome_is_not_resent_for_ever(db_path: Path, mode: str) -> None:
+    clock = Clock()
+    transport = OddTransport(mode)
+    config = target("t", backoff=BackoffPolicy.constant(2.0))
+    scheduler = Scheduler(clock, open_store(clock, db_path), transport, [config])
+    assert scheduler.start().called
+    scheduler.submit("t", {"n": 1})
+    s = scheduler.status().result[0]  # type: ignore[attr-defined]
+    if mode == "no-reason":
+        # Delivered is delivered, whatever the reason says.
+        assert s.state is TargetState.UP and s.pending_events == 0
+        assert transport.sent == [1]
+    else:
+        assert s.state is TargetState.DOWN
+        assert s.last_error == "the transport answered NoneType, not a SendOutcome"

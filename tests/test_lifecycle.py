@@ -230,3 +230,39 @@ def test_recovery_spread_is_configurable_and_validated(db_path: Path) -> None:
         Scheduler(clock, open_store(clock, db_path), FakeTransport(), recovery_spread=-1)
     with pytest.raises(ValueError, match="sweep_interval"):
         Scheduler(clock, open_store(clock, db_path), FakeTransport(), sweep_interval=0)
+
+
+def test_a_stop_while_starting_waits_for_the_start_and_then_stops(db_path: Path) -> None:
+    scheduler, store, transport, clock = make(db_path, ["t"])
+    store.hold_calls("open")
+    started = scheduler.start()
+    stopping = scheduler.stop()
+    assert not stopping.called
+    store.release()
+    assert started.called and stopping.called
+    assert not scheduler.running
+    # Nothing was left behind: no timer, and the database is free for the next scheduler.
+    assert clock.getDelayedCalls() == []
+    again, _, _, _ = make(db_path, ["t"], transport=transport)
+    assert again.start().called
+    assert again.running
+
+
+def test_a_submit_made_as_the_last_one_is_stored_is_not_refused(db_path: Path) -> None:
+    """The back-pressure count drops before the submits' Deferreds fire, not after."""
+    clock = Clock()
+    store = GatedStore(open_store(clock, db_path))
+    scheduler = Scheduler(
+        clock, store, FakeTransport(clock), [target("t")], max_waiting_events=10
+    )
+    assert scheduler.start().called
+    store.hold_calls("add_events")
+    outcomes: list[Any] = []
+
+    def again(_: object) -> None:
+        # The first six are stored: six more fit under the bound of ten.
+        scheduler.submit_many([("t", {"n": i}) for i in range(6, 12)]).addBoth(outcomes.append)
+
+    scheduler.submit_many([("t", {"n": i}) for i in range(6)]).addCallback(again)
+    store.release()
+    assert outcomes == [None]

@@ -135,6 +135,10 @@ class PostgresStore(SQLStore):
             where = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
             dialect = self._engine.dialect
             cargs, cparams = dialect.create_connect_args(self._engine.url)
+            # The lock lives as long as this idle session: keepalives let the server notice a
+            # dead client, and let this side notice a session that the network dropped.
+            cparams.update(keepalives=1, keepalives_idle=30, keepalives_interval=10)
+            cparams.setdefault("application_name", "relayer")
             raw = dialect.connect(*cargs, **cparams)
             try:
                 raw.autocommit = True

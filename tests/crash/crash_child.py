@@ -138,7 +138,9 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
     first, events, chunk = config["first"], config["events"], config["chunk"]
     run_index = config.get("run", 0)
     ids = [t.target_id for t in targets]
-    replay_at = first + chunk * config.get("replay_after_chunks", 3)
+    # A shorter run (a restarted one) replays sooner, so that every run that submits replays.
+    chunks = -(-events // chunk) if chunk else 0
+    replay_at = first + chunk * min(config.get("replay_after_chunks", 3), max(0, chunks - 1))
     for start in range(first, first + events, chunk):
         if start == replay_at:
             await replay()
