@@ -198,6 +198,8 @@ class Scheduler:
         self._store = store
         self._stop_timeout = float(stop_timeout)
         self._configs: dict[str, TargetConfig] = {}
+        #: Which target sends to each receiver (normalised base URL and token).
+        self._receivers: dict[tuple[str, str, int | None, str, str], str] = {}
         self._lifecycle = _Lifecycle.NEW
         self._leases: LeaseManager | None = None
         if leases is not None:
@@ -411,16 +413,17 @@ class Scheduler:
         if config.target_id in self._configs:
             raise DuplicateTarget(f"target {config.target_id!r} is registered already")
         receiver = _receiver_key(config)
-        for other in self._configs.values():
-            if _receiver_key(other) == receiver:
-                # The token is never shown; the URL holds no secret (no query, no credentials).
-                raise DuplicateTarget(
-                    f"target {config.target_id!r} has the same base URL "
-                    f"({config.base_url!r}) and token as target {other.target_id!r}: a receiver "
-                    "tells transactions apart by id alone, and each target numbers its own, so "
-                    "the receiver would drop events as repeats. One target is one "
-                    "registration: send every event for it through one target"
-                )
+        other = self._receivers.get(receiver)
+        if other is not None:
+            # The token is never shown; the URL holds no secret (no query, no credentials).
+            raise DuplicateTarget(
+                f"target {config.target_id!r} has the same base URL "
+                f"({config.base_url!r}) and token as target {other!r}: a receiver "
+                "tells transactions apart by id alone, and each target numbers its own, so "
+                "the receiver would drop events as repeats. One target is one "
+                "registration: send every event for it through one target"
+            )
+        self._receivers[receiver] = config.target_id
         self._configs[config.target_id] = config
         if self._lifecycle == _Lifecycle.RUNNING:
             self._until_done(
