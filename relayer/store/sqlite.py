@@ -49,8 +49,41 @@ def sqlite_engine(path: str, synchronous: str = "FULL", busy_timeout_ms: int = 1
         )
     if not isinstance(busy_timeout_ms, int) or busy_timeout_ms < 0:
         raise ConfigurationError(f"busy_timeout_ms must be an int >= 0, not {busy_timeout_ms!r}")
+    return _engine(
+        os.fspath(path),
+        [
+            f"PRAGMA busy_timeout = {busy_timeout_ms}",
+            # Transaction bodies are large blobs: 16 KiB pages write them in a quarter of the
+            # page writes that 4 KiB pages take (docs/performance.md). This only takes effect
+            # when the file is created; an existing file keeps its page size.
+            "PRAGMA page_size = 16384",
+            "PRAGMA journal_mode = WAL",
+            f"PRAGMA synchronous = {synchronous.upper()}",
+        ],
+        # Takes the write lock up front, rather than failing half-way.
+        "BEGIN IMMEDIATE",
+    )
+
+
+def _sqlite_read_engine(path: str, busy_timeout_ms: int) -> sa.Engine:
+    """An engine for the read connection: its transactions begin DEFERRED and only read."""
+    return _engine(
+        path,
+        [
+            # The writer sets up the file (WAL, page size) before any read runs; a reader
+            # waits for a lock only while the WAL is recovered after a crash.
+            f"PRAGMA busy_timeout = {busy_timeout_ms}",
+            "PRAGMA query_only = ON",
+        ],
+        # Deferred: no lock is taken until the first read, and then only a shared one.
+        "BEGIN",
+    )
+
+
+def _engine(path: str, pragmas: list[str], begin: str) -> sa.Engine:
+    """An engine of one connection that runs ``pragmas`` when it connects and ``begin``."""
     engine = sa.create_engine(
-        f"sqlite:///{os.fspath(path)}", poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0
+        f"sqlite:///{path}", poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0
     )
 
     @sa.event.listens_for(engine, "connect")
@@ -59,45 +92,14 @@ def sqlite_engine(path: str, synchronous: str = "FULL", busy_timeout_ms: int = 1
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-            # Transaction bodies are large blobs: 16 KiB pages write them in a quarter of the
-            # page writes that 4 KiB pages take (docs/performance.md). This only takes effect
-            # when the file is created; an existing file keeps its page size.
-            cursor.execute("PRAGMA page_size = 16384")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            for pragma in pragmas:
+                cursor.execute(pragma)
         finally:
             cursor.close()
 
     @sa.event.listens_for(engine, "begin")
     def on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
-
-
-def _sqlite_read_engine(path: str, busy_timeout_ms: int) -> sa.Engine:
-    """An engine for the read connection: its transactions begin DEFERRED and only read."""
-    engine = sa.create_engine(
-        f"sqlite:///{path}", poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0
-    )
-
-    @sa.event.listens_for(engine, "connect")
-    def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            # The writer sets up the file (WAL, page size) before any read runs; a reader
-            # waits for a lock only while the WAL is recovered after a crash.
-            cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-            cursor.execute("PRAGMA query_only = ON")
-        finally:
-            cursor.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def on_begin(conn: sa.Connection) -> None:
-        # Deferred: no lock is taken until the first read, and then only a shared one.
-        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql(begin)
 
     return engine
 
