@@ -26,11 +26,19 @@ from relayer.errors import (
     StoreUnavailable,
     UnknownTarget,
 )
+from relayer.event import Event
 from relayer.grouper import EventGrouper
 from relayer.lease import LeaseSettings
 from relayer.recoverer import Recoverer
 from relayer.scheduler import Scheduler, TargetStatus
 from relayer.store import DeadLetter, IStore, SQLiteStore, TargetState
+from relayer.store.base import (
+    Delivery,
+    DeliveryState,
+    EventEntry,
+    EventStatus,
+    TargetEventsPage,
+)
 from relayer.store.postgres import PostgresStore
 from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
 from relayer.transport.http import HTTPSendError, HTTPTransport
@@ -42,8 +50,13 @@ __all__ = [
     "DatabaseInUse",
     "DatabasePool",
     "DeadLetter",
+    "Delivery",
+    "DeliveryState",
     "DuplicateTarget",
+    "Event",
+    "EventEntry",
     "EventGrouper",
+    "EventStatus",
     "EventTooLarge",
     "FailurePolicy",
     "HTTPSendError",
@@ -66,6 +79,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TargetConfig",
+    "TargetEventsPage",
     "TargetState",
     "TargetStatus",
     "ThreadedDatabasePool",

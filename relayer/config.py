@@ -231,6 +231,26 @@ def _check_backoff(instance: Any, attribute: Any, value: Any) -> None:
         raise InvalidTarget(f"backoff must be a BackoffPolicy, not {type(value).__name__}")
 
 
+#: The longest time to live a target's default may give an event: a year.
+MAX_TTL = 366 * 24 * 3600.0
+#: Default time a transaction may await its confirmation before it is sent again.
+DEFAULT_CONFIRMATION_TIMEOUT = 300.0
+
+
+def _check_ttl(instance: Any, attribute: Any, value: Any) -> None:
+    if value is None:
+        return
+    v = _number(InvalidTarget, "default_ttl", value)
+    if not (0 < v <= MAX_TTL):
+        raise InvalidTarget(
+            f"default_ttl must be None, or more than 0 and at most {MAX_TTL:g} seconds, not {v!r}"
+        )
+
+
+def _check_confirmation_timeout(instance: Any, attribute: Any, value: Any) -> None:
+    _seconds(InvalidTarget, "confirmation_timeout", 0.0, value)
+
+
 def _to_policy(value: Any) -> Any:
     if isinstance(value, str):
         try:
@@ -266,6 +286,12 @@ class TargetConfig:
         backoff: The retry schedule while the target is DOWN.
         failure_policy: What to do with a transaction that failed permanently; by default it is
             dead-lettered and delivery goes on (:attr:`FailurePolicy.DEAD_LETTER`).
+        default_ttl: The time to live, in seconds from submit, of an event submitted without a
+            deadline of its own; None (the default) for no deadline. An event past its
+            deadline is never sent to the target: it is recorded as expired.
+        confirmation_timeout: Seconds a transaction that the transport reported accepted,
+            with its confirmation to come (:meth:`relayer.SendOutcome.accepted`), may wait for
+            :meth:`relayer.Scheduler.confirm` before it is sent again. Default 300.
     """
 
     target_id: str = attrs.field(validator=_check_target_id)
@@ -277,4 +303,8 @@ class TargetConfig:
     backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy, validator=_check_backoff)
     failure_policy: FailurePolicy = attrs.field(
         default=FailurePolicy.DEAD_LETTER, converter=_to_policy, validator=_check_policy
+    )
+    default_ttl: float | None = attrs.field(default=None, validator=_check_ttl)
+    confirmation_timeout: float = attrs.field(
+        default=DEFAULT_CONFIRMATION_TIMEOUT, validator=_check_confirmation_timeout
     )

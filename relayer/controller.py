@@ -33,8 +33,8 @@ from relayer._scrub import scrub
 from relayer.config import FailurePolicy, TargetConfig, _draw
 from relayer.errors import LeaseLost, StoreUnavailable
 from relayer.recoverer import Recoverer
-from relayer.store.base import IStore, TargetRecord, TargetState, Transaction
-from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
+from relayer.store.base import Awaiting, Claim, IStore, TargetRecord, TargetState, Transaction
+from relayer.transport.base import ITransport, OutcomeKind, SendOutcome, matrix_body
 
 #: After an unexpected error in a delivery loop (for example the database being unavailable),
 #: the loop is restarted after this many seconds, doubling up to :data:`LOOP_RETRY_MAX`.
@@ -91,6 +91,9 @@ class TargetRuntime:
         not_before: No send to the target starts before this time (clock seconds): after a
             takeover, the previous owner's last request must have ended.
         fence: The delayed call that resumes the target at ``not_before``.
+        awaiting: The transaction awaiting its confirmation, if any: nothing else is sent
+            until it is confirmed or its confirmation timeout passes.
+        confirm_timer: The delayed call that resends it when its confirmation timeout passes.
     """
 
     config: TargetConfig
@@ -108,6 +111,8 @@ class TargetRuntime:
     unrecorded: _Unrecorded | None = None
     not_before: float = float("-inf")
     fence: IDelayedCall | None = None
+    awaiting: int | None = None
+    confirm_timer: IDelayedCall | None = None
 
     @property
     def failures(self) -> int:
@@ -270,6 +275,19 @@ class TransactionController:
             if t.state is TargetState.UP and not t.running:
                 self._kick(t)
 
+    def confirmed(self, target_id: str) -> None:
+        """A transaction of the target was confirmed: go on with the next ones."""
+        t = self.targets.get(target_id)
+        if t is None:
+            return
+        t.dirty = True
+        if t.confirm_timer is not None and t.confirm_timer.active():
+            t.confirm_timer.cancel()
+        t.confirm_timer = None
+        t.awaiting = None
+        if t.state is TargetState.UP and not t.running:
+            self._kick(t)
+
     def wake(self, target_id: str) -> None:
         """Retry a target now: a DOWN target's backoff is cut short, a BLOCKED one unblocked."""
         t = self.targets[target_id]
@@ -319,6 +337,7 @@ class TransactionController:
             and target_id not in self._paused
             and not _scheduled(t.loop_retry)
             and not _scheduled(t.fence)
+            and not _scheduled(t.confirm_timer)
         ]
 
     def revive_stalled(self) -> list[str]:
@@ -403,8 +422,7 @@ class TransactionController:
             )
         else:
             self.log.failure(
-                "Delivery to {target_id} stopped on an unexpected error; retrying in "
-                "{delay:.1f}s",
+                "Delivery to {target_id} stopped on an unexpected error; retrying in {delay:.1f}s",
                 failure,
                 target_id=t.config.target_id,
                 delay=delay,
@@ -415,6 +433,8 @@ class TransactionController:
         config = t.config
         target_id = config.target_id
         store = self._store
+        limits = (config.max_events, config.max_bytes)
+        ttl = config.default_ttl
         if not self._may_send(t):
             self._paused.add(target_id)
             return
@@ -423,15 +443,19 @@ class TransactionController:
             # resume as it says (a retry after its backoff, or blocked).
             await self._record(t)
             return
-        txn = await store.claim(
-            target_id, config.max_events, config.max_bytes, self._clock.seconds()
-        )
+        txn: Claim = await store.claim(target_id, *limits, self._clock.seconds(), default_ttl=ttl)
         while True:
+            if isinstance(txn, Awaiting):
+                # The head transaction awaits its confirmation: nothing else goes out until it
+                # comes, or until its timeout, when the transaction is sent again.
+                self._await_confirmation(t, txn)
+                return
+            t.awaiting = None
             if txn is None:
                 if t.dirty and not self._stopping:
                     t.dirty = False
                     txn = await store.claim(
-                        target_id, config.max_events, config.max_bytes, self._clock.seconds()
+                        target_id, *limits, self._clock.seconds(), default_ttl=ttl
                     )
                     continue
                 self._now_up(t)
@@ -442,12 +466,17 @@ class TransactionController:
             if not self._may_send(t):
                 self._paused.add(target_id)
                 return
+            if txn.deadline is not None and self._clock.seconds() >= txn.deadline:
+                # An event's deadline passed since the claim: no send may start now. Claiming
+                # again abandons the transaction and forms its live events anew.
+                txn = await store.claim(target_id, *limits, self._clock.seconds(), default_ttl=ttl)
+                continue
             _faults.checkpoint("txn.stored")
             outcome = await self._send(t, txn)
             now = self._clock.seconds()
             if outcome is None:
                 return
-            if outcome.kind is OutcomeKind.DELIVERED:
+            if outcome.kind in (OutcomeKind.DELIVERED, OutcomeKind.ACCEPTED):
                 _faults.checkpoint("send.accepted")
                 t.last_success_at = now
                 t.last_error = None
@@ -457,9 +486,17 @@ class TransactionController:
                 if t.state is TargetState.BLOCKED:
                     # Unblocked: the rest of the backlog drains as after an outage.
                     self._set_state(t, TargetState.DOWN)
-                txn = await store.complete(
-                    target_id, txn.txn_id, config.max_events, config.max_bytes, now
-                )
+                if outcome.kind is OutcomeKind.ACCEPTED:
+                    txn = await store.accepted(
+                        target_id,
+                        txn.txn_id,
+                        now + config.confirmation_timeout,
+                        *limits,
+                        now,
+                        default_ttl=ttl,
+                    )
+                else:
+                    txn = await store.complete(target_id, txn.txn_id, *limits, now, default_ttl=ttl)
             elif outcome.kind is OutcomeKind.TOO_LARGE and txn.n_events > 1:
                 self.log.info(
                     "{target_id} refused transaction {txn_id} of {n} events as too large "
@@ -469,9 +506,11 @@ class TransactionController:
                     n=txn.n_events,
                     reason=outcome.reason,
                 )
-                txn = await store.split(target_id, txn.txn_id, now)
-                if txn is None:
-                    txn = await store.claim(target_id, config.max_events, config.max_bytes, now)
+                split = await store.split(target_id, txn.txn_id, now, default_ttl=ttl)
+                if split is None:
+                    txn = await store.claim(target_id, *limits, now, default_ttl=ttl)
+                else:
+                    txn = split
             elif outcome.kind in (OutcomeKind.PERMANENT, OutcomeKind.TOO_LARGE):
                 t.last_error = outcome.reason
                 if config.failure_policy is FailurePolicy.BLOCK:
@@ -496,12 +535,29 @@ class TransactionController:
                     reason=outcome.reason,
                 )
                 txn = await store.dead_letter(
-                    target_id, txn.txn_id, outcome.reason, config.max_events, config.max_bytes, now
+                    target_id, txn.txn_id, outcome.reason, *limits, now, default_ttl=ttl
                 )
             else:
                 self._failed(t, txn, outcome, now)
                 await self._record(t)
                 return
+
+    def _await_confirmation(self, t: TargetRuntime, awaiting: Awaiting) -> None:
+        """Hold the target until its head transaction is confirmed, or its timeout passes."""
+        if t.recoverer is not None:
+            t.recoverer.cancel()
+            t.recoverer = None
+        if t.state is not TargetState.UP:
+            self._set_state(t, TargetState.UP)
+        t.awaiting = awaiting.txn_id
+        if t.confirm_timer is not None and t.confirm_timer.active():
+            t.confirm_timer.cancel()
+        delay = max(0.0, awaiting.confirm_by - self._clock.seconds())
+        t.confirm_timer = self._clock.callLater(delay, self._confirmation_due, t)
+
+    def _confirmation_due(self, t: TargetRuntime) -> None:
+        t.confirm_timer = None
+        self._kick(t)
 
     async def _send(self, t: TargetRuntime, txn: Transaction) -> SendOutcome | None:
         """
@@ -536,7 +592,7 @@ class TransactionController:
 
         waiting: Deferred[SendOutcome] = Deferred(cancel_send)
         try:
-            sending = self._transport.send(config, txn.txn_id, txn.body)
+            sending = self._transport.send(config, txn.txn_id, matrix_body(txn.events))
             sending.addBoth(forward)
             deadline = self._clock.callLater(timeout, expire)
             t.in_flight = waiting
@@ -563,9 +619,7 @@ class TransactionController:
         reason = scrub(str(outcome.reason), config.token)
         return outcome if reason == outcome.reason else attrs.evolve(outcome, reason=reason)
 
-    def _failed(
-        self, t: TargetRuntime, txn: Transaction, outcome: SendOutcome, now: float
-    ) -> None:
+    def _failed(self, t: TargetRuntime, txn: Transaction, outcome: SendOutcome, now: float) -> None:
         """Count a transient failure in memory; :meth:`_record` stores it."""
         if t.recoverer is None:
             t.recoverer = self._recoverer(t, 0)
@@ -671,11 +725,12 @@ def _cancel_timers(t: TargetRuntime) -> None:
     """Cancel every timer of a target: its retry, a loop restart, a takeover fence."""
     if t.recoverer is not None:
         t.recoverer.cancel()
-    for call in (t.loop_retry, t.fence):
+    for call in (t.loop_retry, t.fence, t.confirm_timer):
         if call is not None and call.active():
             call.cancel()
     t.loop_retry = None
     t.fence = None
+    t.confirm_timer = None
 
 
 async def _wait_all(loops: list[Deferred[None]]) -> None:

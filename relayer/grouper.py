@@ -21,6 +21,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from operator import add
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -31,7 +32,7 @@ from twisted.logger import Logger
 from relayer import _encoding, _faults
 from relayer.config import BackoffPolicy
 from relayer.errors import StoreError, StoreUnavailable
-from relayer.store.base import IStore
+from relayer.store.base import EventBatch, IStore
 
 #: The most events one write takes, so that one commit stays a reasonable size. A single
 #: ``submit_many`` larger than this is still written in one commit.
@@ -46,10 +47,21 @@ DEFAULT_STORE_RETRY_TIMEOUT = 60.0
 
 @attrs.define
 class _Submission:
-    #: Each target's encoded events, in submit order.
-    per_target: dict[str, list[bytes]]
-    count: int
-    done: Deferred[None]
+    #: The encoded events, once each.
+    bodies: list[bytes]
+    #: Each target's events, as indices into ``bodies``, in submit order.
+    per_target: dict[str, list[int]]
+    #: The targets of the events submitted for several, by index.
+    targets: dict[int, tuple[str, ...]]
+    #: The application's ids, by index.
+    event_ids: dict[int, str]
+    #: The deadlines, by index.
+    expires_at: dict[int, float]
+    done: Deferred[list[str]]
+
+    @property
+    def count(self) -> int:
+        return len(self.bodies)
 
 
 def runs_for(events: Sequence[bytes], max_events: int, max_bytes: int) -> list[Sequence[bytes]]:
@@ -60,6 +72,11 @@ def runs_for(events: Sequence[bytes], max_events: int, max_bytes: int) -> list[S
     next event would take its body past ``max_bytes`` (an event larger than that alone is a run
     of its own).
     """
+    return [events[a:b] for a, b in run_bounds(events, max_events, max_bytes)]
+
+
+def run_bounds(events: Sequence[bytes], max_events: int, max_bytes: int) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` bounds of the runs that :func:`runs_for` cuts ``events`` into."""
     sep = len(_encoding.SEPARATOR)
     room = max_bytes + sep - _encoding.ENVELOPE_BYTES
     n = len(events)
@@ -69,13 +86,13 @@ def runs_for(events: Sequence[bytes], max_events: int, max_bytes: int) -> list[S
     # max_events events that fits is taken without them: they are made, in C, only once a
     # slice does not fit.
     ends: list[int] | None = None
-    runs: list[Sequence[bytes]] = []
+    runs: list[tuple[int, int]] = []
     start = 0
     while start < n:
         stop = min(start + max_events, n)
         part = events[start:stop]
         if ends is None and sum(map(len, part)) + sep * len(part) <= room:
-            runs.append(part)
+            runs.append((start, stop))
             start = stop
             continue
         if ends is None:
@@ -83,8 +100,7 @@ def runs_for(events: Sequence[bytes], max_events: int, max_bytes: int) -> list[S
             ends = list(map(add, lengths, range(0, sep * (n + 1), sep)))
         if ends[stop] - ends[start] > room:
             stop = max(start + 1, bisect_right(ends, ends[start] + room, start, stop) - 1)
-            part = events[start:stop]
-        runs.append(part)
+        runs.append((start, stop))
         start = stop
     return runs
 
@@ -143,37 +159,54 @@ class EventGrouper:
         """How many events handed over are not stored yet: waiting, or being written."""
         return self._unstored
 
-    def add(self, items: Sequence[tuple[str, bytes]]) -> Deferred[None]:
+    def add(self, items: Sequence[tuple[str, bytes]]) -> Deferred[list[str]]:
         """
-        Store encoded events.
+        Store encoded events, each for one target.
 
         Args:
             items: ``(target_id, encoded_event)`` pairs, in submit order.
 
         Returns:
-            A Deferred that fires once every one of the events is durably stored (they are
-            stored together, in one database transaction), or fails with
+            A Deferred that fires with the events' ids once every one of them is durably stored
+            (they are stored together, in one database transaction), or fails with
             :class:`relayer.errors.StoreError` if none of them was stored.
         """
-        per_target: dict[str, list[bytes]] = {}
+        bodies: list[bytes] = []
+        per_target: dict[str, list[int]] = {}
         for target_id, event in items:
-            per_target.setdefault(target_id, []).append(event)
-        return self.add_grouped(per_target, len(items))
+            per_target.setdefault(target_id, []).append(len(bodies))
+            bodies.append(event)
+        return self.add_grouped(bodies, per_target)
 
-    def add_grouped(self, per_target: dict[str, list[bytes]], count: int) -> Deferred[None]:
+    def add_grouped(
+        self,
+        bodies: list[bytes],
+        per_target: dict[str, list[int]],
+        targets: dict[int, tuple[str, ...]] | None = None,
+        event_ids: dict[int, str] | None = None,
+        expires_at: dict[int, float] | None = None,
+    ) -> Deferred[list[str]]:
         """
-        Store encoded events already grouped by target: :meth:`add` without the grouping.
+        Store encoded events already grouped by target.
 
         Args:
-            per_target: Each target's encoded events, in submit order. The grouper takes the
-                dict and its lists over: the caller must not change them afterwards.
-            count: How many events there are in all.
+            bodies: The encoded events, each once, whatever the number of its targets.
+            per_target: Each target's events, as indices into ``bodies``, in submit order.
+            targets: The targets of each event submitted for several, by index.
+            event_ids: The application's ids of the events that have one, by index.
+            expires_at: The deadlines of the events that have one, by index.
+
+        The grouper takes the lists and dicts over: the caller must not change them afterwards.
 
         Returns:
             As :meth:`add`.
         """
-        done: Deferred[None] = Deferred()
-        self._queue.append(_Submission(per_target, count, done))
+        done: Deferred[list[str]] = Deferred()
+        submission = _Submission(
+            bodies, per_target, targets or {}, event_ids or {}, expires_at or {}, done
+        )
+        count = len(bodies)
+        self._queue.append(submission)
         self._queued += count
         self._unstored += count
         if not self._busy:
@@ -199,29 +232,28 @@ class EventGrouper:
             count += submission.count
         self._queued -= count
         if len(batch) == 1:
-            per_target = batch[0].per_target
+            merged = batch[0]
         else:
-            per_target = {}
-            for submission in batch:
-                for target_id, events in submission.per_target.items():
-                    merged = per_target.get(target_id)
-                    if merged is None:
-                        per_target[target_id] = list(events)
-                    else:
-                        merged.extend(events)
-        runs: list[tuple[str, Sequence[bytes]]] = []
-        for target_id, events in per_target.items():
+            merged = _merge(batch)
+        bodies = merged.bodies
+        runs: list[tuple[str, Sequence[int]]] = []
+        for target_id, indices in merged.per_target.items():
             max_events, max_bytes = self._limits(target_id)
-            runs.extend((target_id, run) for run in runs_for(events, max_events, max_bytes))
-
+            events = list(map(bodies.__getitem__, indices))
+            runs.extend(
+                (target_id, indices[a:b]) for a, b in run_bounds(events, max_events, max_bytes)
+            )
+        events_batch = EventBatch(bodies, runs, merged.targets, merged.event_ids, merged.expires_at)
         self._busy = True
-        d = Deferred.fromCoroutine(self._store_batch(batch, runs, list(per_target), count))
+        d = Deferred.fromCoroutine(
+            self._store_batch(batch, events_batch, list(merged.per_target), count)
+        )
         d.addErrback(lambda f: self.log.failure("The event grouper failed", f))
 
     async def _store_batch(
         self,
         batch: list[_Submission],
-        runs: list[tuple[str, Sequence[bytes]]],
+        events: EventBatch,
         target_ids: list[str],
         count: int,
     ) -> None:
@@ -240,7 +272,7 @@ class EventGrouper:
         try:
             while True:
                 try:
-                    await self._store.add_events(runs, self._clock.seconds())
+                    ids = await self._store.add_events(events, self._clock.seconds())
                 except StoreUnavailable as e:
                     attempt += 1
                     waited = self._clock.seconds() - started
@@ -281,8 +313,11 @@ class EventGrouper:
                 else:
                     _faults.checkpoint("submit.stored")
                     settle()
+                    offset = 0
                     for submission in batch:
-                        submission.done.callback(None)
+                        n = submission.count
+                        submission.done.callback(ids[offset : offset + n])
+                        offset += n
                     try:
                         self._on_stored(target_ids)
                     except Exception:
@@ -303,3 +338,32 @@ class EventGrouper:
         error = StoreError(message)
         for submission in batch:
             submission.done.errback(error)
+
+
+def _merge(batch: list[_Submission]) -> _Submission:
+    """One submission of several, their events in order."""
+    bodies: list[bytes] = []
+    per_target: dict[str, list[int]] = {}
+    targets: dict[int, tuple[str, ...]] = {}
+    event_ids: dict[int, str] = {}
+    expires_at: dict[int, float] = {}
+    for submission in batch:
+        offset = len(bodies)
+        bodies.extend(submission.bodies)
+        for target_id, indices in submission.per_target.items():
+            shifted = [i + offset for i in indices] if offset else indices
+            merged = per_target.get(target_id)
+            if merged is None:
+                per_target[target_id] = list(shifted)
+            else:
+                merged.extend(shifted)
+        pairs: list[tuple[dict[int, Any], dict[int, Any]]] = [
+            (targets, submission.targets),
+            (event_ids, submission.event_ids),
+            (expires_at, submission.expires_at),
+        ]
+        for mine, theirs in pairs:
+            for i, value in theirs.items():
+                mine[i + offset] = value
+    done: Deferred[list[str]] = Deferred()
+    return _Submission(bodies, per_target, targets, event_ids, expires_at, done)

@@ -39,10 +39,20 @@ from relayer.errors import (
     StoreError,
     UnknownTarget,
 )
+from relayer.event import Event, check_event_id, deadline_of
 from relayer.grouper import DEFAULT_STORE_RETRY_TIMEOUT, EventGrouper
 from relayer.lease import LeaseManager, LeaseSettings
 from relayer.reconciler import DEFAULT_SWEEP_INTERVAL, Reconciler
-from relayer.store.base import DeadLetter, ILeaseStore, IStore, QueueCounts, TargetState
+from relayer.store.base import (
+    DeadLetter,
+    DeliveryState,
+    EventStatus,
+    ILeaseStore,
+    IStore,
+    QueueCounts,
+    TargetEventsPage,
+    TargetState,
+)
 from relayer.transport.base import ITransport
 
 #: How long :meth:`Scheduler.stop` lets sends in flight finish before it abandons them.
@@ -609,35 +619,66 @@ class Scheduler:
 
     # -- submitting -----------------------------------------------------------------------------
 
-    def submit(self, target_id: str, event: Any) -> Deferred[None]:
+    def submit(
+        self,
+        targets: str | Sequence[str],
+        event: Any,
+        *,
+        event_id: str | None = None,
+        expires_at: float | None = None,
+        ttl: float | None = None,
+    ) -> Deferred[str]:
         """
-        Submit one event for delivery to one target.
+        Submit one event for delivery to one target, or to several.
 
         The event is encoded as JSON at once, and stored before the returned Deferred fires.
-        From then on it is delivered, in submit order, even across crashes and restarts.
+        From then on it is delivered to each of its targets, in submit order there, even
+        across crashes and restarts. An event for several targets is stored once.
 
         Args:
-            target_id: A registered target's id.
+            targets: A registered target's id, or a list of them (duplicates are ignored).
             event: A JSON object, as Matrix events are: a dict whose keys are strings at every
-                depth, with integers within +-(2**53 - 1), Matrix's canonical JSON range.
+                depth, with integers within +-(2**53 - 1), Matrix's canonical JSON range. Or an
+                :class:`relayer.Event` that carries it with its options.
+            event_id: Your id for the event (a Matrix event id, an order id). If the store
+                holds an event with this id already, nothing is stored, and the Deferred fires
+                with the same id: a repeated submit is harmless. None: relayer gives it an id.
+            expires_at: A deadline, in clock seconds: the event is never sent at or after it.
+            ttl: Or a time to live, in seconds from now. Without either, a target's
+                ``default_ttl`` applies there.
 
         Returns:
-            A Deferred that fires once the event is durably stored.
+            A Deferred that fires with the event's id once the event is durably stored.
 
         Raises:
             NotRunning: The scheduler is not started, or is stopping.
-            UnknownTarget: No target has this id.
+            UnknownTarget: A target has no such id.
             InvalidEvent: The event is not a dict, cannot be encoded as JSON, has a key that is
-                not a string or an integer out of range; the message says where.
-            EventTooLarge: The encoded event exceeds the target's ``max_bytes``.
+                not a string or an integer out of range (the message says where); the id,
+                deadline or targets are not valid.
+            EventTooLarge: The encoded event exceeds a target's ``max_bytes``.
             Backpressure: ``max_waiting_events`` submitted events wait to be stored already;
                 nothing was stored.
         """
         self._check_running()
-        config = self._config(target_id)
-        data = _encoding.encode_event(event, config.max_bytes)
+        if isinstance(event, Event):
+            if event_id is not None or expires_at is not None or ttl is not None:
+                raise InvalidEvent("give an Event's options in the Event, not beside it")
+            event_id, expires_at, ttl, event = (
+                event.event_id,
+                event.expires_at,
+                event.ttl,
+                event.body,
+            )
+        acc = _Accumulator(self)
+        acc.add(targets, event, event_id, expires_at, ttl)
         self._check_room(1)
-        return self._grouper.add_grouped({target_id: [data]}, 1)
+        stored = acc.store()
+
+        async def first() -> str:
+            return (await stored)[0]
+
+        return Deferred.fromCoroutine(first())
 
     def _check_room(self, count: int) -> None:
         """Refuse ``count`` more events if they would take the unstored ones past the bound."""
@@ -649,22 +690,24 @@ class Scheduler:
                 f"{self._max_waiting}; nothing of this submit was stored: submit again later"
             )
 
-    def submit_many(self, events: Iterable[tuple[str, Any]]) -> Deferred[None]:
+    def submit_many(self, events: Iterable[tuple[str | Sequence[str], Any]]) -> Deferred[list[str]]:
         """
         Submit many events at once, stored together in one database transaction.
 
         Args:
-            events: ``(target_id, event)`` pairs, in submit order.
+            events: ``(targets, event)`` pairs, in submit order: ``targets`` is a target id or
+                a list of them, and ``event`` a JSON object or an :class:`relayer.Event` (for
+                an id or a deadline of its own).
 
         Returns:
-            A Deferred that fires once all of the events are durably stored.
+            A Deferred that fires with the events' ids, in order, once all of them are
+            durably stored.
 
         Raises:
             NotRunning: The scheduler is not started, or is stopping.
             UnknownTarget: A pair names no registered target.
             InvalidEvent: A pair's event is refused as :meth:`submit` refuses it, a pair is not
-                a pair, or
-                ``events`` is a string or a mapping (pass a mapping's ``items()``).
+                a pair, or ``events`` is a string or a mapping (pass a mapping's ``items()``).
             EventTooLarge: A pair's encoded event exceeds its target's ``max_bytes``.
             Backpressure: With these events, more than ``max_waiting_events`` submitted events
                 would wait to be stored; none of them was stored.
@@ -685,12 +728,14 @@ class Scheduler:
                 f"submit_many takes an iterable of (target_id, event) pairs, "
                 f"not {type(events).__name__}"
             ) from None
-        # Each target's events are collected in their own list as they are encoded, so that
-        # the grouper need not sort them again; this loop runs once for every event.
-        per_target: dict[str, list[bytes]] = {}
-        found: dict[str, tuple[Callable[[bytes], None], int]] = {}
+        # The common case, a plain event for one target, runs in this loop; anything else goes
+        # through the accumulator. This loop runs once for every event.
+        acc = _Accumulator(self)
+        bodies = acc.bodies
+        per_target = acc.per_target
+        found: dict[str, tuple[Callable[[int], None], int]] = {}
         encode = _encoding.encode_event
-        count = 0
+        add_body = bodies.append
         for pair in pairs:
             try:
                 if type(pair) is not tuple and isinstance(pair, _NOT_PAIRS):
@@ -702,18 +747,161 @@ class Scheduler:
                     f"submit_many takes (target_id, event) pairs, not {type(pair).__name__}"
                 ) from None
             try:
-                append, max_bytes = found[target_id]
+                append, max_bytes = found[target_id]  # type: ignore[index]
             except (KeyError, TypeError):
-                config = self._config(target_id)
-                queued: list[bytes] = []
-                per_target[target_id] = queued
-                append, max_bytes = found[target_id] = (queued.append, config.max_bytes)
-            append(encode(event, max_bytes))
-            count += 1
-        if not count:
-            return Deferred.fromCoroutine(_nothing())
-        self._check_room(count)
-        return self._grouper.add_grouped(per_target, count)
+                if type(target_id) is str and type(event) is not Event:
+                    config = self._config(target_id)
+                    queued: list[int] = []
+                    per_target[target_id] = queued
+                    append, max_bytes = found[target_id] = (queued.append, config.max_bytes)
+                else:
+                    if type(event) is Event:
+                        acc.add(target_id, event.body, event.event_id, event.expires_at, event.ttl)
+                    else:
+                        acc.add(target_id, event, None, None, None)
+                    continue
+            if type(event) is Event:
+                acc.add(target_id, event.body, event.event_id, event.expires_at, event.ttl)
+                continue
+            append(len(bodies))
+            add_body(encode(event, max_bytes))
+        if not bodies:
+            return Deferred.fromCoroutine(_no_ids())
+        self._check_room(len(bodies))
+        return acc.store()
+
+    # -- confirmations and event status ---------------------------------------------------------
+
+    def confirm(self, target_id: str, txn_id: int) -> Deferred[bool]:
+        """
+        Confirm a transaction that its transport reported accepted, with its confirmation to
+        come (:meth:`relayer.SendOutcome.accepted`).
+
+        The confirmation is stored; the process that delivers to the target (this one, or
+        another sharing the database) goes on with the target's next transactions at once.
+        Until then, nothing else is sent to the target; a transaction not confirmed within the
+        target's ``confirmation_timeout`` is sent again, with the same id and bytes.
+
+        Args:
+            target_id: The target.
+            txn_id: The transaction's id, as the transport sent it.
+
+        Returns:
+            A Deferred firing with True if the transaction is delivered now (also if it was
+            confirmed before), or False if it is not one the target was sent and has not
+            finished: an unknown id, or a transaction abandoned because an event of it expired
+            (its live events went out in a new one).
+
+        Raises:
+            NotRunning: The scheduler is not running.
+            UnknownTarget: ``target_id`` is not a valid target id.
+            ConfigurationError: ``txn_id`` is not an int >= 1.
+        """
+        self._check_running()
+        self._check_stored_target(target_id)
+        if isinstance(txn_id, bool) or not isinstance(txn_id, int) or not 1 <= txn_id < 2**63:
+            raise ConfigurationError(
+                f"txn_id must be a transaction id (an int >= 1), not {txn_id!r}"
+            )
+
+        async def confirm() -> bool:
+            done = await self._store.confirm(target_id, txn_id, self._clock.seconds())
+            if done:
+                self._controller.confirmed(target_id)
+            return done
+
+        return Deferred.fromCoroutine(confirm())
+
+    def event_status(self, event_id: str) -> Deferred[EventStatus | None]:
+        """
+        Report where an event stands at each of its targets, from the store.
+
+        The answer is the same from any process sharing the database, and across restarts.
+
+        Args:
+            event_id: The id that :meth:`submit` returned.
+
+        Returns:
+            A Deferred firing with an :class:`relayer.EventStatus`, or None if the store holds
+            no event with this id.
+
+        Raises:
+            NotRunning: The scheduler is not running.
+            InvalidEvent: ``event_id`` is not a str.
+        """
+        self._check_inspectable()
+        if not isinstance(event_id, str):
+            raise InvalidEvent(f"event_id must be a str, not {type(event_id).__name__}")
+        return self._store.event_status(event_id)
+
+    #: The most entries one :meth:`target_events` call returns.
+    MAX_EVENTS_PAGE = 1000
+
+    def target_events(
+        self,
+        target_id: str,
+        state: DeliveryState | str,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Deferred[TargetEventsPage]:
+        """
+        List a target's events in one state, oldest first (in the target's order), a page at
+        a time.
+
+        To list them all, call again with ``after`` set to the page's ``next``, until ``next``
+        is None. Each page is read from the store by key, so memory stays bounded however many
+        events there are.
+
+        Args:
+            target_id: The target.
+            state: A :class:`relayer.DeliveryState` (or its value, such as ``"pending"``).
+            after: The ``next`` of the page before; None for the first page.
+            limit: The most entries to return, from 1 to :attr:`MAX_EVENTS_PAGE`.
+
+        Raises:
+            NotRunning: The scheduler is not running.
+            UnknownTarget: ``target_id`` is not a valid target id.
+            ConfigurationError: ``state``, ``after`` or ``limit`` is not valid.
+        """
+        self._check_inspectable()
+        self._check_stored_target(target_id)
+        try:
+            state = DeliveryState(state)
+        except ValueError:
+            choices = ", ".join(repr(s.value) for s in DeliveryState)
+            raise ConfigurationError(f"state must be a DeliveryState or one of {choices}") from None
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= self.MAX_EVENTS_PAGE
+        ):
+            raise ConfigurationError(
+                f"limit must be an int from 1 to {self.MAX_EVENTS_PAGE}, not {limit!r}"
+            )
+        if after is not None and not isinstance(after, str):
+            raise ConfigurationError(f"after must be a page's next (a str) or None, not {after!r}")
+
+        async def page() -> TargetEventsPage:
+            try:
+                return await self._store.target_events(target_id, state, after, limit)
+            except ValueError as e:
+                raise ConfigurationError(str(e)) from None
+
+        return Deferred.fromCoroutine(page())
+
+    def _check_inspectable(self) -> None:
+        if self._lifecycle not in (_Lifecycle.RUNNING, _Lifecycle.STOPPING):
+            raise NotRunning(f"the scheduler is {self._lifecycle}: this needs a running one")
+
+    def _check_stored_target(self, target_id: Any) -> None:
+        """Refuse what cannot be the id of a target the store knows."""
+        if not isinstance(target_id, str) or target_id not in self._configs:
+            # Unregistered targets may have data stored; a malformed id cannot.
+            try:
+                _check_target_id(None, None, target_id)
+            except InvalidTarget:
+                raise UnknownTarget(f"no target {target_id!r} is registered") from None
 
     # -- operating ------------------------------------------------------------------------------
 
@@ -871,12 +1059,7 @@ class Scheduler:
             raise ConfigurationError(
                 f"after must be a transaction id (an int >= 0) or None, not {after!r}"
             )
-        if not isinstance(target_id, str) or target_id not in self._configs:
-            # Unregistered targets may have dead letters stored; a malformed id cannot.
-            try:
-                _check_target_id(None, None, target_id)
-            except InvalidTarget:
-                raise UnknownTarget(f"no target {target_id!r} is registered") from None
+        self._check_stored_target(target_id)
         return self._store.dead_letters(target_id, limit, after)
 
     def replay(self, target_id: str) -> Deferred[int]:
@@ -914,6 +1097,81 @@ def _check_seconds(name: str, value: Any, positive: bool = False) -> None:
     ):
         op = ">" if positive else ">="
         raise ConfigurationError(f"{name} must be a number {op} 0, not {value!r}")
+
+
+async def _no_ids() -> list[str]:
+    return []
+
+
+class _Accumulator:
+    """The events of one submit, gathered for the grouper: bodies once, and per target."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        self.bodies: list[bytes] = []
+        self.per_target: dict[str, list[int]] = {}
+        self.targets: dict[int, tuple[str, ...]] = {}
+        self.event_ids: dict[int, str] = {}
+        self.expires_at: dict[int, float] = {}
+
+    def add(
+        self,
+        targets: Any,
+        event: Any,
+        event_id: Any,
+        expires_at: Any,
+        ttl: Any,
+    ) -> None:
+        s = self._scheduler
+        ids = _target_list(targets)
+        configs = [s._config(t) for t in ids]
+        if event_id is not None:
+            check_event_id(event_id)
+        deadline = deadline_of(s._clock.seconds(), expires_at, ttl)
+        data = _encoding.encode_event(event, min(c.max_bytes for c in configs))
+        index = len(self.bodies)
+        self.bodies.append(data)
+        for target_id in ids:
+            queued = self.per_target.get(target_id)
+            if queued is None:
+                self.per_target[target_id] = [index]
+            else:
+                queued.append(index)
+        if len(ids) > 1:
+            self.targets[index] = ids
+        if event_id is not None:
+            self.event_ids[index] = event_id
+        if deadline is not None:
+            self.expires_at[index] = deadline
+
+    def store(self) -> Deferred[list[str]]:
+        return self._scheduler._grouper.add_grouped(
+            self.bodies, self.per_target, self.targets, self.event_ids, self.expires_at
+        )
+
+
+#: The most targets one event may be submitted for.
+MAX_FANOUT = 1000
+
+
+def _target_list(targets: Any) -> tuple[str, ...]:
+    """The ids of an event's targets, once each, in order."""
+    if isinstance(targets, str):
+        return (targets,)
+    if not isinstance(targets, (list, tuple)):
+        # No target has such an id: a target id is a str.
+        raise UnknownTarget(
+            f"no target {targets!r} is registered (targets are a target id or a list of them)"
+        )
+    for t in targets:
+        if not isinstance(t, str):
+            raise UnknownTarget(f"no target {t!r} is registered")
+    ids = tuple(dict.fromkeys(targets))
+    if not ids:
+        raise InvalidEvent("an event needs at least one target")
+    if len(ids) > MAX_FANOUT:
+        raise InvalidEvent(f"an event may go to at most {MAX_FANOUT} targets, not {len(ids)}")
+    return ids
 
 
 async def _nothing() -> None:

@@ -19,7 +19,7 @@ transactions every time it is sent them (the answer depends on the body only), a
 (BLOCK policy) to some transactions the first time it sees them. The child replays ``d0``'s
 dead letters during each run, and wakes ``b0`` a moment after it blocks. For them:
 
-- every acknowledged event was delivered or is in ``relayer_dead_letters`` at the end, and no
+- every acknowledged event was delivered or is dead-lettered at the end, and no
   event is both; only ``d0`` has dead letters, and only of events it refused;
 - no event reached its target in two transactions with different ids;
 - the events delivered without a refusal came in submit order; a refused event was delivered
@@ -69,7 +69,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from relayer._faults import POINTS
-from relayer.store import schema
+from relayer.store import _seqs, schema
 from relayer.testing import Receiver
 
 # Each test is for SQLite (one process on a file) or for PostgreSQL (processes sharing leases).
@@ -564,9 +564,10 @@ class Sequence:
             leases = self.query("SELECT target_id, owner, expires_at FROM relayer_leases")
         return {
             "states": self.states(),
-            "queue": self.query("SELECT target_id, count(*) FROM relayer_queue GROUP BY target_id"),
+            "queue": self.query("SELECT target_id, count(*) FROM relayer_runs GROUP BY target_id"),
             "transactions": self.query(
-                "SELECT target_id, count(*) FROM relayer_transactions GROUP BY target_id"
+                "SELECT target_id, count(*) FROM relayer_txns"
+                " WHERE state IN ('pending', 'awaiting') GROUP BY target_id"
             ),
             "leases": leases,
             "now": time.time(),
@@ -599,8 +600,11 @@ class Sequence:
         acked = {t: {n for _, n in a} for t, a in acks.events.items()}
         problems: list[str] = []
         dead: dict[str, list[int]] = {t: [] for t in TARGETS}
-        for target_id, body in self.query("SELECT target_id, body FROM relayer_dead_letters"):
-            dead[target_id] += [e["n"] for e in json.loads(bytes(body))["events"]]
+        bodies = dict(self.query("SELECT seq, body FROM relayer_events"))
+        for target_id, seqs in self.query(
+            "SELECT target_id, seqs FROM relayer_txns WHERE state = 'dead'"
+        ):
+            dead[target_id] += [json.loads(bytes(bodies[s]))["n"] for s in _seqs.decode(seqs)]
         for t in TARGETS:
             recorder = self.recorders[t]
             receiver = recorder.receiver
@@ -660,10 +664,16 @@ class Sequence:
             ids = [x.txn_id for x in receiver.transactions]
             if ids != sorted(set(ids)):
                 problems.append(f"{t}: transaction ids did not only grow: {ids}")
-        for table in ("relayer_queue", "relayer_transactions"):
-            ((rows,),) = self.query(f"SELECT count(*) FROM {table}")
+        for what, query in (
+            ("queued runs", "SELECT count(*) FROM relayer_runs"),
+            (
+                "open transactions",
+                "SELECT count(*) FROM relayer_txns WHERE state IN ('pending', 'awaiting')",
+            ),
+        ):
+            ((rows,),) = self.query(query)
             if rows:
-                problems.append(f"{rows} rows are left in {table}")
+                problems.append(f"{rows} {what} are left")
         assert not problems, f"{self.name} (seed {self.seed}):\n" + "\n".join(problems[:20])
         # The check had something to check: acknowledged events were delivered, and the runs met
         # the failure paths they were scripted to meet.

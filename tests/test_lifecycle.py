@@ -265,4 +265,4 @@ def test_a_submit_made_as_the_last_one_is_stored_is_not_refused(db_path: Path) -
 
     scheduler.submit_many([("t", {"n": i}) for i in range(6)]).addCallback(again)
     store.release()
-    assert outcomes == [None]
+    assert outcomes == [[f"relayer-{n}" for n in range(7, 13)]]

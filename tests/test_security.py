@@ -473,9 +473,9 @@ def test_event_content_round_trips_byte_exactly(db_path: Path) -> None:
         assert {
             "relayer_meta",
             "relayer_targets",
-            "relayer_queue",
-            "relayer_transactions",
-            "relayer_dead_letters",
+            "relayer_events",
+            "relayer_runs",
+            "relayer_txns",
         } <= tables
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert {r[0] for r in db.execute("SELECT target_id FROM relayer_targets")} == set(ids)

@@ -1,15 +1,22 @@
 """
 The store interface and the records it returns.
 
-A store holds each target's queue durably:
+A store holds events and each target's queue durably:
 
-- *queued events*: events that were acknowledged to the submitter but are not yet part of a
-  transaction, kept in submit order as runs of encoded events;
-- *transactions*: batches with an allocated id and their exact wire bytes, formed when a batch is
-  about to be sent. Once formed, a transaction is always resent unchanged;
+- *events*: each event's encoded bytes, written once whatever the number of its targets, with
+  its id (the application's, or ``relayer-<n>``), the time it was submitted and its deadline;
+- *queued events*: for each target, the events that were acknowledged to the submitter but are
+  not yet part of a transaction, in submit order, as runs of event numbers;
+- *transactions*: batches with an allocated id, naming their events, formed when a batch is
+  about to be sent. Once formed, a transaction's events never change, so it is always resent
+  the same; it is kept once done (delivered, dead-lettered, replayed or abandoned), as its
+  events' history;
 - *dead letters*: transactions that failed permanently under the dead-letter policy;
+- *expired events*: the events that passed their deadline at a target before they were sent;
 - each target's *delivery state*: UP, DOWN or BLOCKED, its consecutive failures, the time of its
   next attempt, and the last transaction id it allocated.
+
+The store knows nothing of any wire format: the transport frames a transaction's events.
 
 Every method runs one database transaction and returns a Deferred; time is passed in by the
 caller, so that a store never reads a clock of its own.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
+from typing import Union
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -37,26 +45,210 @@ class TargetState(enum.Enum):
     BLOCKED = "blocked"
 
 
+def _framed(events: Sequence[bytes]) -> bytes:
+    from relayer._encoding import transaction_body
+
+    return transaction_body(b",\n".join(events))
+
+
 @attrs.frozen
 class Transaction:
     """
     A stored transaction, as claimed for sending.
 
+    The store keeps a transaction's events, never its wire bytes: the wire format frames them
+    (the Matrix format as ``{"events": [...]}``), the same way on every retry, so that a retry
+    carries the same bytes.
+
     Attributes:
         target_id: The target it is for.
         txn_id: Its id: per target, strictly increasing and never reused.
-        body: Its exact wire bytes, the JSON document ``{"events": [...]}``.
-        n_events: How many events it holds.
+        events: Its events' encoded bytes, in order.
+        event_ids: Their ids, in the same order.
         attempts: How many times it has been claimed for sending, this time included.
         oldest_at: When its oldest event was submitted.
+        deadline: The earliest deadline of its events, or None: no send of it may start at or
+            after this time.
     """
 
     target_id: str
     txn_id: int
-    body: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
-    n_events: int
+    events: tuple[bytes, ...] = attrs.field(repr=lambda e: f"<{len(e)} events>")
+    event_ids: tuple[str, ...] = attrs.field(repr=False)
     attempts: int
     oldest_at: float
+    deadline: float | None = None
+
+    @property
+    def n_events(self) -> int:
+        """How many events it holds."""
+        return len(self.events)
+
+    @property
+    def body(self) -> bytes:
+        """The Matrix application-service framing of its events, ``{"events": [...]}``."""
+        return _framed(self.events)
+
+
+@attrs.frozen
+class Awaiting:
+    """
+    The answer of a claim while the target's head transaction awaits its confirmation.
+
+    Nothing is sent to the target until it is confirmed, or until ``confirm_by``, when it is
+    sent again.
+
+    Attributes:
+        target_id: The target.
+        txn_id: The transaction awaiting confirmation.
+        confirm_by: When it is sent again unless it is confirmed first (clock seconds).
+    """
+
+    target_id: str
+    txn_id: int
+    confirm_by: float
+
+
+#: What a claim returns: a transaction to send, the transaction awaiting confirmation, or None
+#: when nothing is pending.
+Claim = Union[Transaction, Awaiting, None]  # noqa: UP007 - a runtime alias
+
+
+@attrs.frozen
+class EventBatch:
+    """
+    Events to store together, in one database transaction: see :meth:`IStore.add_events`.
+
+    Attributes:
+        bodies: Each event's encoded bytes, once, whatever the number of its targets.
+        runs: ``(target_id, indices)``: each target's events, as indices into ``bodies``, in
+            submit order, cut into runs that each fit one transaction of the target.
+        targets: For an event submitted for several targets (by index), their ids; an event
+            not in here was submitted for its run's target only.
+        event_ids: The application's ids of the events that have one, by index.
+        expires_at: The deadlines of the events that have one, by index (clock seconds).
+    """
+
+    bodies: Sequence[bytes]
+    runs: Sequence[tuple[str, Sequence[int]]]
+    targets: Mapping[int, tuple[str, ...]] = attrs.field(factory=dict)
+    event_ids: Mapping[int, str] = attrs.field(factory=dict)
+    expires_at: Mapping[int, float] = attrs.field(factory=dict)
+
+    @classmethod
+    def of_runs(cls, runs: Sequence[tuple[str, Sequence[bytes]]]) -> EventBatch:
+        """A batch of plain events: each run's events, for its target only."""
+        bodies: list[bytes] = []
+        indexed = []
+        for target_id, events in runs:
+            start = len(bodies)
+            bodies.extend(events)
+            indexed.append((target_id, range(start, len(bodies))))
+        return cls(bodies, indexed)
+
+
+class DeliveryState(enum.Enum):
+    """Where an event stands at one of its targets."""
+
+    #: Not yet accepted: queued, or in a transaction that is being sent or retried.
+    PENDING = "pending"
+    #: Accepted by the target, which has not confirmed it yet; sent again if it does not in
+    #: time.
+    AWAITING_CONFIRMATION = "awaiting_confirmation"
+    #: Delivered: the target accepted (and, if asked, confirmed) its transaction.
+    DELIVERED = "delivered"
+    #: Its deadline passed before it was sent: it never will be.
+    EXPIRED = "expired"
+    #: Its transaction failed permanently and was set aside, until it is replayed.
+    DEAD_LETTERED = "dead_lettered"
+
+
+@attrs.frozen
+class Delivery:
+    """
+    One event at one of its targets, as :meth:`relayer.Scheduler.event_status` reports it.
+
+    Attributes:
+        target_id: The target.
+        state: Where the event stands there.
+        txn_id: The transaction that carries it there, or None while it is only queued (and for
+            an expired event).
+        attempts: How many times that transaction has been sent (0 while only queued).
+        last_attempt_at: When it was last sent, or None.
+        next_attempt_at: For a pending event at a DOWN target, when the target is retried next;
+            else None.
+        delivered_at: When it was delivered, or None.
+        expired_at: When it was recorded as expired, or None.
+        reason: Why it was dead-lettered, or None.
+        confirm_by: For an event awaiting confirmation, when its transaction is sent again
+            unless it is confirmed first; else None.
+    """
+
+    target_id: str
+    state: DeliveryState
+    txn_id: int | None = None
+    attempts: int = 0
+    last_attempt_at: float | None = None
+    next_attempt_at: float | None = None
+    delivered_at: float | None = None
+    expired_at: float | None = None
+    reason: str | None = None
+    confirm_by: float | None = None
+
+
+@attrs.frozen
+class EventStatus:
+    """
+    An event and where it stands at each of its targets.
+
+    Attributes:
+        event_id: Its id.
+        submitted_at: When it was stored (clock seconds).
+        expires_at: The deadline it was submitted with, or None (a target's ``default_ttl``
+            may still give it one there).
+        deliveries: By target id, for every target it was submitted for.
+    """
+
+    event_id: str
+    submitted_at: float
+    expires_at: float | None
+    deliveries: Mapping[str, Delivery]
+
+
+@attrs.frozen
+class EventEntry:
+    """
+    One event of a target, as :meth:`relayer.Scheduler.target_events` lists it.
+
+    Attributes:
+        event_id: Its id.
+        submitted_at: When it was stored.
+        txn_id: The transaction that carries it to the target, or None.
+        attempts: How many times that transaction has been sent.
+        last_attempt_at: When it was last sent, or None.
+        at: When it reached its state: delivered, expired or dead-lettered; None otherwise.
+    """
+
+    event_id: str
+    submitted_at: float
+    txn_id: int | None
+    attempts: int
+    last_attempt_at: float | None
+    at: float | None
+
+
+@attrs.frozen
+class TargetEventsPage:
+    """
+    A page of a target's events in one state, oldest first.
+
+    Attributes:
+        entries: The events.
+        next: Pass this as ``after`` for the next page; None when this is the last.
+    """
+
+    entries: list[EventEntry]
+    next: str | None
 
 
 @attrs.frozen
@@ -111,20 +303,30 @@ class DeadLetter:
     Attributes:
         target_id: The target it was for.
         txn_id: The id it was sent with.
-        n_events: How many events it holds.
         attempts: How many times it was sent.
         reason: Why it failed, for example ``HTTP 400``.
         dead_at: When it was dead-lettered.
-        body: Its wire bytes.
+        events: Its events' encoded bytes, in order.
+        event_ids: Their ids.
     """
 
     target_id: str
     txn_id: int
-    n_events: int
     attempts: int
     reason: str
     dead_at: float
-    body: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+    events: tuple[bytes, ...] = attrs.field(repr=lambda e: f"<{len(e)} events>")
+    event_ids: tuple[str, ...] = attrs.field(repr=False)
+
+    @property
+    def n_events(self) -> int:
+        """How many events it holds."""
+        return len(self.events)
+
+    @property
+    def body(self) -> bytes:
+        """The Matrix application-service framing of its events, as it was sent."""
+        return _framed(self.events)
 
 
 @attrs.frozen
@@ -210,31 +412,95 @@ class IStore(Interface):
         about, not with the size of their backlogs.
         """
 
-    def add_events(runs: Sequence[tuple[str, Sequence[bytes]]], now: float) -> Deferred[None]:
+    def add_events(
+        batch: EventBatch | Sequence[tuple[str, Sequence[bytes]]], now: float
+    ) -> Deferred[list[str]]:
         """
-        Store runs of encoded events, each appended to its target's queue, in one transaction.
+        Store events, each once, and append each to its targets' queues, in one transaction.
 
-        When this fires, every event in ``runs`` is durable.
+        ``batch`` is an :class:`EventBatch`, or runs of plain events for one target each. An
+        event whose application id the store holds already (or that an earlier event of the
+        batch has) is not stored again, and is queued for no target.
+
+        Returns:
+            A Deferred that fires with the events' ids, in the order of ``batch.bodies``, once
+            every event is durable.
         """
 
     def claim(
-        target_id: str, max_events: int, max_bytes: int, now: float
-    ) -> Deferred[Transaction | None]:
+        target_id: str,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+        *,
+        default_ttl: float | None = None,
+    ) -> Deferred[Claim]:
         """
         Return the target's next transaction to send, counting the attempt durably.
 
-        That is its oldest stored transaction; or, if it has none, a new one formed from the
+        That is its oldest open transaction; or, if it has none, a new one formed from the
         oldest queued events, up to ``max_events`` events and ``max_bytes`` bytes (always at
-        least one event), with the next transaction id. If the target has nothing pending, it is
-        marked UP in the same database transaction, and None is returned.
+        least one event), with the next transaction id.
+
+        - If the oldest open transaction awaits its confirmation, and its ``confirm_by`` has
+          not come, an :class:`Awaiting` is returned and nothing else changes.
+        - An event whose deadline (its own, or its submit time plus ``default_ttl``) is at or
+          before ``now`` is never put in a transaction: it is recorded as expired at the
+          target. An open transaction that holds one is abandoned (never sent again under its
+          id), and its live events are formed into a new one, at the head of the queue.
+        - If the target has nothing pending, it is marked UP in the same database transaction,
+          and None is returned.
         """
 
     def complete(
-        target_id: str, txn_id: int, max_events: int, max_bytes: int, now: float
-    ) -> Deferred[Transaction | None]:
+        target_id: str,
+        txn_id: int,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+        *,
+        default_ttl: float | None = None,
+    ) -> Deferred[Claim]:
         """
-        Record that a transaction was delivered: delete it, reset the target's failures, and
-        then claim the next one as :meth:`claim` does, all in one database transaction.
+        Record that a transaction was delivered, reset the target's failures, and then claim
+        the next one as :meth:`claim` does, all in one database transaction.
+        """
+
+    def accepted(
+        target_id: str,
+        txn_id: int,
+        confirm_by: float,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+        *,
+        default_ttl: float | None = None,
+    ) -> Deferred[Claim]:
+        """
+        Record that the target accepted a transaction and will confirm it later: it awaits its
+        confirmation until ``confirm_by``, and an :class:`Awaiting` is returned. If it was
+        confirmed already (the confirmation came before the answer), the next one is claimed
+        as :meth:`claim` does.
+        """
+
+    def confirm(target_id: str, txn_id: int, now: float) -> Deferred[bool]:
+        """
+        Record a transaction's confirmation: it is delivered. Returns True if it is delivered
+        now (or was before), False if it is not an open transaction that was sent (unknown, or
+        abandoned). Needs no lease: any process may record it; the owner is told as of new
+        events.
+        """
+
+    def event_status(event_id: str) -> Deferred[EventStatus | None]:
+        """Where an event stands at each of its targets; None for an unknown id. Only reads."""
+
+    def target_events(
+        target_id: str, state: DeliveryState, after: str | None, limit: int
+    ) -> Deferred[TargetEventsPage]:
+        """
+        A page of up to ``limit`` of a target's events in ``state``, oldest first, after the
+        cursor ``after`` (a page's ``next``). Fails with ValueError for a cursor it did not
+        write. Only reads.
         """
 
     def fail(
@@ -246,16 +512,26 @@ class IStore(Interface):
         """Record a permanent failure under the block policy: the target is BLOCKED."""
 
     def dead_letter(
-        target_id: str, txn_id: int, reason: str, max_events: int, max_bytes: int, now: float
-    ) -> Deferred[Transaction | None]:
+        target_id: str,
+        txn_id: int,
+        reason: str,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+        *,
+        default_ttl: float | None = None,
+    ) -> Deferred[Claim]:
         """Move a transaction to the dead letters, then claim the next as :meth:`claim` does."""
 
-    def split(target_id: str, txn_id: int, now: float) -> Deferred[Transaction | None]:
+    def split(
+        target_id: str, txn_id: int, now: float, *, default_ttl: float | None = None
+    ) -> Deferred[Transaction | None]:
         """
         Split a transaction that the target refused as too large.
 
-        Its first half becomes a new transaction with the next id, which is returned; its second
-        half goes back to the head of the queue. Returns None if it holds a single event.
+        It is abandoned; its first half becomes a new transaction with the next id, which is
+        returned; its second half goes back to the head of the queue. Returns None if it holds a
+        single event.
         """
 
     def queue_counts(

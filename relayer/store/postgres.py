@@ -234,6 +234,16 @@ class PostgresStore(SQLStore):
     def _create_schema(self, conn: sa.Connection) -> None:
         conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"'))
 
+    def _allocate_seqs(self, conn: sa.Connection, n: int) -> list[int]:
+        # A sequence, rather than a counter row: writers in several processes never wait for
+        # each other's commits to number their events.
+        return sorted(
+            conn.execute(
+                sa.text("SELECT nextval('relayer_event_seq') FROM generate_series(1, :n)"),
+                {"n": n},
+            ).scalars()
+        )
+
     def _events_added(self, conn: sa.Connection, target_ids: Sequence[str]) -> None:
         payload = "\n".join(dict.fromkeys(target_ids))
         if len(payload.encode("utf-8")) > _MAX_PAYLOAD:

@@ -11,6 +11,13 @@ Version history:
 2. ``relayer_targets.last_error``: a short description of a target's last failure.
 3. ``relayer_nodes`` and ``relayer_leases``: the processes sharing a database, and which of them
    owns each target.
+4. Events with identity. Each event's bytes are written once, in ``relayer_events``, under a
+   sequence number (``seq``) and, if the application gave one, its own id; the queue's runs and
+   the transactions name their events by sequence number instead of holding their bytes, and
+   transactions are kept, with their state, once they are done. ``relayer_target_sets`` holds
+   the targets an event was submitted for, ``relayer_expired`` the events that expired at a
+   target, and ``relayer_counters`` the event sequence on SQLite (PostgreSQL uses a sequence).
+   Version 3's queued events, transactions and dead letters are moved into the new tables.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import sqlalchemy as sa
 from relayer.errors import SchemaVersionError
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The PostgreSQL advisory lock taken while upgrading: an arbitrary constant of relayer's.
 _UPGRADE_LOCK = 0x72656C61796572
@@ -52,7 +59,21 @@ def define_tables(m: sa.MetaData, version: int) -> sa.MetaData:
     ]
     if version >= 2:
         target_columns.append(sa.Column("last_error", sa.Text, nullable=True))
+    if version >= 4:
+        # The widest span of sequence numbers of any of the target's transactions: bounds the
+        # search for the transaction that carries an event (see the store's event_status).
+        target_columns.append(sa.Column("max_span", sa.BigInteger, nullable=False, default=0))
     sa.Table("relayer_targets", m, *target_columns)
+    if version < 4:
+        _define_v3_queue(m)
+    else:
+        _define_log(m)
+    if version >= 3:
+        _define_leases(m)
+    return m
+
+
+def _define_v3_queue(m: sa.MetaData) -> None:
     # Queued events: runs of encoded events, in submit order per target, ordered by (pos, id).
     # Appended runs have pos 0 and an increasing id; a run put back at the head of the queue
     # (the second half of a split transaction) gets a pos below every other run of its target.
@@ -91,9 +112,125 @@ def define_tables(m: sa.MetaData, version: int) -> sa.MetaData:
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("dead_at", sa.Float, nullable=False),
     )
-    if version >= 3:
-        _define_leases(m)
-    return m
+
+
+#: A transaction's states in schema 4. ``pending`` and ``awaiting`` are open (the target's head
+#: is its oldest open transaction); the others are done, and kept as the events' history.
+TXN_PENDING = "pending"
+TXN_AWAITING = "awaiting"
+TXN_DELIVERED = "delivered"
+TXN_DEAD = "dead"
+TXN_REPLAYED = "replayed"
+TXN_ABANDONED = "abandoned"
+OPEN_STATES = (TXN_PENDING, TXN_AWAITING)
+
+
+def _seq_type() -> sa.types.TypeEngine[int]:
+    # On SQLite an INTEGER PRIMARY KEY is the rowid itself: no second copy of the key.
+    return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _define_log(m: sa.MetaData) -> None:
+    # Every event, written once: its bytes, and the application's id if it gave one. An event
+    # without one is known as "relayer-<seq>", so that its id costs nothing to store.
+    sa.Table(
+        "relayer_events",
+        m,
+        sa.Column("seq", _seq_type(), primary_key=True, autoincrement=False),
+        sa.Column("event_id", sa.String(255), nullable=True),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+        sa.Column("submitted_at", sa.Float, nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=True),
+        sa.Column("set_id", sa.Integer, nullable=False),
+        sa.Index(
+            "relayer_events_by_id",
+            "event_id",
+            unique=True,
+            sqlite_where=sa.text("event_id IS NOT NULL"),
+            postgresql_where=sa.text("event_id IS NOT NULL"),
+        ),
+    )
+    # The targets each event was submitted for, one row per distinct list of targets.
+    sa.Table(
+        "relayer_target_sets",
+        m,
+        sa.Column("set_id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("targets", sa.Text, nullable=False, unique=True),
+    )
+    # Queued events: runs of event sequence numbers, in submit order per target, ordered by
+    # (pos, id). Appended runs have pos 0 and an increasing id; a run put back at the head of
+    # the queue (the second half of a split transaction, the live events of an abandoned one)
+    # gets a pos below every other run of its target. ``seqs`` lists the events as ranges
+    # ("10-20,25"); ``size`` is the sum of their encoded sizes.
+    sa.Table(
+        "relayer_runs",
+        m,
+        sa.Column("id", _seq_type(), primary_key=True, autoincrement=True),
+        sa.Column("target_id", sa.String(255), nullable=False),
+        sa.Column("pos", sa.BigInteger, nullable=False),
+        sa.Column("n_events", sa.Integer, nullable=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("seqs", sa.Text, nullable=False),
+        sa.Column("first_seq", sa.BigInteger, nullable=False),
+        sa.Column("last_seq", sa.BigInteger, nullable=False),
+        sa.Column("oldest_at", sa.Float, nullable=False),
+        sa.Index("relayer_runs_head", "target_id", "pos", "id"),
+        sa.Index("relayer_runs_by_seq", "target_id", "first_seq"),
+    )
+    # Transactions, open and done. A formed transaction's events never change; its state does.
+    open_states = "state IN ('pending', 'awaiting')"
+    sa.Table(
+        "relayer_txns",
+        m,
+        sa.Column("target_id", sa.String(255), primary_key=True),
+        sa.Column("txn_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("seqs", sa.Text, nullable=False),
+        sa.Column("first_seq", sa.BigInteger, nullable=False),
+        sa.Column("last_seq", sa.BigInteger, nullable=False),
+        sa.Column("n_events", sa.Integer, nullable=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("oldest_at", sa.Float, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("last_attempt_at", sa.Float, nullable=True),
+        # When it was delivered, dead-lettered, replayed or abandoned.
+        sa.Column("done_at", sa.Float, nullable=True),
+        # Awaiting confirmation: when it is sent again unless it is confirmed first.
+        sa.Column("confirm_by", sa.Float, nullable=True),
+        # Why it was dead-lettered or abandoned.
+        sa.Column("reason", sa.Text, nullable=True),
+        sa.Index(
+            "relayer_txns_open",
+            "target_id",
+            "txn_id",
+            sqlite_where=sa.text(open_states),
+            postgresql_where=sa.text(open_states),
+        ),
+        sa.Index(
+            "relayer_txns_dead",
+            "target_id",
+            "txn_id",
+            sqlite_where=sa.text("state = 'dead'"),
+            postgresql_where=sa.text("state = 'dead'"),
+        ),
+        sa.Index("relayer_txns_by_seq", "target_id", "first_seq"),
+    )
+    # Events that expired at a target: never sent there.
+    sa.Table(
+        "relayer_expired",
+        m,
+        sa.Column("target_id", sa.String(255), primary_key=True),
+        sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("expired_at", sa.Float, nullable=False),
+    )
+    # The event sequence on SQLite; PostgreSQL uses the sequence relayer_event_seq instead.
+    sa.Table(
+        "relayer_counters",
+        m,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.BigInteger, nullable=False),
+    )
 
 
 def _define_leases(m: sa.MetaData) -> None:
@@ -118,9 +255,12 @@ def _define_leases(m: sa.MetaData) -> None:
 metadata = define_tables(sa.MetaData(), SCHEMA_VERSION)
 meta = metadata.tables["relayer_meta"]
 targets = metadata.tables["relayer_targets"]
-queue = metadata.tables["relayer_queue"]
-transactions = metadata.tables["relayer_transactions"]
-dead_letters = metadata.tables["relayer_dead_letters"]
+events = metadata.tables["relayer_events"]
+target_sets = metadata.tables["relayer_target_sets"]
+runs = metadata.tables["relayer_runs"]
+txns = metadata.tables["relayer_txns"]
+expired = metadata.tables["relayer_expired"]
+counters = metadata.tables["relayer_counters"]
 nodes = metadata.tables["relayer_nodes"]
 leases = metadata.tables["relayer_leases"]
 
@@ -139,8 +279,14 @@ def _v3(conn: sa.Connection) -> None:
     m.create_all(conn)
 
 
+def _v4(conn: sa.Connection) -> None:
+    from relayer.store import _upgrade4
+
+    _upgrade4.upgrade(conn, define_tables)
+
+
 #: ``MIGRATIONS[v]`` moves a database from version ``v - 1`` to version ``v``.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3}
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
 
 
 def read_version(conn: sa.Connection) -> int:

@@ -18,12 +18,21 @@ from zope.interface import implementer
 from relayer import _encoding, _faults
 from relayer.dbpool import DatabasePool
 from relayer.errors import LeaseLost, StoreError, StoreUnavailable
-from relayer.store import schema
+from relayer.event import GENERATED_ID_PREFIX
+from relayer.store import _seqs, schema
 from relayer.store.base import (
+    Awaiting,
+    Claim,
     DeadLetter,
+    Delivery,
+    DeliveryState,
+    EventBatch,
+    EventEntry,
+    EventStatus,
     ILeaseStore,
     LeaseRound,
     QueueCounts,
+    TargetEventsPage,
     TargetRecord,
     TargetState,
     Transaction,
@@ -51,52 +60,108 @@ def _db_message(e: BaseException) -> str:
 _t = schema.targets
 _l = schema.leases
 _n = schema.nodes
-_q = schema.queue
-_x = schema.transactions
-_d = schema.dead_letters
+_e = schema.events
+_s = schema.target_sets
+_r = schema.runs
+_x = schema.txns
+_xp = schema.expired
+_c = schema.counters
+
+_PENDING = schema.TXN_PENDING
+_AWAITING = schema.TXN_AWAITING
+_DELIVERED_STATE = schema.TXN_DELIVERED
+_DEAD = schema.TXN_DEAD
+_OPEN = _x.c.state.in_(schema.OPEN_STATES)
+
 
 # The statements of the delivery path, built once: building a statement costs several times
 # more than running it. Their values are bound at execution.
 _HEAD_TXN = (
-    sa.select(_x.c.txn_id, _x.c.body, _x.c.n_events, _x.c.attempts, _x.c.oldest_at)
-    .where(_x.c.target_id == sa.bindparam("p_target"))
+    sa.select(
+        _x.c.txn_id,
+        _x.c.state,
+        _x.c.seqs,
+        _x.c.attempts,
+        _x.c.oldest_at,
+        _x.c.confirm_by,
+    )
+    .where(_x.c.target_id == sa.bindparam("p_target"), _OPEN)
     .order_by(_x.c.txn_id)
     .limit(1)
 )
 _COUNT_ATTEMPT = (
     sa.update(_x)
     .where(_x.c.target_id == sa.bindparam("p_target"), _x.c.txn_id == sa.bindparam("p_txn"))
-    .values(attempts=sa.bindparam("p_attempts"), last_attempt_at=sa.bindparam("p_now"))
+    .values(
+        attempts=sa.bindparam("p_attempts"),
+        last_attempt_at=sa.bindparam("p_now"),
+        state=_PENDING,
+        confirm_by=None,
+    )
 )
-_QUEUE_HEAD = (
-    sa.select(_q.c.id, _q.c.n_events, _q.c.events, _q.c.oldest_at)
-    .where(_q.c.target_id == sa.bindparam("p_target"))
-    .order_by(_q.c.pos, _q.c.id)
+_RUN_HEAD = (
+    sa.select(_r.c.id, _r.c.n_events, _r.c.size, _r.c.seqs, _r.c.oldest_at)
+    .where(_r.c.target_id == sa.bindparam("p_target"))
+    .order_by(_r.c.pos, _r.c.id)
     # Each run holds at least one event, so no more runs than events are needed; they are
     # fetched a few at a time, so a long backlog is never read into memory.
     .limit(sa.bindparam("p_limit", type_=sa.Integer))
     .execution_options(yield_per=8)
 )
-_DELETE_RUNS = sa.delete(_q).where(_q.c.id.in_(sa.bindparam("p_ids", expanding=True)))
+_DELETE_RUNS = sa.delete(_r).where(_r.c.id.in_(sa.bindparam("p_ids", expanding=True)))
 _SHORTEN_RUN = (
-    sa.update(_q)
-    .where(_q.c.id == sa.bindparam("p_id"))
-    .values(n_events=sa.bindparam("p_n"), events=sa.bindparam("p_events"))
+    sa.update(_r)
+    .where(_r.c.id == sa.bindparam("p_id"))
+    .values(
+        n_events=sa.bindparam("p_n"),
+        size=sa.bindparam("p_size"),
+        seqs=sa.bindparam("p_seqs"),
+        first_seq=sa.bindparam("p_first"),
+        last_seq=sa.bindparam("p_last"),
+    )
 )
+_EVENT_COLUMNS = (_e.c.seq, _e.c.body, _e.c.submitted_at, _e.c.expires_at, _e.c.event_id)
+_EVENTS_BETWEEN = (
+    sa.select(*_EVENT_COLUMNS)
+    .where(_e.c.seq >= sa.bindparam("p_low"), _e.c.seq <= sa.bindparam("p_high"))
+    .order_by(_e.c.seq)
+)
+_EVENTS_IN = sa.select(*_EVENT_COLUMNS).where(_e.c.seq.in_(sa.bindparam("p_seqs", expanding=True)))
 _INSERT_TXN = sa.insert(_x)
+_INSERT_RUN = sa.insert(_r)
 _NEXT_TXN_ID = (
     sa.update(_t)
     .where(_t.c.target_id == sa.bindparam("p_target"))
     .values(last_txn_id=_t.c.last_txn_id + 1)
-    .returning(_t.c.last_txn_id)
+    .returning(_t.c.last_txn_id, _t.c.max_span)
+)
+_WIDEN_SPAN = (
+    sa.update(_t)
+    .where(_t.c.target_id == sa.bindparam("p_target"))
+    .values(max_span=sa.bindparam("p_span"))
 )
 _MARK_UP = (
     sa.update(_t)
     .where(_t.c.target_id == sa.bindparam("p_target"), _t.c.state != TargetState.UP.value)
     .values(state=TargetState.UP.value, failures=0, next_attempt_at=None)
 )
-_DELETE_TXN = sa.delete(_x).where(
-    _x.c.target_id == sa.bindparam("p_target"), _x.c.txn_id == sa.bindparam("p_txn")
+_FINISH_TXN = (
+    sa.update(_x)
+    .where(
+        _x.c.target_id == sa.bindparam("p_target"),
+        _x.c.txn_id == sa.bindparam("p_txn"),
+        _OPEN,
+    )
+    .values(state=_DELIVERED_STATE, done_at=sa.bindparam("p_now"), confirm_by=None)
+)
+_AWAIT_TXN = (
+    sa.update(_x)
+    .where(
+        _x.c.target_id == sa.bindparam("p_target"),
+        _x.c.txn_id == sa.bindparam("p_txn"),
+        _x.c.state == _PENDING,
+    )
+    .values(state=_AWAITING, confirm_by=sa.bindparam("p_by"))
 )
 _DELIVERED = (
     sa.update(_t)
@@ -114,31 +179,35 @@ _DELIVERED = (
         ),
     )
 )
+_INSERT_EXPIRED = sa.insert(_xp)
 
-# Replay: the target's row, locked; a chunk of dead letters in txn_id order; deleting exactly
-# those.
+# Replay: the target's row, locked; a chunk of dead letters in txn_id order; marking exactly
+# those replayed.
 _LOCK_TARGET = (
     sa.select(_t.c.target_id).where(_t.c.target_id == sa.bindparam("p_target")).with_for_update()
 )
 _DEAD_CHUNK = (
-    sa.select(_d.c.txn_id, _d.c.body, _d.c.oldest_at)
+    sa.select(_x.c.txn_id, _x.c.seqs, _x.c.n_events, _x.c.size, _x.c.oldest_at)
     .where(
-        _d.c.target_id == sa.bindparam("p_target"),
-        _d.c.txn_id > sa.bindparam("p_after"),
-        _d.c.txn_id <= sa.bindparam("p_high"),
+        _x.c.target_id == sa.bindparam("p_target"),
+        _x.c.state == _DEAD,
+        _x.c.txn_id > sa.bindparam("p_after"),
+        _x.c.txn_id <= sa.bindparam("p_high"),
     )
-    .order_by(_d.c.txn_id)
+    .order_by(_x.c.txn_id)
     .limit(sa.bindparam("p_limit", type_=sa.Integer))
-    # Fetched a few at a time: a chunk stops early once it holds _REPLAY_BYTES.
-    .execution_options(yield_per=8)
 )
-#: A replay chunk takes no more dead letters once it holds this many bytes.
-_REPLAY_BYTES = 8 * 1024 * 1024
-_INSERT_RUN = sa.insert(_q)
-_DELETE_DEAD = sa.delete(_d).where(
-    _d.c.target_id == sa.bindparam("p_target"),
-    _d.c.txn_id.in_(sa.bindparam("p_txns", expanding=True)),
+_MARK_REPLAYED = (
+    sa.update(_x)
+    .where(
+        _x.c.target_id == sa.bindparam("p_target"),
+        _x.c.state == _DEAD,
+        _x.c.txn_id.in_(sa.bindparam("p_txns", expanding=True)),
+    )
+    .values(state=schema.TXN_REPLAYED, done_at=sa.bindparam("p_now"))
 )
+#: How many events one query of events by sequence number asks for.
+_IN_CHUNK = 500
 #: How many targets one statement of queue_counts() looks at.
 _PAGE = 500
 
@@ -182,6 +251,8 @@ class SQLStore:
         # connections of their own, beside the writer: see :meth:`_read`.
         self._read_engine = read_engine if read_engine is not None else engine
         self._read_pool = read_pool
+        #: The ids of lists of targets known to be stored, by their "\n"-joined ids.
+        self._set_ids: dict[str, int] = {}
 
     def __repr__(self) -> str:
         # The URL is shown without its password.
@@ -253,11 +324,20 @@ class SQLStore:
             # Targets are nearly always registered already: read first, beside the writer,
             # and write only for the targets that are missing.
             records, orphans = await self._read(self._stored_targets)
-            if not orphans and all(t in records for t in ids):
-                return records
-            # Events may have been stored for a target while its registration had not reached
-            # the store yet: the write registers it, and checks again.
-            return await self._run(self._register_targets, ids)
+            if orphans or not all(t in records for t in ids):
+                # Events may have been stored for a target while its registration had not
+                # reached the store yet: the write registers it, and checks again.
+                records = await self._run(self._register_targets, ids)
+            # Each target's own list of targets, for the events submitted for it alone, is
+            # stored now rather than on its first submit.
+            missing = [t for t in ids if t not in self._set_ids]
+            if missing:
+                found = await self._read(self._find_sets, missing)
+                self._set_ids.update(found)
+                missing = [t for t in missing if t not in found]
+            if missing:
+                self._set_ids.update(await self._run(self._ensure_sets, missing))
+            return records
 
         return Deferred.fromCoroutine(register())
 
@@ -269,12 +349,12 @@ class SQLStore:
             for chunk in _chunks(ids):
                 pending = set(
                     conn.execute(
-                        sa.select(_q.c.target_id).where(_q.c.target_id.in_(chunk)).distinct()
+                        sa.select(_r.c.target_id).where(_r.c.target_id.in_(chunk)).distinct()
                     ).scalars()
                 )
                 pending.update(
                     conn.execute(
-                        sa.select(_x.c.target_id).where(_x.c.target_id.in_(chunk)).distinct()
+                        sa.select(_x.c.target_id).where(_x.c.target_id.in_(chunk), _OPEN).distinct()
                     ).scalars()
                 )
                 for row in conn.execute(sa.select(_t).where(_t.c.target_id.in_(chunk))):
@@ -289,8 +369,8 @@ class SQLStore:
         def pending(conn: sa.Connection) -> set[str]:
             found: set[str] = set()
             for chunk in _chunks(ids):
-                queued = sa.exists().where(_q.c.target_id == _t.c.target_id)
-                formed = sa.exists().where(_x.c.target_id == _t.c.target_id)
+                queued = sa.exists().where(_r.c.target_id == _t.c.target_id)
+                formed = sa.exists().where(_x.c.target_id == _t.c.target_id, _OPEN)
                 found.update(
                     conn.execute(
                         sa.select(_t.c.target_id).where(
@@ -320,6 +400,7 @@ class SQLStore:
                         "last_success_at": None,
                         "last_txn_id": 0,
                         "last_error": None,
+                        "max_span": 0,
                     }
                     for t in missing
                 ],
@@ -336,8 +417,8 @@ class SQLStore:
 
     def _stored_targets(self, conn: sa.Connection) -> tuple[dict[str, TargetRecord], set[str]]:
         """Every target's stored state, and the targets with events stored but no state row."""
-        pending = set(conn.execute(sa.select(_q.c.target_id).distinct()).scalars())
-        pending.update(conn.execute(sa.select(_x.c.target_id).distinct()).scalars())
+        pending = set(conn.execute(sa.select(_r.c.target_id).distinct()).scalars())
+        pending.update(conn.execute(sa.select(_x.c.target_id).where(_OPEN).distinct()).scalars())
         records = {}
         for row in conn.execute(sa.select(_t)):
             records[row.target_id] = _record(row, row.target_id in pending)
@@ -356,126 +437,429 @@ class SQLStore:
             return sqlite_insert(table).on_conflict_do_nothing()
         raise StoreError(f"relayer does not support the {dialect} database")
 
-    # -- the queue ------------------------------------------------------------------------------
+    # -- submitting -----------------------------------------------------------------------------
 
-    def add_events(self, runs: Sequence[tuple[str, Sequence[bytes]]], now: float) -> Deferred[None]:
-        rows = [
-            {
-                "target_id": target_id,
-                "pos": 0,
-                "n_events": len(events),
-                "events": _encoding.join_events(events),
-                "oldest_at": now,
-            }
-            for target_id, events in runs
-            if events
+    def add_events(
+        self, batch: EventBatch | Sequence[tuple[str, Sequence[bytes]]], now: float
+    ) -> Deferred[list[str]]:
+        if not isinstance(batch, EventBatch):
+            batch = EventBatch.of_runs(batch)
+        keys = {target_id for target_id, _ in batch.runs}
+        keys.update(map("\n".join, batch.targets.values()))
+        missing = [k for k in keys if k not in self._set_ids]
+
+        async def add() -> list[str]:
+            if missing:
+                # Target lists are written in a database transaction of their own, and only
+                # remembered once it has committed: a list is never named by an event before.
+                self._set_ids.update(await self._run(self._ensure_sets, missing))
+            return await self._run(self._add_events, batch, now)
+
+        return Deferred.fromCoroutine(add())
+
+    def _find_sets(self, conn: sa.Connection, keys: list[str]) -> dict[str, int]:
+        """The ids of those of these lists of targets that are stored."""
+        found: dict[str, int] = {}
+        for chunk in _chunks(keys):
+            for set_id, targets in conn.execute(
+                sa.select(_s.c.set_id, _s.c.targets).where(_s.c.targets.in_(chunk))
+            ):
+                found[targets] = set_id
+        return found
+
+    def _ensure_sets(self, conn: sa.Connection, keys: list[str]) -> dict[str, int]:
+        """The ids of these lists of targets, written first where they are missing."""
+        found: dict[str, int] = {}
+        for chunk in _chunks(keys):
+            for set_id, targets in conn.execute(
+                sa.select(_s.c.set_id, _s.c.targets).where(_s.c.targets.in_(chunk))
+            ):
+                found[targets] = set_id
+            new = [k for k in chunk if k not in found]
+            if new:
+                # Another process may write the same list at once: it is written once.
+                conn.execute(
+                    self._insert_ignoring_targets_conflict(), [{"targets": k} for k in new]
+                )
+                for set_id, targets in conn.execute(
+                    sa.select(_s.c.set_id, _s.c.targets).where(_s.c.targets.in_(new))
+                ):
+                    found[targets] = set_id
+        return found
+
+    def _insert_ignoring_targets_conflict(self) -> Any:
+        dialect = self._engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(_s).on_conflict_do_nothing(index_elements=["targets"])
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(_s).on_conflict_do_nothing(index_elements=["targets"])
+
+    def _allocate_seqs(self, conn: sa.Connection, n: int) -> list[int]:
+        """``n`` new event sequence numbers, increasing; never handed out before."""
+        row = conn.execute(
+            sa.update(_c)
+            .where(_c.c.name == "event_seq")
+            .values(value=_c.c.value + n)
+            .returning(_c.c.value)
+        ).first()
+        if row is None:
+            # The first events of a new database.
+            conn.execute(sa.insert(_c).values(name="event_seq", value=n))
+            last = n
+        else:
+            last = int(row[0])
+        return list(range(last - n + 1, last + 1))
+
+    def _insert_identified(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert events that have the application's ids; return the ids that were new."""
+        dialect = self._engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt: Any = pg_insert(_e).on_conflict_do_nothing(
+                index_elements=["event_id"], index_where=_e.c.event_id.is_not(None)
+            )
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(_e).on_conflict_do_nothing(
+                index_elements=["event_id"], index_where=_e.c.event_id.is_not(None)
+            )
+        inserted: set[str] = set()
+        for row in rows:
+            if conn.execute(stmt, row).rowcount:
+                inserted.add(row["event_id"])
+        return inserted
+
+    def _add_events(self, conn: sa.Connection, batch: EventBatch, now: float) -> list[str]:
+        bodies = batch.bodies
+        given = batch.event_ids
+        n = len(bodies)
+        skipped: set[int] = set()
+        first_of: dict[str, int] = {}
+        if given:
+            # A repeated id stores nothing: one stored before, or earlier in this batch.
+            for i in sorted(given):
+                eid = given[i]
+                if eid in first_of:
+                    skipped.add(i)
+                else:
+                    first_of[eid] = i
+            stored: set[str] = set()
+            wanted = list(first_of)
+            for chunk in _chunks(wanted):
+                stored.update(
+                    conn.execute(sa.select(_e.c.event_id).where(_e.c.event_id.in_(chunk))).scalars()
+                )
+            skipped.update(first_of[eid] for eid in stored)
+        fresh = n - len(skipped)
+        numbers = self._allocate_seqs(conn, fresh) if fresh else []
+        seq_of: list[int] = [0] * n
+        if skipped:
+            it = iter(numbers)
+            for i in range(n):
+                if i not in skipped:
+                    seq_of[i] = next(it)
+        else:
+            seq_of = numbers
+        set_ids = self._set_ids
+        set_of: list[int] = [0] * n
+        for target_id, indices in batch.runs:
+            sid = set_ids[target_id]
+            for i in indices:
+                set_of[i] = sid
+        for i, targets in batch.targets.items():
+            set_of[i] = set_ids["\n".join(targets)]
+        expires = batch.expires_at
+        if given:
+            identified = [
+                {
+                    "seq": seq_of[i],
+                    "event_id": given[i],
+                    "body": bodies[i],
+                    "submitted_at": now,
+                    "expires_at": expires.get(i),
+                    "set_id": set_of[i],
+                }
+                for i in sorted(given)
+                if i not in skipped
+            ]
+            inserted = self._insert_identified(conn, identified)
+            # Another process stored the same id meanwhile (PostgreSQL): that one stands.
+            skipped.update(first_of[eid] for eid in set(first_of) - inserted - stored)
+        plain = [
+            (seq_of[i], bodies[i], now, expires.get(i) if expires else None, set_of[i])
+            for i in range(n)
+            if i not in skipped and i not in given
         ]
-
-        def add(conn: sa.Connection) -> None:
-            if rows:
-                conn.execute(sa.insert(_q), rows)
-                self._events_added(conn, [str(r["target_id"]) for r in rows])
-
-        return self._run(add)
+        if plain:
+            conn.execute(
+                sa.insert(_e),
+                [
+                    {
+                        "seq": seq,
+                        "event_id": None,
+                        "body": body,
+                        "submitted_at": at,
+                        "expires_at": exp,
+                        "set_id": sid,
+                    }
+                    for seq, body, at, exp, sid in plain
+                ],
+            )
+        rows = []
+        for target_id, indices in batch.runs:
+            seqs = (
+                [seq_of[i] for i in indices if i not in skipped]
+                if skipped
+                else [seq_of[i] for i in indices]
+            )
+            if not seqs:
+                continue
+            rows.append(
+                {
+                    "target_id": target_id,
+                    "pos": 0,
+                    "n_events": len(seqs),
+                    "size": sum(len(bodies[i]) for i in indices if i not in skipped),
+                    "seqs": _seqs.encode(seqs),
+                    "first_seq": seqs[0],
+                    "last_seq": seqs[-1],
+                    "oldest_at": now,
+                }
+            )
+        if rows:
+            conn.execute(_INSERT_RUN, rows)
+            self._events_added(conn, list(dict.fromkeys(str(r["target_id"]) for r in rows)))
+        return (
+            [given[i] if i in given else f"{GENERATED_ID_PREFIX}{seq_of[i]}" for i in range(n)]
+            if given
+            else [f"{GENERATED_ID_PREFIX}{s}" for s in seq_of]
+        )
 
     def _events_added(self, conn: sa.Connection, target_ids: Sequence[str]) -> None:
         """Called inside the transaction that stores events; a backend may notify others."""
 
+    # -- forming and claiming -------------------------------------------------------------------
+
+    def _load_events(self, conn: sa.Connection, seqs: list[int]) -> list[Any]:
+        """The rows of these events, in the order of ``seqs``."""
+        found: dict[int, Any] = {}
+        spans = _seqs.ranges(_seqs.encode(seqs))
+        if len(spans) <= 4:
+            for low, high in spans:
+                for row in conn.execute(_EVENTS_BETWEEN, {"p_low": low, "p_high": high}):
+                    found[row.seq] = row
+        else:
+            for i in range(0, len(seqs), _IN_CHUNK):
+                for row in conn.execute(_EVENTS_IN, {"p_seqs": seqs[i : i + _IN_CHUNK]}):
+                    found[row.seq] = row
+        try:
+            return [found[s] for s in seqs]
+        except KeyError as e:
+            raise StoreError(
+                f"event {e.args[0]} of a transaction is missing from the store"
+            ) from None
+
     def _form(
-        self, conn: sa.Connection, target_id: str, max_events: int, max_bytes: int, now: float
+        self,
+        conn: sa.Connection,
+        target_id: str,
+        max_events: int,
+        max_bytes: int,
+        ttl: float | None,
+        now: float,
     ) -> Transaction | None:
         """Form a new transaction from the head of the queue; None if the queue is empty."""
-        runs: list[bytes] = []
-        n_events = 0
-        size = _encoding.ENVELOPE_BYTES
-        oldest: float | None = None
-        consumed: list[int] = []
-        remainder: tuple[int, list[bytes]] | None = None
-        sep = len(_encoding.SEPARATOR)
-        result = conn.execute(_QUEUE_HEAD, {"p_target": target_id, "p_limit": max_events})
-        try:
-            for row_id, run_n, run, run_oldest in result:
-                run = bytes(run)
-                extra = len(run) + (sep if n_events else 0)
-                if n_events + run_n <= max_events and size + extra <= max_bytes:
-                    # The whole run fits: take it as it is, without splitting it.
-                    runs.append(run)
-                    n_events += run_n
-                    size += extra
-                    consumed.append(row_id)
-                    oldest = run_oldest if oldest is None else min(oldest, run_oldest)
-                    if n_events >= max_events:
-                        break
-                    continue
-                # Only part of the run fits. A transaction always takes at least one event, so
-                # an event larger than the cap (the cap was lowered since) still goes out.
-                events = _encoding.split_events(run)
-                take = 0
-                for event in events:
-                    extra = len(event) + (sep if n_events else 0)
-                    if n_events and (n_events >= max_events or size + extra > max_bytes):
-                        break
-                    n_events += 1
-                    size += extra
-                    take += 1
-                if take:
-                    runs.append(_encoding.join_events(events[:take]))
-                    oldest = run_oldest if oldest is None else min(oldest, run_oldest)
-                if take == len(events):
-                    consumed.append(row_id)
-                else:
-                    remainder = (row_id, events[take:])
-                break
-        finally:
-            result.close()
-        if not n_events:
-            return None
-        if consumed:
-            conn.execute(_DELETE_RUNS, {"p_ids": consumed})
-        if remainder is not None:
-            row_id, rest = remainder
-            conn.execute(
-                _SHORTEN_RUN,
-                {"p_id": row_id, "p_n": len(rest), "p_events": _encoding.join_events(rest)},
-            )
-        txn_id = self._next_txn_id(conn, target_id)
-        body = _encoding.transaction_body(_encoding.SEPARATOR.join(runs))
-        assert oldest is not None
+        while True:
+            taken: list[Any] = []
+            n_events = 0
+            size = _encoding.ENVELOPE_BYTES
+            consumed: list[int] = []
+            remainder: tuple[int, list[Any]] | None = None
+            sep = len(_encoding.SEPARATOR)
+            seen_any = False
+            result = conn.execute(_RUN_HEAD, {"p_target": target_id, "p_limit": max_events})
+            try:
+                for row_id, run_n, run_size, run_seqs, _oldest in result:
+                    seen_any = True
+                    rows = self._load_events(conn, _seqs.decode(run_seqs))
+                    joined = run_size + sep * (run_n - 1) + (sep if n_events else 0)
+                    if n_events + run_n <= max_events and size + joined <= max_bytes:
+                        # The whole run fits: take it as it is.
+                        taken.extend(rows)
+                        n_events += run_n
+                        size += joined
+                        consumed.append(row_id)
+                        if n_events >= max_events:
+                            break
+                        continue
+                    # Only part of the run fits. A transaction always takes at least one
+                    # event, so an event larger than the cap (the cap was lowered since)
+                    # still goes out.
+                    take = 0
+                    for ev in rows:
+                        extra = len(ev.body) + (sep if n_events else 0)
+                        if n_events and (n_events >= max_events or size + extra > max_bytes):
+                            break
+                        n_events += 1
+                        size += extra
+                        take += 1
+                    taken.extend(rows[:take])
+                    if take == len(rows):
+                        consumed.append(row_id)
+                    else:
+                        remainder = (row_id, rows[take:])
+                    break
+            finally:
+                result.close()
+            if not seen_any:
+                return None
+            if consumed:
+                conn.execute(_DELETE_RUNS, {"p_ids": consumed})
+            if remainder is not None:
+                row_id, rest = remainder
+                rest_seqs = [r.seq for r in rest]
+                conn.execute(
+                    _SHORTEN_RUN,
+                    {
+                        "p_id": row_id,
+                        "p_n": len(rest),
+                        "p_size": sum(len(r.body) for r in rest),
+                        "p_seqs": _seqs.encode(rest_seqs),
+                        "p_first": rest_seqs[0],
+                        "p_last": rest_seqs[-1],
+                    },
+                )
+            live = self._drop_expired(conn, target_id, taken, ttl, now)
+            if live:
+                return self._new_txn(conn, target_id, live, ttl, now)
+            # Every event taken had expired: go on with the next ones.
+
+    def _drop_expired(
+        self, conn: sa.Connection, target_id: str, rows: list[Any], ttl: float | None, now: float
+    ) -> list[Any]:
+        """Record the events past their deadline as expired at the target; return the others."""
+        live = []
+        dead = []
+        for row in rows:
+            deadline = _deadline(row, ttl)
+            if deadline is not None and deadline <= now:
+                dead.append({"target_id": target_id, "seq": row.seq, "expired_at": now})
+            else:
+                live.append(row)
+        if dead:
+            conn.execute(self._insert_ignoring_conflicts(_xp), dead)
+            _faults.checkpoint("event.expired")
+        return live
+
+    def _new_txn(
+        self, conn: sa.Connection, target_id: str, rows: list[Any], ttl: float | None, now: float
+    ) -> Transaction:
+        """Store a new transaction of these events, with the target's next id."""
+        seqs = [r.seq for r in rows]
+        txn_id, span = self._next_txn_id(conn, target_id)
+        first, last = min(seqs), max(seqs)
+        if last - first > span:
+            conn.execute(_WIDEN_SPAN, {"p_target": target_id, "p_span": last - first})
+        oldest = min(r.submitted_at for r in rows)
         conn.execute(
             _INSERT_TXN,
             {
                 "target_id": target_id,
                 "txn_id": txn_id,
-                "n_events": n_events,
-                "body": body,
+                "state": _PENDING,
+                "seqs": _seqs.encode(seqs),
+                "first_seq": first,
+                "last_seq": last,
+                "n_events": len(rows),
+                "size": sum(len(r.body) for r in rows),
                 "oldest_at": oldest,
                 "created_at": now,
                 "attempts": 1,
                 "last_attempt_at": now,
+                "done_at": None,
+                "confirm_by": None,
+                "reason": None,
             },
         )
-        return Transaction(target_id, txn_id, body, n_events, 1, oldest)
+        return _transaction(target_id, txn_id, rows, 1, oldest, ttl)
 
-    def _next_txn_id(self, conn: sa.Connection, target_id: str) -> int:
-        last = conn.execute(_NEXT_TXN_ID, {"p_target": target_id}).scalar_one_or_none()
-        if last is None:
+    def _next_txn_id(self, conn: sa.Connection, target_id: str) -> tuple[int, int]:
+        row = conn.execute(_NEXT_TXN_ID, {"p_target": target_id}).first()
+        if row is None:
             raise StoreError(f"target {target_id!r} is not registered in the store")
-        return int(last)
+        return int(row[0]), int(row[1] or 0)
+
+    def _requeue_head(
+        self, conn: sa.Connection, target_id: str, rows: list[Any], oldest_at: float
+    ) -> None:
+        """Put events back at the head of the target's queue, as one run, in this order."""
+        head = conn.execute(
+            sa.select(sa.func.min(_r.c.pos)).where(_r.c.target_id == target_id)
+        ).scalar()
+        seqs = [r.seq for r in rows]
+        conn.execute(
+            _INSERT_RUN,
+            {
+                "target_id": target_id,
+                "pos": min(head if head is not None else 0, 0) - 1,
+                "n_events": len(rows),
+                "size": sum(len(r.body) for r in rows),
+                "seqs": _seqs.encode(seqs),
+                "first_seq": seqs[0],
+                "last_seq": seqs[-1],
+                "oldest_at": oldest_at,
+            },
+        )
 
     def _claim(
-        self, conn: sa.Connection, target_id: str, max_events: int, max_bytes: int, now: float
-    ) -> Transaction | None:
+        self,
+        conn: sa.Connection,
+        target_id: str,
+        max_events: int,
+        max_bytes: int,
+        ttl: float | None,
+        now: float,
+    ) -> Claim:
         row = conn.execute(_HEAD_TXN, {"p_target": target_id}).first()
         if row is not None:
-            attempts = row.attempts + 1
-            conn.execute(
-                _COUNT_ATTEMPT,
-                {"p_target": target_id, "p_txn": row.txn_id, "p_attempts": attempts, "p_now": now},
-            )
-            return Transaction(
-                target_id, row.txn_id, bytes(row.body), row.n_events, attempts, row.oldest_at
-            )
-        txn = self._form(conn, target_id, max_events, max_bytes, now)
+            if row.state == _AWAITING and row.confirm_by is not None and row.confirm_by > now:
+                return Awaiting(target_id, row.txn_id, row.confirm_by)
+            events = self._load_events(conn, _seqs.decode(row.seqs))
+            deadline = _earliest(events, ttl)
+            if deadline is not None and deadline <= now:
+                # A formed transaction is never altered: one with an event past its deadline
+                # is abandoned, and its live events are formed into a new one.
+                conn.execute(
+                    sa.update(_x)
+                    .where(_x.c.target_id == target_id, _x.c.txn_id == row.txn_id)
+                    .values(
+                        state=schema.TXN_ABANDONED,
+                        done_at=now,
+                        confirm_by=None,
+                        reason="an event expired before it was accepted",
+                    )
+                )
+                live = self._drop_expired(conn, target_id, events, ttl, now)
+                if live:
+                    self._requeue_head(conn, target_id, live, row.oldest_at)
+            else:
+                attempts = row.attempts + 1
+                conn.execute(
+                    _COUNT_ATTEMPT,
+                    {
+                        "p_target": target_id,
+                        "p_txn": row.txn_id,
+                        "p_attempts": attempts,
+                        "p_now": now,
+                    },
+                )
+                return _transaction(target_id, row.txn_id, events, attempts, row.oldest_at, ttl)
+        txn = self._form(conn, target_id, max_events, max_bytes, ttl, now)
         if txn is None:
             # Nothing is left: the target is UP. This happens in the same database transaction
             # that found the queue empty, so no event stored before it can be stranded, and an
@@ -486,24 +870,84 @@ class SQLStore:
         return txn
 
     def claim(
-        self, target_id: str, max_events: int, max_bytes: int, now: float
-    ) -> Deferred[Transaction | None]:
-        def claim(conn: sa.Connection) -> Transaction | None:
+        self,
+        target_id: str,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+        *,
+        default_ttl: float | None = None,
+    ) -> Deferred[Claim]:
+        def claim(conn: sa.Connection) -> Claim:
             self._check_lease(conn, target_id, now)
-            return self._claim(conn, target_id, max_events, max_bytes, now)
+            return self._claim(conn, target_id, max_events, max_bytes, default_ttl, now)
 
         return self._run(claim)
 
     def complete(
-        self, target_id: str, txn_id: int, max_events: int, max_bytes: int, now: float
-    ) -> Deferred[Transaction | None]:
-        def complete(conn: sa.Connection) -> Transaction | None:
+        self,
+        target_id: str,
+        txn_id: int,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+        *,
+        default_ttl: float | None = None,
+    ) -> Deferred[Claim]:
+        def complete(conn: sa.Connection) -> Claim:
             self._check_lease(conn, target_id, now)
-            conn.execute(_DELETE_TXN, {"p_target": target_id, "p_txn": txn_id})
+            conn.execute(_FINISH_TXN, {"p_target": target_id, "p_txn": txn_id, "p_now": now})
             conn.execute(_DELIVERED, {"p_target": target_id, "p_now": now})
-            return self._claim(conn, target_id, max_events, max_bytes, now)
+            return self._claim(conn, target_id, max_events, max_bytes, default_ttl, now)
 
         return self._run(complete)
+
+    def accepted(
+        self,
+        target_id: str,
+        txn_id: int,
+        confirm_by: float,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+        *,
+        default_ttl: float | None = None,
+    ) -> Deferred[Claim]:
+        def accepted(conn: sa.Connection) -> Claim:
+            self._check_lease(conn, target_id, now)
+            conn.execute(_DELIVERED, {"p_target": target_id, "p_now": now})
+            waiting = conn.execute(
+                _AWAIT_TXN, {"p_target": target_id, "p_txn": txn_id, "p_by": confirm_by}
+            )
+            if waiting.rowcount:
+                return Awaiting(target_id, txn_id, confirm_by)
+            # Confirmed already, before the target's answer came back: go on.
+            return self._claim(conn, target_id, max_events, max_bytes, default_ttl, now)
+
+        return self._run(accepted)
+
+    def confirm(self, target_id: str, txn_id: int, now: float) -> Deferred[bool]:
+        def confirm(conn: sa.Connection) -> bool:
+            done = conn.execute(
+                sa.update(_x)
+                .where(
+                    _x.c.target_id == target_id,
+                    _x.c.txn_id == txn_id,
+                    _OPEN,
+                    _x.c.last_attempt_at.is_not(None),
+                )
+                .values(state=_DELIVERED_STATE, done_at=now, confirm_by=None)
+            )
+            if done.rowcount:
+                # The owner of the target, in whichever process, goes on at once.
+                self._events_added(conn, [target_id])
+                return True
+            state = conn.execute(
+                sa.select(_x.c.state).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
+            ).scalar()
+            return state == _DELIVERED_STATE
+
+        return self._run(confirm)
 
     def fail(
         self,
@@ -551,74 +995,47 @@ class SQLStore:
         max_events: int,
         max_bytes: int,
         now: float,
-    ) -> Deferred[Transaction | None]:
-        def dead_letter(conn: sa.Connection) -> Transaction | None:
+        *,
+        default_ttl: float | None = None,
+    ) -> Deferred[Claim]:
+        def dead_letter(conn: sa.Connection) -> Claim:
             self._check_lease(conn, target_id, now)
-            row = conn.execute(
-                sa.select(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
-            ).first()
-            if row is not None:
-                conn.execute(
-                    sa.insert(_d).values(
-                        target_id=target_id,
-                        txn_id=txn_id,
-                        n_events=row.n_events,
-                        body=row.body,
-                        oldest_at=row.oldest_at,
-                        attempts=row.attempts,
-                        reason=reason[:500],
-                        dead_at=now,
-                    )
-                )
-                conn.execute(
-                    sa.delete(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
-                )
+            conn.execute(
+                sa.update(_x)
+                .where(_x.c.target_id == target_id, _x.c.txn_id == txn_id, _OPEN)
+                .values(state=_DEAD, done_at=now, confirm_by=None, reason=reason[:500])
+            )
             conn.execute(
                 sa.update(_t).where(_t.c.target_id == target_id).values(last_error=reason[:500])
             )
-            return self._claim(conn, target_id, max_events, max_bytes, now)
+            return self._claim(conn, target_id, max_events, max_bytes, default_ttl, now)
 
         return self._run(dead_letter)
 
-    def split(self, target_id: str, txn_id: int, now: float) -> Deferred[Transaction | None]:
+    def split(
+        self, target_id: str, txn_id: int, now: float, *, default_ttl: float | None = None
+    ) -> Deferred[Transaction | None]:
         def split(conn: sa.Connection) -> Transaction | None:
             self._check_lease(conn, target_id, now)
             row = conn.execute(
-                sa.select(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
+                sa.select(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id, _OPEN)
             ).first()
             if row is None or row.n_events < 2:
                 return None
-            events = _encoding.events_of_body(bytes(row.body))
+            events = self._load_events(conn, _seqs.decode(row.seqs))
             half = len(events) // 2
             first, second = events[:half], events[half:]
-            head = conn.execute(
-                sa.select(sa.func.min(_q.c.pos)).where(_q.c.target_id == target_id)
-            ).scalar()
             conn.execute(
-                sa.insert(_q).values(
-                    target_id=target_id,
-                    pos=min(head if head is not None else 0, 0) - 1,
-                    n_events=len(second),
-                    events=_encoding.join_events(second),
-                    oldest_at=row.oldest_at,
+                sa.update(_x)
+                .where(_x.c.target_id == target_id, _x.c.txn_id == txn_id)
+                .values(
+                    state=schema.TXN_ABANDONED,
+                    done_at=now,
+                    reason="split: the target refused it as too large",
                 )
             )
-            conn.execute(sa.delete(_x).where(_x.c.target_id == target_id, _x.c.txn_id == txn_id))
-            new_id = self._next_txn_id(conn, target_id)
-            body = _encoding.transaction_body(_encoding.join_events(first))
-            conn.execute(
-                sa.insert(_x).values(
-                    target_id=target_id,
-                    txn_id=new_id,
-                    n_events=len(first),
-                    body=body,
-                    oldest_at=row.oldest_at,
-                    created_at=now,
-                    attempts=1,
-                    last_attempt_at=now,
-                )
-            )
-            return Transaction(target_id, new_id, body, len(first), 1, row.oldest_at)
+            self._requeue_head(conn, target_id, second, row.oldest_at)
+            return self._new_txn(conn, target_id, first, default_ttl, now)
 
         return self._run(split)
 
@@ -662,11 +1079,11 @@ class SQLStore:
         if not ids:
             return {}
         # Each query reads only these targets' rows, through the indexes whose keys start
-        # with target_id (relayer_queue_order, and the other tables' primary keys).
+        # with target_id (the runs' order, the open and dead transactions').
         for target_id, n, oldest in conn.execute(
-            sa.select(_q.c.target_id, sa.func.sum(_q.c.n_events), sa.func.min(_q.c.oldest_at))
-            .where(_q.c.target_id.in_(ids))
-            .group_by(_q.c.target_id)
+            sa.select(_r.c.target_id, sa.func.sum(_r.c.n_events), sa.func.min(_r.c.oldest_at))
+            .where(_r.c.target_id.in_(ids))
+            .group_by(_r.c.target_id)
         ):
             s = acc[target_id]
             s["pending_events"] += int(n)
@@ -678,7 +1095,7 @@ class SQLStore:
                 sa.func.sum(_x.c.n_events),
                 sa.func.min(_x.c.oldest_at),
             )
-            .where(_x.c.target_id.in_(ids))
+            .where(_x.c.target_id.in_(ids), _OPEN)
             .group_by(_x.c.target_id)
         ):
             s = acc[target_id]
@@ -686,9 +1103,9 @@ class SQLStore:
             s["pending_events"] += int(n)
             s["oldest_pending_at"] = older(s["oldest_pending_at"], oldest)
         for target_id, count in conn.execute(
-            sa.select(_d.c.target_id, sa.func.count())
-            .where(_d.c.target_id.in_(ids))
-            .group_by(_d.c.target_id)
+            sa.select(_x.c.target_id, sa.func.count())
+            .where(_x.c.target_id.in_(ids), _x.c.state == _DEAD)
+            .group_by(_x.c.target_id)
         ):
             acc[target_id]["dead_letters"] = int(count)
         return {t: QueueCounts(**v) for t, v in acc.items()}
@@ -697,22 +1114,24 @@ class SQLStore:
         self, target_id: str, limit: int, after: int | None = None
     ) -> Deferred[list[DeadLetter]]:
         def list_dead(conn: sa.Connection) -> list[DeadLetter]:
-            query = sa.select(_d).where(_d.c.target_id == target_id)
+            query = sa.select(_x).where(_x.c.target_id == target_id, _x.c.state == _DEAD)
             if after is not None:
-                query = query.where(_d.c.txn_id > after)
-            rows = conn.execute(query.order_by(_d.c.txn_id).limit(limit))
-            return [
-                DeadLetter(
-                    target_id=r.target_id,
-                    txn_id=r.txn_id,
-                    n_events=r.n_events,
-                    attempts=r.attempts,
-                    reason=r.reason,
-                    dead_at=r.dead_at,
-                    body=bytes(r.body),
+                query = query.where(_x.c.txn_id > after)
+            found = []
+            for r in conn.execute(query.order_by(_x.c.txn_id).limit(limit)).all():
+                events = self._load_events(conn, _seqs.decode(r.seqs))
+                found.append(
+                    DeadLetter(
+                        target_id=r.target_id,
+                        txn_id=r.txn_id,
+                        attempts=r.attempts,
+                        reason=r.reason or "",
+                        dead_at=r.done_at,
+                        events=tuple(bytes(e.body) for e in events),
+                        event_ids=tuple(_event_id(e) for e in events),
+                    )
                 )
-                for r in rows
-            ]
+            return found
 
         return self._read(list_dead)
 
@@ -729,7 +1148,9 @@ class SQLStore:
             if high is None:
                 # Only what was dead-lettered when the replay began is replayed.
                 high = conn.execute(
-                    sa.select(sa.func.max(_d.c.txn_id)).where(_d.c.target_id == target_id)
+                    sa.select(sa.func.max(_x.c.txn_id)).where(
+                        _x.c.target_id == target_id, _x.c.state == _DEAD
+                    )
                 ).scalar()
                 if high is None:
                     return None, None, 0
@@ -738,27 +1159,32 @@ class SQLStore:
                 return None, high, 0
             total = 0
             for r in rows:
-                events = _encoding.events_of_body(bytes(r.body))
-                # Appended in txn_id order: runs keep their order by id.
+                # Appended in txn_id order: runs keep their order by id. The events are named,
+                # not copied.
                 conn.execute(
                     _INSERT_RUN,
                     {
                         "target_id": target_id,
                         "pos": 0,
-                        "n_events": len(events),
-                        "events": _encoding.join_events(events),
+                        "n_events": r.n_events,
+                        "size": r.size,
+                        "seqs": r.seqs,
+                        "first_seq": _seqs.ranges(r.seqs)[0][0],
+                        "last_seq": _seqs.ranges(r.seqs)[-1][1],
                         "oldest_at": r.oldest_at,
                     },
                 )
-                total += len(events)
+                total += r.n_events
             taken = [r.txn_id for r in rows]
-            # Exactly the rows replayed are deleted, by primary key: a dead letter stored
+            # Exactly the rows replayed are marked, by primary key: a dead letter stored
             # meanwhile stays a dead letter.
-            deleted = conn.execute(_DELETE_DEAD, {"p_target": target_id, "p_txns": taken})
-            if deleted.rowcount != len(taken):
+            marked = conn.execute(
+                _MARK_REPLAYED, {"p_target": target_id, "p_txns": taken, "p_now": now}
+            )
+            if marked.rowcount != len(taken):
                 raise StoreError(
                     f"replaying {target_id!r}: {len(taken)} dead letters read, "
-                    f"{deleted.rowcount} deleted; nothing was replayed from this chunk"
+                    f"{marked.rowcount} replayed; nothing was replayed from this chunk"
                 )
             self._events_added(conn, [target_id])
             return taken[-1], high, total
@@ -778,30 +1204,121 @@ class SQLStore:
     def _take_dead_letters(
         self, conn: sa.Connection, target_id: str, after: int | None, high: int, limit: int
     ) -> list[Any]:
-        """
-        A target's next dead letters to replay, oldest first, with ids in ``(after, high]``: up
-        to ``limit`` of them, and no more once they hold :data:`_REPLAY_BYTES` bytes.
-        """
-        rows: list[Any] = []
-        size = 0
-        result = conn.execute(
-            _DEAD_CHUNK,
-            {
-                "p_target": target_id,
-                "p_after": after if after is not None else -1,
-                "p_high": high,
-                "p_limit": limit,
-            },
+        """A target's next dead letters to replay, oldest first, with ids in ``(after, high]``."""
+        return list(
+            conn.execute(
+                _DEAD_CHUNK,
+                {
+                    "p_target": target_id,
+                    "p_after": after if after is not None else -1,
+                    "p_high": high,
+                    "p_limit": limit,
+                },
+            ).all()
         )
-        try:
-            for row in result:
-                rows.append(row)
-                size += len(row.body)
-                if size >= _REPLAY_BYTES:
-                    break
-        finally:
-            result.close()
-        return rows
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def event_status(
+        self, event_id: str, next_attempts: dict[str, float | None] | None = None
+    ) -> Deferred[EventStatus | None]:
+        def status(conn: sa.Connection) -> EventStatus | None:
+            row = self._find_event(conn, event_id)
+            if row is None:
+                return None
+            targets = conn.execute(
+                sa.select(_s.c.targets).where(_s.c.set_id == row.set_id)
+            ).scalar()
+            deliveries = {}
+            for target_id in (targets or "").split("\n"):
+                if target_id:
+                    deliveries[target_id] = self._delivery(conn, target_id, row.seq)
+            return EventStatus(
+                event_id=event_id,
+                submitted_at=row.submitted_at,
+                expires_at=row.expires_at,
+                deliveries=deliveries,
+            )
+
+        return self._read(status)
+
+    def _find_event(self, conn: sa.Connection, event_id: str) -> Any:
+        columns = (_e.c.seq, _e.c.submitted_at, _e.c.expires_at, _e.c.set_id)
+        if event_id.startswith(GENERATED_ID_PREFIX):
+            number = event_id[len(GENERATED_ID_PREFIX) :]
+            if not number.isdigit() or len(number) > 18:
+                return None
+            return conn.execute(
+                sa.select(*columns).where(_e.c.seq == int(number), _e.c.event_id.is_(None))
+            ).first()
+        return conn.execute(sa.select(*columns).where(_e.c.event_id == event_id)).first()
+
+    def _delivery(self, conn: sa.Connection, target_id: str, seq: int) -> Delivery:
+        """Where the event ``seq`` stands at ``target_id``."""
+        expired_at = conn.execute(
+            sa.select(_xp.c.expired_at).where(_xp.c.target_id == target_id, _xp.c.seq == seq)
+        ).scalar()
+        if expired_at is not None:
+            return Delivery(target_id, DeliveryState.EXPIRED, expired_at=expired_at)
+        target = conn.execute(
+            sa.select(_t.c.state, _t.c.next_attempt_at, _t.c.max_span).where(
+                _t.c.target_id == target_id
+            )
+        ).first()
+        next_at = target.next_attempt_at if target is not None else None
+        for (run_seqs,) in conn.execute(
+            sa.select(_r.c.seqs).where(
+                _r.c.target_id == target_id, _r.c.first_seq <= seq, _r.c.last_seq >= seq
+            )
+        ):
+            if _seqs.contains(run_seqs, seq):
+                return Delivery(target_id, DeliveryState.PENDING, next_attempt_at=next_at)
+        span = int(target.max_span) if target is not None else 0
+        # Every transaction that holds the event starts within max_span of it: the newest
+        # one that is not abandoned says where the event stands.
+        for txn in conn.execute(
+            sa.select(_x)
+            .where(
+                _x.c.target_id == target_id,
+                _x.c.first_seq >= seq - span,
+                _x.c.first_seq <= seq,
+                _x.c.last_seq >= seq,
+            )
+            .order_by(_x.c.txn_id.desc())
+        ):
+            if txn.state == schema.TXN_ABANDONED or not _seqs.contains(txn.seqs, seq):
+                continue
+            common = {
+                "txn_id": txn.txn_id,
+                "attempts": txn.attempts,
+                "last_attempt_at": txn.last_attempt_at,
+            }
+            if txn.state == _PENDING:
+                return Delivery(target_id, DeliveryState.PENDING, next_attempt_at=next_at, **common)
+            if txn.state == _AWAITING:
+                return Delivery(
+                    target_id,
+                    DeliveryState.AWAITING_CONFIRMATION,
+                    confirm_by=txn.confirm_by,
+                    **common,
+                )
+            if txn.state == _DELIVERED_STATE:
+                return Delivery(
+                    target_id, DeliveryState.DELIVERED, delivered_at=txn.done_at, **common
+                )
+            if txn.state == _DEAD:
+                return Delivery(target_id, DeliveryState.DEAD_LETTERED, reason=txn.reason, **common)
+            # Replayed: its events are queued again, or in a newer transaction found first.
+            break
+        return Delivery(target_id, DeliveryState.PENDING, next_attempt_at=next_at)
+
+    def target_events(
+        self, target_id: str, state: DeliveryState, after: str | None, limit: int
+    ) -> Deferred[TargetEventsPage]:
+        def page(conn: sa.Connection) -> TargetEventsPage:
+            return _TargetEvents(conn, target_id, state, after, limit).page()
+
+        return self._read(page)
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -832,9 +1349,7 @@ class SQLStore:
                     self._insert_ignoring_conflicts(_n),
                     [{"node_id": node_id, "expires_at": until}],
                 )
-                conn.execute(
-                    sa.update(_n).where(_n.c.node_id == node_id).values(expires_at=until)
-                )
+                conn.execute(sa.update(_n).where(_n.c.node_id == node_id).values(expires_at=until))
             else:
                 conn.execute(sa.delete(_n).where(_n.c.node_id == node_id))
             conn.execute(sa.delete(_n).where(_n.c.expires_at < now - 10 * timeout))
@@ -954,3 +1469,214 @@ def _record(row: Any, has_pending: bool) -> TargetRecord:
         last_error=row.last_error,
         has_pending=has_pending,
     )
+
+
+def _deadline(row: Any, ttl: float | None) -> float | None:
+    """An event's deadline at a target whose default time to live is ``ttl``."""
+    if row.expires_at is not None:
+        return float(row.expires_at)
+    if ttl is not None:
+        return float(row.submitted_at) + ttl
+    return None
+
+
+def _earliest(rows: Sequence[Any], ttl: float | None) -> float | None:
+    """The earliest deadline of these events, or None if none has one."""
+    found = None
+    for row in rows:
+        d = _deadline(row, ttl)
+        if d is not None and (found is None or d < found):
+            found = d
+    return found
+
+
+def _event_id(row: Any) -> str:
+    return row.event_id if row.event_id is not None else f"{GENERATED_ID_PREFIX}{row.seq}"
+
+
+def _transaction(
+    target_id: str,
+    txn_id: int,
+    rows: Sequence[Any],
+    attempts: int,
+    oldest_at: float,
+    ttl: float | None,
+) -> Transaction:
+    return Transaction(
+        target_id=target_id,
+        txn_id=txn_id,
+        events=tuple(bytes(r.body) for r in rows),
+        event_ids=tuple(_event_id(r) for r in rows),
+        attempts=attempts,
+        oldest_at=oldest_at,
+        deadline=_earliest(rows, ttl),
+    )
+
+
+_TXN_STATE_OF = {
+    DeliveryState.PENDING: _PENDING,
+    DeliveryState.AWAITING_CONFIRMATION: _AWAITING,
+    DeliveryState.DELIVERED: _DELIVERED_STATE,
+    DeliveryState.DEAD_LETTERED: _DEAD,
+}
+
+
+class _TargetEvents:
+    """
+    One page of a target's events in one state, oldest first, read by keyset.
+
+    The cursor says where the page before ended: ``x:<seq>`` among expired events,
+    ``t:<txn_id>:<index>`` in a transaction, ``q:<pos>:<id>:<index>`` in a queued run (pending
+    events are those of pending transactions, in id order, then those of the queue, in order).
+    """
+
+    #: How many transactions or runs one query reads.
+    batch = 64
+
+    def __init__(
+        self,
+        conn: sa.Connection,
+        target_id: str,
+        state: DeliveryState,
+        after: str | None,
+        limit: int,
+    ) -> None:
+        self.conn = conn
+        self.target_id = target_id
+        self.state = state
+        self.limit = limit
+        self.cursor = _parse_cursor(after)
+        # (seq, txn_id, attempts, last_attempt_at, at)
+        self.found: list[tuple[int, int | None, int, float | None, float | None]] = []
+        self.next: str | None = None
+
+    def page(self) -> TargetEventsPage:
+        if self.state is DeliveryState.EXPIRED:
+            self._expired()
+        else:
+            kind = self.cursor[0] if self.cursor else "t"
+            if kind == "t":
+                self._transactions()
+            if (
+                self.state is DeliveryState.PENDING
+                and self.next is None
+                and len(self.found) < self.limit
+            ):
+                self._queue()
+        return TargetEventsPage(self._entries(), self.next)
+
+    def _full(self) -> bool:
+        return len(self.found) >= self.limit
+
+    def _expired(self) -> None:
+        after = int(self.cursor[1]) if self.cursor else -1
+        rows = self.conn.execute(
+            sa.select(_xp.c.seq, _xp.c.expired_at)
+            .where(_xp.c.target_id == self.target_id, _xp.c.seq > after)
+            .order_by(_xp.c.seq)
+            .limit(self.limit + 1)
+        ).all()
+        for seq, at in rows[: self.limit]:
+            self.found.append((seq, None, 0, None, at))
+        if len(rows) > self.limit:
+            self.next = f"x:{rows[self.limit - 1][0]}"
+
+    def _transactions(self) -> None:
+        state = _TXN_STATE_OF[self.state]
+        txn, index = (int(self.cursor[1]), int(self.cursor[2])) if self.cursor else (-1, 0)
+        while True:
+            rows = self.conn.execute(
+                sa.select(_x.c.txn_id, _x.c.seqs, _x.c.attempts, _x.c.last_attempt_at, _x.c.done_at)
+                .where(
+                    _x.c.target_id == self.target_id,
+                    _x.c.state == state,
+                    _x.c.txn_id >= txn,
+                )
+                .order_by(_x.c.txn_id)
+                .limit(self.batch)
+            ).all()
+            for row in rows:
+                seqs = _seqs.decode(row.seqs)
+                start = index if row.txn_id == txn else 0
+                at = row.done_at if state in (_DELIVERED_STATE, _DEAD) else None
+                for i in range(start, len(seqs)):
+                    if self._full():
+                        self.next = f"t:{row.txn_id}:{i}"
+                        return
+                    self.found.append((seqs[i], row.txn_id, row.attempts, row.last_attempt_at, at))
+            if len(rows) < self.batch:
+                return
+            txn, index = rows[-1].txn_id + 1, 0
+
+    def _queue(self) -> None:
+        if self.cursor and self.cursor[0] == "q":
+            pos, run_id, index = int(self.cursor[1]), int(self.cursor[2]), int(self.cursor[3])
+        else:
+            pos, run_id, index = None, -1, 0
+        while True:
+            query = (
+                sa.select(_r.c.pos, _r.c.id, _r.c.seqs)
+                .where(_r.c.target_id == self.target_id)
+                .order_by(_r.c.pos, _r.c.id)
+                .limit(self.batch)
+            )
+            if pos is not None:
+                query = query.where(
+                    sa.or_(_r.c.pos > pos, sa.and_(_r.c.pos == pos, _r.c.id >= run_id))
+                )
+            rows = self.conn.execute(query).all()
+            for row in rows:
+                seqs = _seqs.decode(row.seqs)
+                start = index if (row.pos, row.id) == (pos, run_id) else 0
+                for i in range(start, len(seqs)):
+                    if self._full():
+                        self.next = f"q:{row.pos}:{row.id}:{i}"
+                        return
+                    self.found.append((seqs[i], None, 0, None, None))
+            if len(rows) < self.batch:
+                return
+            pos, run_id, index = rows[-1].pos, rows[-1].id + 1, 0
+
+    def _entries(self) -> list[EventEntry]:
+        seqs = [f[0] for f in self.found]
+        info: dict[int, Any] = {}
+        for i in range(0, len(seqs), _IN_CHUNK):
+            for row in self.conn.execute(
+                sa.select(_e.c.seq, _e.c.event_id, _e.c.submitted_at).where(
+                    _e.c.seq.in_(seqs[i : i + _IN_CHUNK])
+                )
+            ):
+                info[row.seq] = row
+        entries = []
+        for seq, txn_id, attempts, last_attempt_at, at in self.found:
+            found = info.get(seq)
+            if found is None:
+                continue
+            row = found
+            entries.append(
+                EventEntry(
+                    event_id=_event_id(row),
+                    submitted_at=row.submitted_at,
+                    txn_id=txn_id,
+                    attempts=attempts,
+                    last_attempt_at=last_attempt_at,
+                    at=at,
+                )
+            )
+        return entries
+
+
+def _parse_cursor(after: str | None) -> tuple[str, ...] | None:
+    """The parts of a cursor that :class:`_TargetEvents` wrote; ValueError if it did not."""
+    if after is None:
+        return None
+    parts = tuple(after.split(":"))
+    shapes = {"x": 2, "t": 3, "q": 4}
+    if not parts or shapes.get(parts[0]) != len(parts):
+        raise ValueError(f"not a cursor of target_events: {after!r}")
+    try:
+        for p in parts[1:]:
+            int(p)
+    except ValueError:
+        raise ValueError(f"not a cursor of target_events: {after!r}") from None
+    return parts

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 
 import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
+from relayer import _encoding
 from relayer.config import TargetConfig
 
 
@@ -20,6 +22,10 @@ class OutcomeKind(enum.Enum):
 
     #: The target accepted the transaction.
     DELIVERED = "delivered"
+    #: The target accepted the transaction and will confirm it later, through another channel
+    #: (:meth:`relayer.Scheduler.confirm`); it is sent again if the confirmation does not come
+    #: within the target's ``confirmation_timeout``.
+    ACCEPTED = "accepted"
     #: A transient failure; the target is marked DOWN and retried with backoff.
     RETRY = "retry"
     #: The target refused the transaction as too large; it is split, if it can be.
@@ -53,6 +59,11 @@ class SendOutcome:
         return cls(OutcomeKind.DELIVERED, reason)
 
     @classmethod
+    def accepted(cls, reason: str = "") -> SendOutcome:
+        """The target accepted the transaction; its confirmation comes later."""
+        return cls(OutcomeKind.ACCEPTED, reason)
+
+    @classmethod
     def retry(cls, reason: str, retry_after: float | None = None) -> SendOutcome:
         """A transient failure, retried after the backoff (or ``retry_after`` seconds)."""
         return cls(OutcomeKind.RETRY, reason, retry_after)
@@ -72,8 +83,9 @@ class ITransport(Interface):
     """
     Sends a transaction to a target.
 
-    A transport sends the body as it is given: it is the transaction's stored wire bytes, and a
-    retry of the same transaction must carry the same bytes. Only one transaction is in flight
+    A transport sends the body as it is given: the Matrix framing of the transaction's stored
+    events, built the same way on every attempt, so a retry of the same transaction carries
+    the same bytes. Only one transaction is in flight
     per target at a time; transactions to different targets are sent concurrently.
     """
 
@@ -84,13 +96,24 @@ class ITransport(Interface):
         Args:
             target: The target's configuration (its URL, token and request timeout).
             txn_id: The transaction's id, unique per target.
-            body: The transaction's wire bytes, the JSON document ``{"events": [...]}``.
+            body: The transaction's wire bytes, the JSON document ``{"events": [...]}``
+                (see :func:`matrix_body`).
 
         Returns:
             A Deferred that fires with the attempt's :class:`SendOutcome`, or fails with the
             exception that stopped it, which counts as a transient failure. Cancelling the
             Deferred abandons the attempt.
         """
+
+
+def matrix_body(events: Sequence[bytes]) -> bytes:
+    """
+    The Matrix application-service framing of a transaction's events: ``{"events": [...]}``.
+
+    The events are the stored, encoded events, joined as they are: the same events always
+    give the same bytes.
+    """
+    return _encoding.transaction_body(_encoding.join_events(events))
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
