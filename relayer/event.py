@@ -73,7 +73,8 @@ def deadline_of(now: float, expires_at: Any, ttl: Any) -> float | None:
 @attrs.frozen
 class Event:
     """
-    An event with the options of its submit, for :meth:`relayer.Scheduler.submit_many`.
+    An event with the options of its submit, for :meth:`relayer.Scheduler.submit` and
+    :meth:`relayer.Scheduler.submit_many`.
 
     Attributes:
         body: The event: a JSON object, as :meth:`relayer.Scheduler.submit` takes it.

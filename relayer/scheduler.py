@@ -788,9 +788,10 @@ class Scheduler:
 
         Returns:
             A Deferred firing with True if the transaction is delivered now (also if it was
-            confirmed before), or False if it is not one the target was sent and has not
-            finished: an unknown id, or a transaction abandoned because an event of it expired
-            (its live events went out in a new one).
+            confirmed before), or False if it is not one the target accepted and that awaits
+            its confirmation (or is being sent again after its timeout): an unknown id, a
+            transaction the target has not accepted yet, or one abandoned because an event of
+            it expired (its live events went out in a new one).
 
         Raises:
             NotRunning: The scheduler is not running.

@@ -5,7 +5,10 @@ Durable storage of targets' queues, transactions and delivery state.
 """
 
 from relayer.store.base import (
+    Awaiting,
+    Claim,
     DeadLetter,
+    EventBatch,
     ILeaseStore,
     IStore,
     LeaseRound,
@@ -18,7 +21,10 @@ from relayer.store.sql import SQLStore
 from relayer.store.sqlite import SQLiteStore, sqlite_engine
 
 __all__ = [
+    "Awaiting",
+    "Claim",
     "DeadLetter",
+    "EventBatch",
     "ILeaseStore",
     "IStore",
     "LeaseRound",

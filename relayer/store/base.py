@@ -485,10 +485,11 @@ class IStore(Interface):
 
     def confirm(target_id: str, txn_id: int, now: float) -> Deferred[bool]:
         """
-        Record a transaction's confirmation: it is delivered. Returns True if it is delivered
-        now (or was before), False if it is not an open transaction that was sent (unknown, or
-        abandoned). Needs no lease: any process may record it; the owner is told as of new
-        events.
+        Record a transaction's confirmation: it is delivered. Only a transaction that the
+        target accepted may be confirmed: one awaiting its confirmation, or one being sent
+        again after its confirmation timeout. Returns True if it is delivered now (or was
+        before), False otherwise (unknown, abandoned, or never accepted). Needs no lease: any
+        process may record it; the owner is told as of new events.
         """
 
     def event_status(event_id: str) -> Deferred[EventStatus | None]:
@@ -560,8 +561,8 @@ class IStore(Interface):
         were queued.
 
         The dead letters present when the replay begins are moved, in ``txn_id`` order, a
-        chunk at a time (each chunk one database transaction that appends its dead letters to
-        the queue and deletes exactly them), so memory stays bounded however many there are.
+        chunk at a time (each chunk one database transaction that appends their events to the
+        queue and marks exactly them replayed), so memory stays bounded however many there are.
         Replays of one target are serialised under a lock on the target's row: none is queued
         twice or skipped, and a dead letter stored meanwhile stays a dead letter. If a replay
         fails part-way, the chunks done stay done and the rest stay dead letters. Other

@@ -72,7 +72,10 @@ _PENDING = schema.TXN_PENDING
 _AWAITING = schema.TXN_AWAITING
 _DELIVERED_STATE = schema.TXN_DELIVERED
 _DEAD = schema.TXN_DEAD
-_OPEN = _x.c.state.in_(schema.OPEN_STATES)
+# Written out, not bound: the partial indexes on open and dead transactions serve only queries
+# whose condition is the index's own, and a database cannot know a bound value's when it plans.
+_OPEN = sa.text("relayer_txns.state IN ('pending', 'awaiting')")
+_IS_DEAD = sa.text("relayer_txns.state = 'dead'")
 
 
 # The statements of the delivery path, built once: building a statement costs several times
@@ -96,8 +99,9 @@ _COUNT_ATTEMPT = (
     .values(
         attempts=sa.bindparam("p_attempts"),
         last_attempt_at=sa.bindparam("p_now"),
+        # A transaction sent again after its confirmation timeout keeps its confirm_by: it is
+        # one the target accepted, and a late confirmation of it still counts.
         state=_PENDING,
-        confirm_by=None,
     )
 )
 _RUN_HEAD = (
@@ -191,7 +195,7 @@ _DEAD_CHUNK = (
     sa.select(_x.c.txn_id, _x.c.seqs, _x.c.n_events, _x.c.size, _x.c.oldest_at)
     .where(
         _x.c.target_id == sa.bindparam("p_target"),
-        _x.c.state == _DEAD,
+        _IS_DEAD,
         _x.c.txn_id > sa.bindparam("p_after"),
         _x.c.txn_id <= sa.bindparam("p_high"),
     )
@@ -202,7 +206,7 @@ _MARK_REPLAYED = (
     sa.update(_x)
     .where(
         _x.c.target_id == sa.bindparam("p_target"),
-        _x.c.state == _DEAD,
+        _IS_DEAD,
         _x.c.txn_id.in_(sa.bindparam("p_txns", expanding=True)),
     )
     .values(state=schema.TXN_REPLAYED, done_at=sa.bindparam("p_now"))
@@ -596,6 +600,7 @@ class SQLStore:
             inserted = self._insert_identified(conn, identified)
             # Another process stored the same id meanwhile (PostgreSQL): that one stands.
             skipped.update(first_of[eid] for eid in set(first_of) - inserted - stored)
+        plain: list[tuple[int, bytes, float, float | None, int]]
         if not skipped and not given and not expires:
             plain = list(zip(seq_of, bodies, repeat(now), repeat(None), set_of))
         else:
@@ -925,13 +930,16 @@ class SQLStore:
 
     def confirm(self, target_id: str, txn_id: int, now: float) -> Deferred[bool]:
         def confirm(conn: sa.Connection) -> bool:
+            # Only a transaction that the target accepted may be confirmed: one awaiting its
+            # confirmation, or being sent again after its confirmation timeout. A transaction
+            # the target never accepted is not delivered by a confirmation.
             done = conn.execute(
                 sa.update(_x)
                 .where(
                     _x.c.target_id == target_id,
                     _x.c.txn_id == txn_id,
                     _OPEN,
-                    _x.c.last_attempt_at.is_not(None),
+                    _x.c.confirm_by.is_not(None),
                 )
                 .values(state=_DELIVERED_STATE, done_at=now, confirm_by=None)
             )
@@ -1101,7 +1109,7 @@ class SQLStore:
             s["oldest_pending_at"] = older(s["oldest_pending_at"], oldest)
         for target_id, count in conn.execute(
             sa.select(_x.c.target_id, sa.func.count())
-            .where(_x.c.target_id.in_(ids), _x.c.state == _DEAD)
+            .where(_x.c.target_id.in_(ids), _IS_DEAD)
             .group_by(_x.c.target_id)
         ):
             acc[target_id]["dead_letters"] = int(count)
@@ -1111,7 +1119,7 @@ class SQLStore:
         self, target_id: str, limit: int, after: int | None = None
     ) -> Deferred[list[DeadLetter]]:
         def list_dead(conn: sa.Connection) -> list[DeadLetter]:
-            query = sa.select(_x).where(_x.c.target_id == target_id, _x.c.state == _DEAD)
+            query = sa.select(_x).where(_x.c.target_id == target_id, _IS_DEAD)
             if after is not None:
                 query = query.where(_x.c.txn_id > after)
             found = []
@@ -1146,7 +1154,7 @@ class SQLStore:
                 # Only what was dead-lettered when the replay began is replayed.
                 high = conn.execute(
                     sa.select(sa.func.max(_x.c.txn_id)).where(
-                        _x.c.target_id == target_id, _x.c.state == _DEAD
+                        _x.c.target_id == target_id, _IS_DEAD
                     )
                 ).scalar()
                 if high is None:
@@ -1518,6 +1526,16 @@ _TXN_STATE_OF = {
 }
 
 
+# Each state's condition on transactions, written out so that the open and dead ones are read
+# through their partial indexes.
+_STATE_CONDITIONS = {
+    DeliveryState.PENDING: (_OPEN, sa.text("relayer_txns.state = 'pending'")),
+    DeliveryState.AWAITING_CONFIRMATION: (_OPEN, sa.text("relayer_txns.state = 'awaiting'")),
+    DeliveryState.DELIVERED: (sa.text("relayer_txns.state = 'delivered'"),),
+    DeliveryState.DEAD_LETTERED: (_IS_DEAD,),
+}
+
+
 class _TargetEvents:
     """
     One page of a target's events in one state, oldest first, read by keyset.
@@ -1586,7 +1604,7 @@ class _TargetEvents:
                 sa.select(_x.c.txn_id, _x.c.seqs, _x.c.attempts, _x.c.last_attempt_at, _x.c.done_at)
                 .where(
                     _x.c.target_id == self.target_id,
-                    _x.c.state == state,
+                    *_STATE_CONDITIONS[self.state],
                     _x.c.txn_id >= txn,
                 )
                 .order_by(_x.c.txn_id)

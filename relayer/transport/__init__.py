@@ -10,6 +10,7 @@ from relayer.transport.base import (
     OutcomeKind,
     SendOutcome,
     classify_status,
+    matrix_body,
     parse_retry_after,
 )
 from relayer.transport.http import HTTPSendError, HTTPTransport
@@ -21,5 +22,6 @@ __all__ = [
     "OutcomeKind",
     "SendOutcome",
     "classify_status",
+    "matrix_body",
     "parse_retry_after",
 ]
