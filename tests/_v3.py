@@ -374,7 +374,7 @@ def schema_version(database: str | PathLike[str]) -> str | None:
     engine = engine_for(database)
     try:
         with engine.connect() as conn:
-            return conn.execute(  # type: ignore[no-any-return]
+            return conn.execute(
                 sa.text("SELECT value FROM relayer_meta WHERE name = 'schema_version'")
             ).scalar_one_or_none()
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,7 +58,7 @@ def result_of(d: Deferred[T]) -> T:
     assert results, "the Deferred has not fired"
     if isinstance(results[0], Failure):
         results[0].raiseException()
-    return results[0]  # type: ignore[no-any-return]
+    return results[0]
 
 
 def open_upgraded(database: Path | str, target_ids: list[str] | None = None) -> Harness:
@@ -199,9 +199,9 @@ def check_upgraded(h: Harness, c: _v3.Contents) -> None:
 
     # -- dead letters are still dead letters, and a replay delivers them after the rest ------
     listed = result_of(h.scheduler.dead_letters("dead"))
-    assert [(x.txn_id, x.reason, x.events, x.body) for x in listed] == [
-        (x.txn_id, x.reason, x.events, x.body) for x in c.dead_of("dead")
-    ]
+    assert [
+        (x.txn_id, x.reason, x.attempts, x.dead_at, list(x.events), x.body) for x in listed
+    ] == [(x.txn_id, x.reason, x.attempts, x.dead_at, x.events, x.body) for x in c.dead_of("dead")]
     dead_ids = [i for x in listed for i in x.event_ids]
     assert len(dead_ids) == len(set(dead_ids)) == sum(len(x.events) for x in listed)
     for x in listed:
@@ -230,21 +230,21 @@ def check_upgraded(h: Harness, c: _v3.Contents) -> None:
 
     # -- every event once, with a relayer id, DELIVERED in the transaction that carried it ----
     seen: list[str] = []
-    for t in c.targets:
-        f = tr[t.target_id]
-        assert f.violations == [], t.target_id
+    for stored in c.targets:
+        f = tr[stored.target_id]
+        assert f.violations == [], stored.target_id
         assert f.max_in_flight <= 1
-        done = entries(h, t.target_id, DeliveryState.DELIVERED)
-        assert entries(h, t.target_id, DeliveryState.PENDING) == []
+        done = entries(h, stored.target_id, DeliveryState.DELIVERED)
+        assert entries(h, stored.target_id, DeliveryState.PENDING) == []
         ids = [e.event_id for e in done]
-        if t.target_id == "dead":
+        if stored.target_id == "dead":
             # Replayed events were delivered after events submitted after them.
             assert Counter(e.txn_id for e in done) == Counter(carried_by(f))
         else:
-            assert [e.txn_id for e in done] == carried_by(f), t.target_id
+            assert [e.txn_id for e in done] == carried_by(f), stored.target_id
         for entry in done:
             assert GENERATED_ID.fullmatch(entry.event_id), entry.event_id
-            d = delivery(h, entry.event_id, t.target_id)
+            d = delivery(h, entry.event_id, stored.target_id)
             assert (d.state, d.txn_id) == (DeliveryState.DELIVERED, entry.txn_id)
             assert d.delivered_at is not None
         seen.extend(ids)
@@ -275,9 +275,21 @@ def _caused_by(error: BaseException | None, kind: type[BaseException]) -> bool:
     return False
 
 
-@pytest.mark.parametrize("fail_at", [1, 10, None], ids=["first", "tenth", "after-last"])
+#: Where the migration to version 4 is made to fail: at the statement for which the test is
+#: true (given the statement and how many have run, this one included), or after the last.
+FAIL_POINTS: dict[str, Callable[[str, int], bool]] = {
+    "first-statement": lambda sql, n: n == 1,
+    # Events are being moved.
+    "first-insert": lambda sql, n: sql.lstrip().upper().startswith("INSERT"),
+    # Every event has been moved; the version 3 tables are being dropped.
+    "first-drop": lambda sql, n: sql.lstrip().upper().startswith("DROP"),
+    "after-last": lambda sql, n: False,
+}
+
+
+@pytest.mark.parametrize("fail_at", list(FAIL_POINTS))
 def test_an_upgrade_that_fails_part_way_changes_nothing(
-    database: Path | str, monkeypatch: pytest.MonkeyPatch, fail_at: int | None
+    database: Path | str, monkeypatch: pytest.MonkeyPatch, fail_at: str
 ) -> None:
     """
     The migration to version 4 fails at one of its statements, or after all of them (before
@@ -288,13 +300,14 @@ def test_an_upgrade_that_fails_part_way_changes_nothing(
     _v3.write_v3(database, contents)
     before = _v3.dump(database)
     migrate = schema.MIGRATIONS[4]
-    counted: list[int] = []
+    fails_here = FAIL_POINTS[fail_at]
+    statements: list[str] = []
 
     def interrupted(conn: sa.Connection) -> None:
-        def count(*args: Any) -> None:
-            counted.append(1)
-            if len(counted) == fail_at:
-                raise Interrupted(f"the upgrade failed at statement {fail_at}")
+        def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append(statement)
+            if fails_here(statement, len(statements)):
+                raise Interrupted(f"the upgrade failed at: {statement[:60]}")
 
         sa.event.listen(conn, "before_cursor_execute", count)
         try:
@@ -308,7 +321,9 @@ def test_an_upgrade_that_fails_part_way_changes_nothing(
         open_upgraded(database)
     assert _caused_by(failed.value, Interrupted), failed.value
     # The migration did some work before it failed.
-    assert counted
+    assert statements
+    reached = any(fails_here(sql, n) for n, sql in enumerate(statements, 1))
+    assert reached == (fail_at != "after-last"), statements
     assert _v3.dump(database) == before
     assert _v3.schema_version(database) == "3"
 
