@@ -9,10 +9,17 @@ database thread) and the default HTTP transport, and three real HTTP targets on 
 - ``outage`` is down at first (its port is closed: connection refused), and comes back after
   a few seconds, when the demo wakes it with :meth:`relayer.Scheduler.wake`.
 
-It submits the same number of events to each target, each event carrying a sequence number,
-shows each target's progress twice a second, and ends with a summary checked by the targets
-themselves: every event received exactly once (after de-duplication by transaction id) and in
-order. It exits with 0 if so, 1 if not, and 2 if it did not finish within ``--timeout``.
+First, while ``outage`` is down, it submits one event for all three targets with a short
+time to live (five sixths of the outage: 2.5 s by default), so that its deadline passes before
+``outage`` is back. Then it submits the same number of events to each target, each event
+carrying a sequence number, and shows each target's progress twice a second.
+
+It ends with a summary checked by the targets themselves: every event received exactly once
+(after de-duplication by transaction id) and in order. Then it shows where the first event
+stands at each target, from :meth:`relayer.Scheduler.event_status`: delivered (when, in which
+transaction) at the targets that were up, expired (when) at ``outage``, which went on with its
+later events; each state is checked against what the target received. It exits with 0 if
+everything checks, 1 if not, and 2 if it did not finish within ``--timeout``.
 
 The demo is a program, not library code: it runs on the global reactor, through
 :func:`twisted.internet.task.react`.
@@ -30,13 +37,21 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall, deferLater, react
 
 from relayer.config import BackoffPolicy, TargetConfig
 from relayer.scheduler import Scheduler, TargetStatus
+from relayer.store.base import DeliveryState, EventEntry, EventStatus
 from relayer.store.sqlite import SQLiteStore
-from relayer.testing._receiver import DeliveryReport, Receiver, ReceiverServer, listen_receiver
+from relayer.testing._receiver import (
+    DeliveryReport,
+    Receiver,
+    ReceiverServer,
+    listen_receiver,
+    verify_delivery,
+)
 from relayer.transport.http import HTTPTransport
 
 #: The exit status when every target received every event exactly once, in order.
@@ -49,6 +64,9 @@ EXIT_TIMEOUT = 2
 HEALTHY = "healthy"
 FLAKY = "flaky"
 OUTAGE = "outage"
+
+#: The id of the event submitted for every target with a short time to live.
+FAN_OUT_ID = "demo-fan-out"
 
 
 @attrs.frozen
@@ -71,6 +89,14 @@ class DemoOptions:
     outage: float = 3.0
     failure_rate: float = 0.3
     progress_interval: float = 0.5
+
+    @property
+    def fan_out_ttl(self) -> float:
+        """
+        The time to live of the event submitted for every target: five sixths of the outage,
+        so that its deadline passes while the ``outage`` target is down.
+        """
+        return self.outage * 5 / 6
 
 
 def _positive_int(text: str) -> int:
@@ -130,7 +156,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=_seconds,
         default=defaults.outage,
         metavar="SECONDS",
-        help=f"how long the 'outage' target is down (default {defaults.outage:g})",
+        help=(
+            f"how long the 'outage' target is down (default {defaults.outage:g}); the event "
+            "for every target lives five sixths of it"
+        ),
     )
     parser.add_argument(
         "--failure-rate",
@@ -220,6 +249,11 @@ class _Demo:
         self.started_at = 0.0
         self.status: dict[str, TargetStatus] = {}
         self._reporting = False
+        self.fan_out: dict[str, Any] = {
+            "seq": -1,  # before every other event: the targets check the order by "seq"
+            "target": "all",
+            "text": "one event for every target",
+        }
 
     async def run(self) -> int:
         options = self.options
@@ -269,6 +303,17 @@ class _Demo:
                 self.write(f"  target {t.name:<8} {t.config.base_url:<24} {t.description}")
             await scheduler.start()
             self.started_at = self.reactor.seconds()
+            # Submitted first, so that it heads every target's queue. Its deadline is before
+            # the outage ends, as the outage is scheduled once it is stored.
+            ttl = options.fan_out_ttl
+            fan_out_expires = self.reactor.seconds() + ttl
+            await scheduler.submit(
+                [t.name for t in self.targets], self.fan_out, event_id=FAN_OUT_ID, ttl=ttl
+            )
+            self.write(
+                f"[{self._elapsed():6.1f}s] event {FAN_OUT_ID} stored for all "
+                f"{len(self.targets)} targets, with a ttl of {ttl:.3g}s; {OUTAGE} is down"
+            )
 
             def come_back() -> None:
                 assert scheduler is not None
@@ -281,6 +326,7 @@ class _Demo:
             progress = LoopingCall(self._report, scheduler)
             progress.clock = self.reactor
             progress.start(options.progress_interval, now=False)
+            await self._fan_out_to_live(fan_out_expires)
 
             deadline = self.started_at + options.timeout
             finished = await self._deliver(scheduler, deadline)
@@ -290,7 +336,14 @@ class _Demo:
             if not finished:
                 self.write(f"TIMED OUT after {options.timeout:g}s: not every event was delivered")
                 return EXIT_TIMEOUT
-            return self._summary()
+            status = await scheduler.event_status(FAN_OUT_ID)
+            later: dict[str, EventEntry | None] = {}
+            if status is not None:
+                for name, delivery in status.deliveries.items():
+                    if delivery.state is DeliveryState.EXPIRED:
+                        page = await scheduler.target_events(name, DeliveryState.DELIVERED, limit=1)
+                        later[name] = page.entries[0] if page.entries else None
+            return self._summary(status, later)
         except Exception as e:
             self.write(f"relayer demo failed: {type(e).__name__}: {e}")
             return EXIT_FAILED
@@ -305,6 +358,29 @@ class _Demo:
             for server in servers:
                 await server.stop()
             folder.cleanup()
+
+    async def _fan_out_to_live(self, expires_at: float) -> None:
+        """
+        Wait until the targets that are up have the event for every target, or until its
+        deadline: the other events, submitted next, then do not compete with it.
+        """
+        live = [t for t in self.targets if t.server.is_up]
+        waits = [t.receiver.wait_for_events(1) for t in live]
+        remaining = max(expires_at - self.reactor.seconds(), 0.0)
+        try:
+            await DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addTimeout(
+                remaining, self.reactor
+            )
+        except defer.TimeoutError:
+            pass
+        got = [t.name for t in live if self.fan_out in t.receiver.events]
+        missing = [t.name for t in live if t.name not in got]
+        line = (
+            f"[{self._elapsed():6.1f}s] event {FAN_OUT_ID} received by {', '.join(got) or 'none'}"
+        )
+        if missing:
+            line += f", not by {', '.join(missing)} before its deadline"
+        self.write(line + "; submitting the other events")
 
     def _target(self, name: str) -> _Target:
         return next(t for t in self.targets if t.name == name)
@@ -359,7 +435,7 @@ class _Demo:
             s = statuses.get(t.name)
             state = s.state.name if s is not None else "?"
             pending = s.pending_events if s is not None else 0
-            delivered = len(t.receiver.events)
+            delivered = self._received(t)
             width = len(str(self.options.events))
             parts.append(
                 f"{t.name} {delivered:>{width}}/{self.options.events} {state:<4} "
@@ -367,7 +443,12 @@ class _Demo:
             )
         self.write(f"[{self._elapsed():6.1f}s] " + " | ".join(parts))
 
-    def _summary(self) -> int:
+    def _received(self, t: _Target) -> int:
+        """How many of the events submitted for this target only it received."""
+        events = t.receiver.events
+        return len(events) - events.count(self.fan_out)
+
+    def _summary(self, status: EventStatus | None, later: dict[str, EventEntry | None]) -> int:
         elapsed = self._elapsed()
         n = self.options.events
         total = n * len(self.targets)
@@ -379,12 +460,12 @@ class _Demo:
         )
         reports: list[tuple[_Target, DeliveryReport]] = []
         for t in self.targets:
-            report = t.receiver.verify(t.expected)
-            reports.append((t, report))
-            good = report.ok and not t.receiver.violations
-            ok = ok and good
             r = t.receiver
-            delivered = f"{len(r.events)}/{n}"
+            report = verify_delivery(t.expected, [e for e in r.events if e != self.fan_out])
+            reports.append((t, report))
+            good = report.ok and not r.violations
+            ok = ok and good
+            delivered = f"{self._received(t)}/{n}"
             self.write(
                 f"{t.name:<8} {delivered:>13} {len(r.transactions):>6} "
                 f"{r.duplicates:>8} {r.failed:>7} {len(r.violations):>10}  "
@@ -396,15 +477,82 @@ class _Demo:
                 self.write(f"  {t.name}: {report.summary()}")
             for violation in t.receiver.violations[:5]:
                 self.write(f"  {t.name}: {violation}")
+        ok = self._fan_out_summary(status, later) and ok
         rate = total / elapsed if elapsed > 0 else float("inf")
         if ok:
             self.write(
                 f"VERIFIED: every target received all {n} events exactly once, in order "
-                f"({total} events in {elapsed:.2f}s, {rate:,.0f} events/s)"
+                f"({total} events in {elapsed:.2f}s, {rate:,.0f} events/s), and event "
+                f"{FAN_OUT_ID} as its status says"
             )
             return EXIT_OK
         self.write(f"FAILED: delivery did not verify ({elapsed:.2f}s)")
         return EXIT_FAILED
+
+    def _fan_out_summary(
+        self, status: EventStatus | None, later: dict[str, EventEntry | None]
+    ) -> bool:
+        """
+        Show where the event for every target stands at each, and check that each target
+        received it if and only if its status says it was delivered there.
+
+        Args:
+            status: The event's status, from the scheduler.
+            later: For each target where it expired, the first event delivered there, or
+                None if none was.
+
+        Returns:
+            Whether every state is final and agrees with what the target received.
+        """
+        if status is None:
+            self.write(f"  the store holds no event {FAN_OUT_ID}")
+            return False
+        ok = True
+        at = self._since_start
+        self.write(
+            f"event {FAN_OUT_ID}, submitted at {at(status.submitted_at)} for every target, "
+            f"expires at {at(status.expires_at)}:"
+        )
+        self.write(f"{'target':<8} {'state':<13} {'at':>6} {'txn':>5} {'attempts':>8}  received")
+        for t in self.targets:
+            d = status.deliveries.get(t.name)
+            copies = t.receiver.events.count(self.fan_out)
+            received = {0: "no", 1: "yes"}.get(copies, f"{copies} times")
+            if d is None:
+                self.write(f"{t.name:<8} {'-':<13} {'-':>6} {'-':>5} {'-':>8}  {received}")
+                ok = False
+                continue
+            # Delivered means received once; expired, never received. Nothing else is final.
+            if d.state is DeliveryState.DELIVERED:
+                when, good = d.delivered_at, copies == 1
+            else:
+                when, good = d.expired_at, d.state is DeliveryState.EXPIRED and copies == 0
+            ok = ok and good
+            txn = str(d.txn_id) if d.txn_id is not None else "-"
+            attempts = str(d.attempts) if d.txn_id is not None else "-"
+            self.write(
+                f"{t.name:<8} {d.state.value.replace('_', ' '):<13} {at(when):>6} {txn:>5} "
+                f"{attempts:>8}  {received}{'' if good else '  (does not match)'}"
+            )
+        for t in self.targets:
+            if t.name not in later:
+                continue
+            entry = later[t.name]
+            if entry is None:
+                self.write(f"  {t.name} delivered nothing after it")
+                ok = False
+                continue
+            self.write(
+                f"  {t.name} went on with its later events: the first delivered at "
+                f"{at(entry.at)} in transaction {entry.txn_id}, "
+                f"{self._received(t)}/{self.options.events} in all"
+            )
+        self.write("")
+        return ok
+
+    def _since_start(self, when: float | None) -> str:
+        """A clock time as seconds since the scheduler started, or "-" for None."""
+        return "-" if when is None else f"{when - self.started_at:.1f}s"
 
 
 __all__ = ["DemoOptions", "configure_parser", "run", "run_from_args"]

@@ -128,9 +128,15 @@ def test_demo_defaults() -> None:
     assert args.seed is None
 
 
+@pytest.fixture(scope="module")
+def demo_run() -> subprocess.CompletedProcess[str]:
+    """One run of ``relayer demo``, shared by the tests that read its output."""
+    return run_relayer("demo", "--events", "2000", "--seed", "7")
+
+
 @pytest.mark.integration
-def test_demo_delivers_and_verifies() -> None:
-    result = run_relayer("demo", "--events", "2000", "--seed", "7")
+def test_demo_delivers_and_verifies(demo_run: subprocess.CompletedProcess[str]) -> None:
+    result = demo_run
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "VERIFIED: every target received all 2000 events exactly once, in order" in out
@@ -140,6 +146,41 @@ def test_demo_delivers_and_verifies() -> None:
     # The targets' tokens are random and never printed: no Authorization value at all.
     assert "Bearer" not in out + result.stderr
     assert "token" not in (out + result.stderr).lower()
+
+
+@pytest.mark.integration
+def test_demo_shows_a_fan_out_event_per_target(
+    demo_run: subprocess.CompletedProcess[str],
+) -> None:
+    # One event for all three targets, with a ttl shorter than the outage: delivered where the
+    # target was up, expired where it was down, and each state agrees with what the target got.
+    assert demo_run.returncode == 0, demo_run.stdout + demo_run.stderr
+    out = demo_run.stdout
+    assert "event demo-fan-out stored for all 3 targets, with a ttl of 2.5s; outage is down" in out
+    header = re.search(
+        r"^event demo-fan-out, submitted at ([\d.]+)s for every target, expires at ([\d.]+)s:$",
+        out,
+        re.MULTILINE,
+    )
+    assert header, out
+    expires = float(header[2])
+    assert re.search(r"^target +state +at +txn +attempts +received$", out, re.MULTILINE), out
+    for name in ("healthy", "flaky"):
+        assert re.search(rf"^{name} +delivered +[\d.]+s +\d+ +\d+ +yes$", out, re.MULTILINE), out
+    expired = re.search(r"^outage +expired +([\d.]+)s +- +- +no$", out, re.MULTILINE)
+    assert expired, out
+    assert float(expired[1]) >= expires
+    # The target where it expired goes on with the events submitted after it.
+    later = re.search(
+        r"^  outage went on with its later events: the first delivered at ([\d.]+)s "
+        r"in transaction (\d+), 2000/2000 in all$",
+        out,
+        re.MULTILINE,
+    )
+    assert later, out
+    assert float(later[1]) >= float(expired[1])
+    assert "(does not match)" not in out
+    assert re.search(r", and event demo-fan-out as its status says$", out, re.MULTILINE), out
 
 
 @pytest.mark.integration
