@@ -406,9 +406,15 @@ class Stack:
         assert TOKEN not in s.last_error
         assert s.next_retry_at is not None
         assert s.pending_events >= 1
-        # The fault holds nobody else up.
-        healthy = (await self.status())["healthy"]
-        assert healthy.state is TargetState.UP and healthy.pending_events == 0
+        # The fault holds nobody else up. (The target has the events before the store has
+        # recorded its answer: the last delivery may take a moment to be committed.)
+
+        async def healthy_done() -> TargetStatus | None:
+            healthy = (await self.status())["healthy"]
+            done = healthy.state is TargetState.UP and healthy.pending_events == 0
+            return healthy if done else None
+
+        await eventually(healthy_done, "the healthy target to have nothing pending")
         return s
 
     async def all_delivered(self, faulty: Receiver) -> None:

@@ -582,20 +582,40 @@ def test_a_dead_letter_stored_while_a_replay_runs_is_not_lost(db_path: str) -> N
 
     def store_another(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         # Another process dead-letters a transaction after the replay read the dead letters,
-        # before it deleted them; READ COMMITTED lets the delete see it.
-        if statement.lstrip().upper().startswith("DELETE FROM RELAYER_DEAD_LETTERS") and not stored:
+        # before it marked them replayed; READ COMMITTED lets the update see it.
+        # (Schema 4 marks replayed dead letters instead of deleting them.)
+        marking = statement.lstrip().upper().startswith("UPDATE RELAYER_TXNS SET STATE")
+        if marking and "replayed" in str(args) and not stored:
             stored.append(statement)
             with other.begin() as c:
                 c.execute(
-                    sa.insert(schema.dead_letters).values(
+                    sa.insert(schema.events).values(
+                        seq=999,
+                        event_id=None,
+                        body=ev(99),
+                        submitted_at=50.0,
+                        expires_at=None,
+                        set_id=sa.select(schema.target_sets.c.set_id)
+                        .where(schema.target_sets.c.targets == "t")
+                        .scalar_subquery(),
+                    )
+                )
+                c.execute(
+                    sa.insert(schema.txns).values(
                         target_id="t",
                         txn_id=99,
+                        state="dead",
+                        seqs="999",
+                        first_seq=999,
+                        last_seq=999,
                         n_events=1,
-                        body=transaction_body(ev(99)),
+                        size=len(ev(99)),
                         oldest_at=50.0,
+                        created_at=50.0,
                         attempts=1,
+                        last_attempt_at=50.0,
+                        done_at=51.0,
                         reason="HTTP 400",
-                        dead_at=51.0,
                     )
                 )
 

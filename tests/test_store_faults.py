@@ -226,7 +226,9 @@ def test_a_submit_many_that_would_cross_the_bound_is_refused_whole(db_path: Path
         s.scheduler.submit_many([("target", {"n": 2}), ("target", {"n": 3})])
     s.faults.error = None
     s.clock.pump([5.0] * 2)
-    assert first.called and first.result == ["relayer-1", "relayer-2"]
+    # Two ids of relayer's (on PostgreSQL, numbers drawn by the failed attempts are skipped).
+    assert first.called and len(set(first.result)) == 2
+    assert all(i.startswith("relayer-") for i in first.result)
     assert s.transport["target"].events == [{"n": 0}, {"n": 1}]
     assert s.status().pending_events == 0
 
