@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Run relayer on a temporary SQLite file against three local HTTP targets: "
                 "a healthy one, a flaky one (random HTTP 500) and one that refuses connections "
                 "for a while. Shows progress, then verifies that every target received every "
-                "event exactly once and in order. Exit status: 0 verified, 1 failed, "
+                "event exactly once and in order, and shows where one event sent to all three "
+                "with a short time to live stands at each. Exit status: 0 verified, 1 failed, "
                 "2 timed out."
             ),
         )
