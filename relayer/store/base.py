@@ -64,20 +64,28 @@ class Transaction:
         target_id: The target it is for.
         txn_id: Its id: per target, strictly increasing and never reused.
         events: Its events' encoded bytes, in order.
-        event_ids: Their ids, in the same order.
+        seqs: Their sequence numbers in the store, in the same order.
         attempts: How many times it has been claimed for sending, this time included.
         oldest_at: When its oldest event was submitted.
         deadline: The earliest deadline of its events, or None: no send of it may start at or
             after this time.
+        named: The application's ids of those of its events that have one, by sequence number.
     """
 
     target_id: str
     txn_id: int
     events: tuple[bytes, ...] = attrs.field(repr=lambda e: f"<{len(e)} events>")
-    event_ids: tuple[str, ...] = attrs.field(repr=False)
+    seqs: tuple[int, ...] = attrs.field(repr=False)
     attempts: int
     oldest_at: float
     deadline: float | None = None
+    named: Mapping[int, str] = attrs.field(factory=dict, repr=False)
+
+    @property
+    def event_ids(self) -> tuple[str, ...]:
+        """Its events' ids, in order."""
+        named = self.named
+        return tuple(named.get(s) or f"relayer-{s}" for s in self.seqs)
 
     @property
     def n_events(self) -> int:

@@ -8,7 +8,6 @@ Each public method runs one database transaction, as one function handed to the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import repeat
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -125,13 +124,6 @@ _SHORTEN_RUN = (
         last_seq=sa.bindparam("p_last"),
     )
 )
-_EVENT_COLUMNS = (_e.c.seq, _e.c.body, _e.c.submitted_at, _e.c.expires_at, _e.c.event_id)
-_EVENTS_BETWEEN = (
-    sa.select(*_EVENT_COLUMNS)
-    .where(_e.c.seq >= sa.bindparam("p_low"), _e.c.seq <= sa.bindparam("p_high"))
-    .order_by(_e.c.seq)
-)
-_EVENTS_IN = sa.select(*_EVENT_COLUMNS).where(_e.c.seq.in_(sa.bindparam("p_seqs", expanding=True)))
 _INSERT_TXN = sa.insert(_x)
 _INSERT_RUN = sa.insert(_r)
 _NEXT_TXN_ID = (
@@ -211,6 +203,7 @@ _MARK_REPLAYED = (
     )
     .values(state=schema.TXN_REPLAYED, done_at=sa.bindparam("p_now"))
 )
+_SELECT_EVENTS = "SELECT seq, body, submitted_at, expires_at, event_id FROM relayer_events"
 #: How many events one query of events by sequence number asks for.
 _IN_CHUNK = 500
 #: How many targets one statement of queue_counts() looks at.
@@ -258,7 +251,11 @@ class SQLStore:
         self._read_pool = read_pool
         #: The ids of lists of targets known to be stored, by their "\n"-joined ids.
         self._set_ids: dict[str, int] = {}
-        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        mark = self._mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self._select_between = (
+            f"{_SELECT_EVENTS} WHERE seq >= {mark} AND seq <= {mark} ORDER BY seq"
+        )
+        self._select_in_cache: dict[int, str] = {}
         self._insert_plain_events = (
             "INSERT INTO relayer_events (seq, event_id, body, submitted_at, expires_at, set_id) "
             f"VALUES ({mark}, NULL, {mark}, {mark}, {mark}, {mark})"
@@ -523,25 +520,32 @@ class SQLStore:
             last = int(row[0])
         return list(range(last - n + 1, last + 1))
 
-    def _insert_identified(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> set[str]:
-        """Insert events that have the application's ids; return the ids that were new."""
-        dialect = self._engine.dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
+    def _insert_identified(self, conn: sa.Connection, rows: list[tuple[Any, ...]]) -> set[str]:
+        """
+        Insert events that have the application's ids, as ``(seq, event_id, body,
+        submitted_at, expires_at, set_id)``; return the ids that were new.
 
-            stmt: Any = pg_insert(_e).on_conflict_do_nothing(
-                index_elements=["event_id"], index_where=_e.c.event_id.is_not(None)
-            )
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(_e).on_conflict_do_nothing(
-                index_elements=["event_id"], index_where=_e.c.event_id.is_not(None)
-            )
+        An id stored meanwhile by another process is skipped, not an error; the row that is
+        there under the id tells which was stored.
+        """
+        if not rows:
+            return set()
+        m = self._mark
+        conn.exec_driver_sql(
+            "INSERT INTO relayer_events (seq, event_id, body, submitted_at, expires_at, set_id) "
+            f"VALUES ({m}, {m}, {m}, {m}, {m}, {m}) "
+            "ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING",
+            rows,
+        )
+        mine = {eid: seq for seq, eid, *_ in rows}
         inserted: set[str] = set()
-        for row in rows:
-            if conn.execute(stmt, row).rowcount:
-                inserted.add(row["event_id"])
+        ids = list(mine)
+        for chunk in _chunks(ids):
+            for eid, seq in conn.execute(
+                sa.select(_e.c.event_id, _e.c.seq).where(_e.c.event_id.in_(chunk))
+            ):
+                if mine.get(eid) == seq:
+                    inserted.add(eid)
         return inserted
 
     def _add_events(self, conn: sa.Connection, batch: EventBatch, now: float) -> list[str]:
@@ -567,46 +571,39 @@ class SQLStore:
             skipped.update(first_of[eid] for eid in stored)
         fresh = n - len(skipped)
         numbers = self._allocate_seqs(conn, fresh) if fresh else []
+        # Numbers are given run by run, so that each target's events in this batch are
+        # consecutive (a run is then one range), and the rows are written in number order.
         seq_of: list[int] = [0] * n
-        if skipped:
-            it = iter(numbers)
-            for i in range(n):
-                if i not in skipped:
-                    seq_of[i] = next(it)
-        else:
-            seq_of = numbers
-        set_ids = self._set_ids
         set_of: list[int] = [0] * n
+        order: list[int] = []
+        set_ids = self._set_ids
+        take = iter(numbers).__next__
         for target_id, indices in batch.runs:
             sid = set_ids[target_id]
             for i in indices:
-                set_of[i] = sid
+                if not seq_of[i] and i not in skipped:
+                    seq_of[i] = take()
+                    set_of[i] = sid
+                    order.append(i)
         for i, targets in batch.targets.items():
             set_of[i] = set_ids["\n".join(targets)]
         expires = batch.expires_at
         if given:
             identified = [
-                {
-                    "seq": seq_of[i],
-                    "event_id": given[i],
-                    "body": bodies[i],
-                    "submitted_at": now,
-                    "expires_at": expires.get(i),
-                    "set_id": set_of[i],
-                }
-                for i in sorted(given)
-                if i not in skipped
+                (seq_of[i], given[i], bodies[i], now, expires.get(i), set_of[i])
+                for i in order
+                if i in given
             ]
             inserted = self._insert_identified(conn, identified)
             # Another process stored the same id meanwhile (PostgreSQL): that one stands.
             skipped.update(first_of[eid] for eid in set(first_of) - inserted - stored)
         plain: list[tuple[int, bytes, float, float | None, int]]
         if not skipped and not given and not expires:
-            plain = list(zip(seq_of, bodies, repeat(now), repeat(None), set_of))
+            plain = [(seq_of[i], bodies[i], now, None, set_of[i]) for i in order]
         else:
             plain = [
                 (seq_of[i], bodies[i], now, expires.get(i), set_of[i])
-                for i in range(n)
+                for i in order
                 if i not in skipped and i not in given
             ]
         if plain:
@@ -647,24 +644,52 @@ class SQLStore:
 
     # -- forming and claiming -------------------------------------------------------------------
 
-    def _load_events(self, conn: sa.Connection, seqs: list[int]) -> list[Any]:
-        """The rows of these events, in the order of ``seqs``."""
-        found: dict[int, Any] = {}
+    def _load_events(self, conn: sa.Connection, seqs: list[int]) -> list[tuple[Any, ...]]:
+        """
+        The rows of these events, in the order of ``seqs``: ``(seq, body, submitted_at,
+        expires_at, event_id)`` tuples, read straight from the driver (this is the hot path of
+        every transaction formed or resent).
+        """
         spans = _seqs.ranges(_seqs.encode(seqs))
-        if len(spans) <= 4:
-            for low, high in spans:
-                for row in conn.execute(_EVENTS_BETWEEN, {"p_low": low, "p_high": high}):
-                    found[row.seq] = row
-        else:
-            for i in range(0, len(seqs), _IN_CHUNK):
-                for row in conn.execute(_EVENTS_IN, {"p_seqs": seqs[i : i + _IN_CHUNK]}):
-                    found[row.seq] = row
+        cursor = conn.connection.cursor()
+        try:
+            if len(spans) == 1:
+                low, high = spans[0]
+                cursor.execute(self._select_between, (low, high))
+                rows = cursor.fetchall()
+                if len(rows) == len(seqs) and low == seqs[0]:
+                    # One increasing range, all there: the rows are in order already.
+                    return list(rows)
+                found = {row[0]: row for row in rows}
+            elif len(spans) <= 8:
+                found = {}
+                for low, high in spans:
+                    cursor.execute(self._select_between, (low, high))
+                    for row in cursor.fetchall():
+                        found[row[0]] = row
+            else:
+                found = {}
+                wanted = sorted(set(seqs))
+                for i in range(0, len(wanted), _IN_CHUNK):
+                    chunk = wanted[i : i + _IN_CHUNK]
+                    cursor.execute(self._select_in(len(chunk)), chunk)
+                    for row in cursor.fetchall():
+                        found[row[0]] = row
+        finally:
+            cursor.close()
         try:
             return [found[s] for s in seqs]
         except KeyError as e:
             raise StoreError(
                 f"event {e.args[0]} of a transaction is missing from the store"
             ) from None
+
+    def _select_in(self, n: int) -> str:
+        statement = self._select_in_cache.get(n)
+        if statement is None:
+            marks = ", ".join([self._mark] * n)
+            statement = self._select_in_cache[n] = f"{_SELECT_EVENTS} WHERE seq IN ({marks})"
+        return statement
 
     def _form(
         self,
@@ -704,7 +729,7 @@ class SQLStore:
                     # still goes out.
                     take = 0
                     for ev in rows:
-                        extra = len(ev.body) + (sep if n_events else 0)
+                        extra = len(ev[1]) + (sep if n_events else 0)
                         if n_events and (n_events >= max_events or size + extra > max_bytes):
                             break
                         n_events += 1
@@ -724,13 +749,13 @@ class SQLStore:
                 conn.execute(_DELETE_RUNS, {"p_ids": consumed})
             if remainder is not None:
                 row_id, rest = remainder
-                rest_seqs = [r.seq for r in rest]
+                rest_seqs = [r[0] for r in rest]
                 conn.execute(
                     _SHORTEN_RUN,
                     {
                         "p_id": row_id,
                         "p_n": len(rest),
-                        "p_size": sum(len(r.body) for r in rest),
+                        "p_size": sum(len(r[1]) for r in rest),
                         "p_seqs": _seqs.encode(rest_seqs),
                         "p_first": rest_seqs[0],
                         "p_last": rest_seqs[-1],
@@ -745,12 +770,14 @@ class SQLStore:
         self, conn: sa.Connection, target_id: str, rows: list[Any], ttl: float | None, now: float
     ) -> list[Any]:
         """Record the events past their deadline as expired at the target; return the others."""
+        if ttl is None and all(row[3] is None for row in rows):
+            return rows
         live = []
         dead = []
         for row in rows:
             deadline = _deadline(row, ttl)
             if deadline is not None and deadline <= now:
-                dead.append({"target_id": target_id, "seq": row.seq, "expired_at": now})
+                dead.append({"target_id": target_id, "seq": row[0], "expired_at": now})
             else:
                 live.append(row)
         if dead:
@@ -762,12 +789,12 @@ class SQLStore:
         self, conn: sa.Connection, target_id: str, rows: list[Any], ttl: float | None, now: float
     ) -> Transaction:
         """Store a new transaction of these events, with the target's next id."""
-        seqs = [r.seq for r in rows]
+        seqs = [r[0] for r in rows]
         txn_id, span = self._next_txn_id(conn, target_id)
         first, last = min(seqs), max(seqs)
         if last - first > span:
             conn.execute(_WIDEN_SPAN, {"p_target": target_id, "p_span": last - first})
-        oldest = min(r.submitted_at for r in rows)
+        oldest = min(r[2] for r in rows)
         conn.execute(
             _INSERT_TXN,
             {
@@ -778,7 +805,7 @@ class SQLStore:
                 "first_seq": first,
                 "last_seq": last,
                 "n_events": len(rows),
-                "size": sum(len(r.body) for r in rows),
+                "size": sum(len(r[1]) for r in rows),
                 "oldest_at": oldest,
                 "created_at": now,
                 "attempts": 1,
@@ -803,14 +830,14 @@ class SQLStore:
         head = conn.execute(
             sa.select(sa.func.min(_r.c.pos)).where(_r.c.target_id == target_id)
         ).scalar()
-        seqs = [r.seq for r in rows]
+        seqs = [r[0] for r in rows]
         conn.execute(
             _INSERT_RUN,
             {
                 "target_id": target_id,
                 "pos": min(head if head is not None else 0, 0) - 1,
                 "n_events": len(rows),
-                "size": sum(len(r.body) for r in rows),
+                "size": sum(len(r[1]) for r in rows),
                 "seqs": _seqs.encode(seqs),
                 "first_seq": seqs[0],
                 "last_seq": seqs[-1],
@@ -1132,7 +1159,7 @@ class SQLStore:
                         attempts=r.attempts,
                         reason=r.reason or "",
                         dead_at=r.done_at,
-                        events=tuple(bytes(e.body) for e in events),
+                        events=tuple(bytes(e[1]) for e in events),
                         event_ids=tuple(_event_id(e) for e in events),
                     )
                 )
@@ -1153,9 +1180,7 @@ class SQLStore:
             if high is None:
                 # Only what was dead-lettered when the replay began is replayed.
                 high = conn.execute(
-                    sa.select(sa.func.max(_x.c.txn_id)).where(
-                        _x.c.target_id == target_id, _IS_DEAD
-                    )
+                    sa.select(sa.func.max(_x.c.txn_id)).where(_x.c.target_id == target_id, _IS_DEAD)
                 ).scalar()
                 if high is None:
                     return None, None, 0
@@ -1478,15 +1503,17 @@ def _record(row: Any, has_pending: bool) -> TargetRecord:
 
 def _deadline(row: Any, ttl: float | None) -> float | None:
     """An event's deadline at a target whose default time to live is ``ttl``."""
-    if row.expires_at is not None:
-        return float(row.expires_at)
+    if row[3] is not None:
+        return float(row[3])
     if ttl is not None:
-        return float(row.submitted_at) + ttl
+        return float(row[2]) + ttl
     return None
 
 
 def _earliest(rows: Sequence[Any], ttl: float | None) -> float | None:
     """The earliest deadline of these events, or None if none has one."""
+    if ttl is None and all(row[3] is None for row in rows):
+        return None
     found = None
     for row in rows:
         d = _deadline(row, ttl)
@@ -1496,7 +1523,7 @@ def _earliest(rows: Sequence[Any], ttl: float | None) -> float | None:
 
 
 def _event_id(row: Any) -> str:
-    return row.event_id if row.event_id is not None else f"{GENERATED_ID_PREFIX}{row.seq}"
+    return row[4] if row[4] is not None else f"{GENERATED_ID_PREFIX}{row[0]}"
 
 
 def _transaction(
@@ -1510,11 +1537,12 @@ def _transaction(
     return Transaction(
         target_id=target_id,
         txn_id=txn_id,
-        events=tuple(bytes(r.body) for r in rows),
-        event_ids=tuple(_event_id(r) for r in rows),
+        events=tuple([bytes(r[1]) for r in rows]),
+        seqs=tuple([r[0] for r in rows]),
         attempts=attempts,
         oldest_at=oldest_at,
         deadline=_earliest(rows, ttl),
+        named={r[0]: r[4] for r in rows if r[4] is not None},
     )
 
 
@@ -1670,7 +1698,7 @@ class _TargetEvents:
             row = found
             entries.append(
                 EventEntry(
-                    event_id=_event_id(row),
+                    event_id=row.event_id or f"{GENERATED_ID_PREFIX}{row.seq}",
                     submitted_at=row.submitted_at,
                     txn_id=txn_id,
                     attempts=attempts,
