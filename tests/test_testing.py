@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -11,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 import relayer.testing
-from relayer.testing import FakeTransport, build_scheduler, step, target
+from relayer import Delivery, DeliveryState, OutcomeKind
+from relayer.testing import FakeTransport, Harness, build_scheduler, step, target
 
 # -- step() ---------------------------------------------------------------------------------------
 
@@ -207,17 +211,7 @@ def test_a_busy_loop_is_stopped_with_a_clear_error() -> None:
 
 
 def test_the_default_bound_is_a_million_timers() -> None:
-    clock = Clock()
-    runs = [0]
-
-    def spin() -> None:
-        runs[0] += 1
-        clock.callLater(0, spin)
-
-    clock.callLater(0, spin)
-    with pytest.raises(RuntimeError, match="ran 1000000 timers"):
-        step(clock, 1)
-    assert runs[0] == 1_000_000
+    assert inspect.signature(step).parameters["max_timers"].default == 1_000_000
 
 
 def test_exactly_max_timers_is_allowed() -> None:
@@ -354,6 +348,283 @@ def test_a_crash_after_the_target_accepted_gives_one_duplicate(tmp_path: Path) -
     assert bridge.duplicate_txn_ids == [1]
     assert bridge.events == [{"n": 1}]
     assert bridge.violations == []
+    h.scheduler.stop()
+
+
+# -- confirmations --------------------------------------------------------------------------------
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired already."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def delivery(h: Harness, event_id: str, target_id: str = "bridge") -> Delivery:
+    status = result_of(h.scheduler.event_status(event_id))
+    assert status is not None
+    return status.deliveries[target_id]
+
+
+def test_confirm_later_answers_202_and_confirms_on_time(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db")
+    bridge = h.transport["bridge"]
+    bridge.confirm_later(5)
+    event_id = result_of(h.scheduler.submit("bridge", {"n": 1}))
+    assert bridge.events == [{"n": 1}]  # the target has it...
+    assert bridge.unconfirmed == [1]  # ...and owes a confirmation
+    assert delivery(h, event_id).state is DeliveryState.AWAITING_CONFIRMATION
+    step(h.clock, 4.9)
+    assert bridge.confirmations == []
+    step(h.clock, 0.1)
+    assert bridge.confirmations == [(1, True)]
+    assert bridge.unconfirmed == []
+    assert delivery(h, event_id).state is DeliveryState.DELIVERED
+    assert bridge.duplicates == 0
+    assert bridge.violations == []
+    h.scheduler.stop()
+
+
+def test_a_transaction_awaiting_confirmation_holds_the_next(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db")
+    bridge = h.transport["bridge"]
+    bridge.confirm_later(10)
+    h.scheduler.submit("bridge", {"n": 1})
+    h.scheduler.submit("bridge", {"n": 2})
+    assert bridge.txn_ids == [1]
+    step(h.clock, 10)  # 1 is confirmed; 2 goes out, and awaits in turn
+    assert bridge.txn_ids == [1, 2]
+    assert bridge.unconfirmed == [2]
+    step(h.clock, 10)
+    assert bridge.confirmations == [(1, True), (2, True)]
+    assert bridge.events == [{"n": 1}, {"n": 2}]
+    assert bridge.times == [0, 10]
+    h.scheduler.stop()
+
+
+def test_confirm_later_zero_confirms_at_the_next_advance_not_during_the_send(
+    tmp_path: Path,
+) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db")
+    bridge = h.transport["bridge"]
+    bridge.confirm_later(0)
+    h.scheduler.submit("bridge", {"n": 1})
+    assert bridge.unconfirmed == [1]
+    assert step(h.clock, 0) >= 1
+    assert bridge.confirmations == [(1, True)]
+    h.scheduler.stop()
+
+
+def test_never_confirm_is_resent_after_the_confirmation_timeout(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db", confirmation_timeout=300)
+    bridge = h.transport["bridge"]
+    bridge.never_confirm()
+    event_id = result_of(h.scheduler.submit("bridge", {"n": 1}))
+    assert delivery(h, event_id).confirm_by == 300
+    step(h.clock, 1000)
+    # Sent at 0, then again at 300, 600 and 900: same id, same bytes, each a duplicate.
+    assert bridge.times == [0, 300, 600, 900]
+    assert bridge.duplicate_txn_ids == [1, 1, 1]
+    assert bridge.events == [{"n": 1}]
+    assert bridge.unconfirmed == [1]
+    assert bridge.confirmations == []
+    assert bridge.violations == []
+    assert result_of(bridge.confirm()) is True
+    assert delivery(h, event_id).state is DeliveryState.DELIVERED
+    step(h.clock, 1000)
+    assert len(bridge.requests) == 4  # never resent again
+    h.scheduler.stop()
+
+
+def test_confirm_picks_the_oldest_or_the_one_named(tmp_path: Path) -> None:
+    h = build_scheduler(["a", "b"], path=tmp_path / "relayer.db")
+    a = h.transport["a"]
+    a.never_confirm()
+    with pytest.raises(ValueError, match="no transaction awaits confirmation"):
+        a.confirm()
+    h.scheduler.submit("a", {"n": 1})
+    with pytest.raises(ValueError, match="transaction 7 does not await confirmation"):
+        a.confirm(7)
+    assert result_of(a.confirm(1)) is True
+    assert a.unconfirmed == []
+    h.scheduler.submit("a", {"n": 2})
+    assert a.unconfirmed == [2]
+    assert result_of(a.confirm()) is True
+    assert a.confirmations == [(1, True), (2, True)]
+    assert h.transport["b"].confirmations == []
+    h.scheduler.stop()
+
+
+def test_up_goes_back_to_plain_delivery(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db", confirmation_timeout=60)
+    bridge = h.transport["bridge"]
+    bridge.never_confirm()
+    first = result_of(h.scheduler.submit("bridge", {"n": 1}))
+    bridge.up()
+    step(h.clock, 60)  # resent after the timeout, answered 200: delivered
+    assert bridge.duplicate_txn_ids == [1]
+    assert bridge.unconfirmed == []
+    assert delivery(h, first).state is DeliveryState.DELIVERED
+    second = result_of(h.scheduler.submit("bridge", {"n": 2}))
+    assert delivery(h, second).state is DeliveryState.DELIVERED
+    assert bridge.confirmations == []
+    h.scheduler.stop()
+
+
+def test_up_keeps_the_confirmations_already_owed(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db")
+    bridge = h.transport["bridge"]
+    bridge.confirm_later(30)
+    h.scheduler.submit("bridge", {"n": 1})
+    bridge.up()
+    step(h.clock, 30)
+    assert bridge.confirmations == [(1, True)]
+    h.scheduler.stop()
+
+
+def test_a_confirmation_for_an_abandoned_transaction_is_answered_false(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db", confirmation_timeout=60)
+    bridge = h.transport["bridge"]
+    bridge.never_confirm()
+    event_id = result_of(h.scheduler.submit("bridge", {"n": 1}, ttl=30))
+    step(h.clock, 60)  # past its deadline: never sent again, abandoned
+    assert len(bridge.requests) == 1
+    assert delivery(h, event_id).state is DeliveryState.EXPIRED
+    assert result_of(bridge.confirm()) is False  # the target copes: it records the answer
+    assert bridge.confirmations == [(1, False)]
+    assert bridge.unconfirmed == []
+    assert bridge.violations == []
+    assert delivery(h, event_id).state is DeliveryState.EXPIRED
+    h.scheduler.stop()
+
+
+def test_a_lost_202_is_resent_and_answered_202_again(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db")
+    bridge = h.transport["bridge"]
+    bridge.never_confirm()
+    bridge.lose_responses(1)
+    event_id = result_of(h.scheduler.submit("bridge", {"n": 1}))
+    step(h.clock, 2)  # the retry after the lost answer
+    assert bridge.duplicate_txn_ids == [1]
+    assert delivery(h, event_id).state is DeliveryState.AWAITING_CONFIRMATION
+    assert result_of(bridge.confirm()) is True
+    assert delivery(h, event_id).state is DeliveryState.DELIVERED
+    h.scheduler.stop()
+
+
+def test_a_resend_after_the_confirmation_was_sent_is_answered_200(tmp_path: Path) -> None:
+    transport = FakeTransport(Clock())
+    answers: list[tuple[str, int]] = []
+    transport.confirmer = lambda target_id, txn_id: (
+        answers.append((target_id, txn_id)) or succeed(False)
+    )
+    t = transport["t"]
+    t.never_confirm()
+    assert send(transport, 1, BODY_1).kind is OutcomeKind.ACCEPTED
+    assert send(transport, 1, BODY_1).kind is OutcomeKind.ACCEPTED  # still pending
+    assert result_of(t.confirm()) is False
+    assert send(transport, 1, BODY_1).kind is OutcomeKind.DELIVERED  # the target is done
+    assert answers == [("t", 1)]
+    assert t.duplicate_txn_ids == [1, 1]
+
+
+def test_confirmations_due_without_a_confirmer_wait_for_one() -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    t = transport["t"]
+    t.confirm_later(5)
+    assert send(transport, 1, BODY_1).reason == "HTTP 202"
+    step(clock, 10)
+    assert t.unconfirmed == [1]  # due, but no one to tell
+    with pytest.raises(RuntimeError, match="confirmer is not set"):
+        t.confirm()
+    asked: list[tuple[str, int]] = []
+    transport.confirmer = lambda target_id, txn_id: (
+        asked.append((target_id, txn_id)) or succeed(True)
+    )
+    assert asked == [("t", 1)]
+    assert t.confirmations == [(1, True)]
+    assert t.unconfirmed == []
+
+
+def test_a_failed_confirmation_is_a_violation() -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    transport.confirmer = lambda target_id, txn_id: fail(ZeroDivisionError("no"))
+    t = transport["t"]
+    t.confirm_later(1)
+    send(transport, 1, BODY_1)
+    step(clock, 1)
+    assert t.violations == ["the confirmation of transaction 1 failed: no"]
+    assert t.confirmations == []
+    assert t.unconfirmed == []
+
+
+def test_confirm_later_needs_a_clock_and_a_good_delay() -> None:
+    with pytest.raises(ValueError, match="needs a FakeTransport made with a clock"):
+        FakeTransport()["t"].confirm_later(1)
+    t = FakeTransport(Clock())["t"]
+    for bad in (-1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="finite delay"):
+            t.confirm_later(bad)
+
+
+def test_build_scheduler_and_restart_wire_the_confirmer(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db")
+    assert h.transport.confirmer == h.scheduler.confirm
+    h = h.restart()
+    assert h.transport.confirmer == h.scheduler.confirm
+    h.scheduler.stop()
+
+
+def test_a_confirmation_owed_survives_the_sender_crashing(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db", confirmation_timeout=600)
+    bridge = h.transport["bridge"]
+    bridge.confirm_later(30)
+    event_id = result_of(h.scheduler.submit("bridge", {"n": 1}))
+    step(h.clock, 10)
+    h = h.restart(stop=False)  # kill -9; the new scheduler runs on a new clock
+    step(h.clock, 20)  # the receiver's confirmation still comes at 30 s, to the new one
+    assert bridge.confirmations == [(1, True)]
+    assert delivery(h, event_id).state is DeliveryState.DELIVERED
+    assert len(bridge.requests) == 1
+    h.scheduler.stop()
+
+
+def test_a_confirmation_owed_goes_to_the_new_scheduler_after_a_graceful_restart(
+    tmp_path: Path,
+) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db")
+    bridge = h.transport["bridge"]
+    bridge.confirm_later(30)
+    event_id = result_of(h.scheduler.submit("bridge", {"n": 1}))
+    h = h.restart()
+    step(h.clock, 30)
+    assert bridge.confirmations == [(1, True)]
+    assert delivery(h, event_id).state is DeliveryState.DELIVERED
+    h.scheduler.stop()
+
+
+# -- expiry on the fake clock ---------------------------------------------------------------------
+
+
+def test_an_event_expires_at_a_down_target(tmp_path: Path) -> None:
+    h = build_scheduler(["bridge"], path=tmp_path / "relayer.db")
+    bridge = h.transport["bridge"]
+    bridge.down()
+    event_id = result_of(h.scheduler.submit("bridge", {"n": 1}, ttl=60))
+    step(h.clock, 120)
+    d = delivery(h, event_id)
+    assert d.state is DeliveryState.EXPIRED
+    assert d.expired_at is not None and d.expired_at <= 62
+    assert all(t < 60 for t in bridge.times)  # no send starts at or after the deadline
+    bridge.up()
+    step(h.clock, 600)
+    assert bridge.events == []
     h.scheduler.stop()
 
 

@@ -232,5 +232,5 @@ def _start(
     started.addErrback(failures.append)
     if failures:
         failures[0].raiseException()
-    transport.confirmer = getattr(scheduler, "confirm", None)
+    transport.confirmer = scheduler.confirm
     return Harness(scheduler, clock, transport, path, targets, random)

@@ -84,14 +84,6 @@ class _Awaiting:
     timer: IDelayedCall | None = None
 
 
-def _accepted(reason: str) -> SendOutcome:
-    accepted = getattr(SendOutcome, "accepted", None)
-    if accepted is None:
-        raise RuntimeError("confirmations need a relayer whose SendOutcome has accepted()")
-    outcome: SendOutcome = accepted(reason)
-    return outcome
-
-
 class FakeTarget:
     """
     A scriptable target, reached through :class:`FakeTransport`.
@@ -130,7 +122,9 @@ class FakeTarget:
         times: The clock time of each request in :attr:`requests`.
         received: The transactions accepted, once each, in order (with the confirmation
             pending, too: the target has them).
-        events: The events accepted, once each, in order.
+        events: The events of the transactions accepted, in order: once each, unless the
+            sender put one in a second transaction (as it does with the live events of a
+            transaction it abandoned after the target had accepted it).
         duplicates: How many requests the target accepted for a transaction it had accepted
             before, with the same bytes: resends of what it had already.
         duplicate_txn_ids: The transaction id of each of those requests, in order.
@@ -252,7 +246,6 @@ class FakeTarget:
             raise ValueError("confirm_later() needs a FakeTransport made with a clock")
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"confirm_later() takes a finite delay, 0 or more, not {seconds!r}")
-        _accepted("HTTP 202")
         self._confirm_after = float(seconds)
 
     def never_confirm(self) -> None:
@@ -260,7 +253,6 @@ class FakeTarget:
         From now on, accept each transaction with the confirmation pending (``HTTP 202``), and
         never confirm it on its own: :meth:`confirm` does, when the test calls it.
         """
-        _accepted("HTTP 202")
         self._confirm_after = math.inf
 
     def confirm(self, txn_id: int | None = None) -> Deferred[bool]:
@@ -404,7 +396,7 @@ class FakeTarget:
             self.duplicate_txn_ids.append(txn_id)
             if txn_id in self._awaiting:
                 if self._confirm_after is not None:
-                    return _accepted("HTTP 202 (duplicate)")
+                    return SendOutcome.accepted("HTTP 202 (duplicate)")
                 # Delivering plainly now: this answer is its confirmation.
                 self._forget(txn_id)
             return SendOutcome.delivered("HTTP 200 (duplicate)")
@@ -416,7 +408,7 @@ class FakeTarget:
         self.events.extend(events)
         if self._confirm_after is not None:
             self._await(txn_id, self._confirm_after)
-            return _accepted("HTTP 202")
+            return SendOutcome.accepted("HTTP 202")
         return answer if answer is not None else SendOutcome.delivered("HTTP 200")
 
     # -- confirming -----------------------------------------------------------------------------
