@@ -4,7 +4,8 @@ Helpers for testing an application that embeds relayer.
 They let a test suite drive relayer deterministically: :class:`InlineDatabasePool` runs database
 work synchronously, :class:`FakeTransport` gives each target a scriptable :class:`FakeTarget`,
 and :func:`build_scheduler` puts them together with a SQLite file and a
-:class:`twisted.internet.task.Clock`, so hours of retries take milliseconds.
+:class:`twisted.internet.task.Clock`, so hours of retries take milliseconds; :func:`step` moves
+that clock from one timer to the next, so that each retry happens at its own time.
 
 For integration tests over real HTTP, :class:`Receiver` is a twisted.web target that checks
 what it is sent, deduplicates by transaction id and records order; :func:`listen_receiver`
@@ -40,6 +41,7 @@ from relayer.dbpool import DatabasePool
 from relayer.scheduler import DEFAULT_STOP_TIMEOUT, Scheduler
 from relayer.store.sql import SQLStore
 from relayer.store.sqlite import SQLiteStore
+from relayer.testing._clock import step
 from relayer.testing._fakes import FakeTarget, FakeTransport, InlineDatabasePool, Received
 from relayer.testing._receiver import (
     DeliveryReport,
@@ -64,6 +66,7 @@ __all__ = [
     "listen_receiver",
     "open_store",
     "release_process_lock",
+    "step",
     "target",
     "verify_delivery",
 ]
@@ -114,12 +117,16 @@ class Harness:
                 scheduler never sends while the old one still does. With False the old
                 scheduler is abandoned as it is, as if its process had died: the new one gets a
                 new clock at the same time, so the old one's timers never fire, and requests in
-                flight are dropped.
+                flight are dropped. Either way the fake targets keep what they received, and
+                the confirmations they owe go to the new scheduler (those that fall due while
+                there is none wait for it).
 
         Returns:
             A new harness; this one should not be used any more.
         """
         clock = self.clock
+        # Confirmations that fall due between the two schedulers wait for the new one.
+        self.transport.confirmer = None
         if stop:
             if self.scheduler.running:
                 stopping = self.scheduler.stop()
@@ -164,7 +171,9 @@ def build_scheduler(
     Build and start a :class:`~relayer.Scheduler` on a fake clock and a SQLite file.
 
     Database work runs inline, so the scheduler is started when this returns, and every
-    ``submit`` is stored (its Deferred has fired) by the time it returns.
+    ``submit`` is stored (its Deferred has fired) by the time it returns. The transport's
+    :attr:`~FakeTransport.confirmer` is set to the scheduler's ``confirm``, so fake targets
+    told to ``confirm_later()`` confirm to it.
 
     Args:
         targets: Target ids (given placeholder URLs and tokens, and ``settings``), or configs.
@@ -223,4 +232,5 @@ def _start(
     started.addErrback(failures.append)
     if failures:
         failures[0].raiseException()
+    transport.confirmer = scheduler.confirm
     return Harness(scheduler, clock, transport, path, targets, random)

@@ -5,18 +5,20 @@ Deterministic test doubles: an inline database pool and a scriptable in-memory t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayer._encoding import events_of_body
 from relayer.config import TargetConfig
-from relayer.transport.base import ITransport, SendOutcome, classify_status
+from relayer.transport.base import ITransport, OutcomeKind, SendOutcome, classify_status
 
 T = TypeVar("T")
 
@@ -73,6 +75,15 @@ class _Held:
     timer: IDelayedCall | None = None
 
 
+@attrs.define(eq=False)
+class _Awaiting:
+    """A transaction answered accepted, whose confirmation has not been sent yet."""
+
+    #: When its confirmation falls due, on the transport's clock; None: never on its own.
+    due: float | None
+    timer: IDelayedCall | None = None
+
+
 class FakeTarget:
     """
     A scriptable target, reached through :class:`FakeTransport`.
@@ -83,21 +94,46 @@ class FakeTarget:
     - ``fail_with(status)``: every request gets that HTTP status (``retry_after`` adds the
       header), classified as relayer's HTTP transport classifies it;
     - ``respond(status, ...)``: the next request gets that status, once (queue several);
+    - ``lose_responses(count)``: the next ``count`` transactions it accepts are accepted, but
+      their answers are lost, so the sender sees a failure and resends them;
     - ``hold()``: requests stay in flight until ``release()``;
     - ``slow(seconds)``: requests are answered after ``seconds`` of the clock;
-    - ``up()``: back to accepting everything.
+    - ``confirm_later(seconds)``: transactions are accepted with the confirmation pending
+      (``HTTP 202``), and each is confirmed ``seconds`` later, through
+      :attr:`FakeTransport.confirmer`;
+    - ``never_confirm()``: transactions are accepted with the confirmation pending, and
+      confirmed only by ``confirm()``;
+    - ``up()``: back to accepting everything, at once, as delivered.
 
-    It deduplicates by transaction id, as a receiver should: a transaction id seen before is
-    acknowledged but not counted again, and one resent with different bytes is recorded in
-    :attr:`violations`.
+    It deduplicates by transaction id, as a receiver should: a transaction id accepted before is
+    acknowledged but not recorded again. Each such repeat with the same bytes is counted in
+    :attr:`duplicates`; one with different bytes is recorded in :attr:`violations`. A repeat of
+    a transaction whose confirmation is still pending is answered ``HTTP 202`` again (while the
+    target confirms transactions), and one whose confirmation was sent is answered ``HTTP 200``:
+    the target has finished with it, whatever the sender answered the confirmation.
+
+    The target sees confirmations as a receiver does: the sender may answer one False (the
+    transaction no longer awaits confirmation there: it was abandoned, say), which is recorded
+    in :attr:`confirmations` like any other answer.
 
     Attributes:
         target_id: The target's id.
         requests: Every request seen, as ``(txn_id, body)``, duplicates included.
         times: The clock time of each request in :attr:`requests`.
-        received: The transactions accepted, once each, in order.
-        events: The events accepted, once each, in order.
-        violations: Broken guarantees seen: a resend with other bytes, two requests in flight.
+        received: The transactions accepted, once each, in order (with the confirmation
+            pending, too: the target has them).
+        events: The events of the transactions accepted, in order: once each, unless the
+            sender put one in a second transaction (as it does with the live events of a
+            transaction it abandoned after the target had accepted it).
+        duplicates: How many requests the target accepted for a transaction it had accepted
+            before, with the same bytes: resends of what it had already.
+        duplicate_txn_ids: The transaction id of each of those requests, in order.
+        confirmations: The confirmations sent, as ``(txn_id, answer)``, in the order they were
+            answered; the answer is the sender's: True, delivered; False, not awaiting
+            confirmation (unknown, or abandoned).
+        violations: Broken guarantees seen: a resend with other bytes, transaction ids going
+            backwards, two requests in flight, a confirmation that failed instead of being
+            answered.
         in_flight: How many requests are in flight now.
         max_in_flight: The most requests ever in flight at once.
     """
@@ -108,6 +144,9 @@ class FakeTarget:
         self.times: list[float] = []
         self.received: list[Received] = []
         self.events: list[Any] = []
+        self.duplicates = 0
+        self.duplicate_txn_ids: list[int] = []
+        self.confirmations: list[tuple[int, bool]] = []
         self.violations: list[str] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -119,6 +158,12 @@ class FakeTarget:
         self._hold = False
         self._delay = 0.0
         self._held: list[_Held] = []
+        self._lose = 0
+        # None: accepted transactions are delivered; else the delay of their confirmations
+        # (infinite: never on its own).
+        self._confirm_after: float | None = None
+        # The transactions whose confirmation has not been sent, oldest first.
+        self._awaiting: dict[int, _Awaiting] = {}
 
     def __repr__(self) -> str:
         return f"<FakeTarget {self.target_id!r} received={len(self.events)} events>"
@@ -126,11 +171,19 @@ class FakeTarget:
     # -- scripting ------------------------------------------------------------------------------
 
     def up(self) -> None:
-        """Accept every transaction from now on (held requests stay held until released)."""
+        """
+        Accept every transaction from now on, at once, as delivered.
+
+        It ends ``down``, ``fail_with``, ``hold``, ``slow``, ``confirm_later`` and
+        ``never_confirm``. Held requests stay held until released, queued ``respond`` and
+        ``lose_responses`` answers stay queued, and transactions already awaiting confirmation
+        are still confirmed as they were to be (a resend of one is answered delivered).
+        """
         self._refuse = False
         self._hold = False
         self._delay = 0.0
         self._mode = lambda: None
+        self._confirm_after = None
 
     def down(self) -> None:
         """Refuse connections from now on."""
@@ -145,6 +198,21 @@ class FakeTarget:
         """Answer the next request with ``status``, once; calls queue up in order."""
         self._script.append((status, retry_after))
 
+    def lose_responses(self, count: int = 1) -> None:
+        """
+        Lose the answers to the next ``count`` transactions that the target accepts.
+
+        Each is accepted (recorded in :attr:`received`, or counted as a duplicate), but its
+        request fails as a lost connection, a transient failure: the sender resends it, and the
+        resend is a duplicate. Calls add up.
+
+        Raises:
+            ValueError: ``count`` is negative.
+        """
+        if count < 0:
+            raise ValueError(f"lose_responses() takes a count of 0 or more, not {count!r}")
+        self._lose += count
+
     def hold(self) -> None:
         """Keep requests in flight until :meth:`release`."""
         self._hold = True
@@ -155,11 +223,76 @@ class FakeTarget:
             raise ValueError("slow() needs a FakeTransport made with a clock")
         self._delay = seconds
 
+    def confirm_later(self, seconds: float) -> None:
+        """
+        From now on, accept each transaction with the confirmation pending, and confirm it
+        ``seconds`` later.
+
+        A transaction that the target accepts is answered ``HTTP 202``
+        (:attr:`~relayer.transport.base.OutcomeKind.ACCEPTED`), whether the target accepts it by
+        default or through a scripted 2xx, and ``seconds`` later on the transport's clock the
+        target calls :attr:`FakeTransport.confirmer` with ``(target_id, txn_id)``; with 0, at
+        the clock's next advance, never during the send. A confirmation that falls due while
+        the transport has no confirmer is sent when one is set. Transactions already awaiting
+        confirmation keep their own times.
+
+        Args:
+            seconds: The delay, a finite number, 0 or more.
+
+        Raises:
+            ValueError: The transport has no clock, or ``seconds`` is negative or not finite.
+        """
+        if self._transport.clock is None:
+            raise ValueError("confirm_later() needs a FakeTransport made with a clock")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"confirm_later() takes a finite delay, 0 or more, not {seconds!r}")
+        self._confirm_after = float(seconds)
+
+    def never_confirm(self) -> None:
+        """
+        From now on, accept each transaction with the confirmation pending (``HTTP 202``), and
+        never confirm it on its own: :meth:`confirm` does, when the test calls it.
+        """
+        self._confirm_after = math.inf
+
+    def confirm(self, txn_id: int | None = None) -> Deferred[bool]:
+        """
+        Confirm a transaction awaiting confirmation, now.
+
+        Args:
+            txn_id: The transaction; by default the oldest one awaiting confirmation.
+
+        Returns:
+            The confirmer's Deferred: True if the sender took the transaction as delivered,
+            False if it was not awaiting confirmation there (it was abandoned, say). Either way
+            the target is done with it, and the answer is recorded in :attr:`confirmations`.
+
+        Raises:
+            ValueError: No transaction awaits confirmation, or not that one.
+            RuntimeError: The transport has no confirmer.
+        """
+        if txn_id is None:
+            if not self._awaiting:
+                raise ValueError(f"no transaction awaits confirmation at {self.target_id!r}")
+            txn_id = next(iter(self._awaiting))
+        elif txn_id not in self._awaiting:
+            raise ValueError(
+                f"transaction {txn_id} does not await confirmation at {self.target_id!r};"
+                f" these do: {self.unconfirmed}"
+            )
+        if self._transport.confirmer is None:
+            raise RuntimeError(
+                "FakeTransport.confirmer is not set: set it to the scheduler's confirm"
+                " (build_scheduler does)"
+            )
+        return self._send_confirmation(txn_id)
+
     def drop(self) -> int:
         """
         Forget the requests in flight without answering them, as when the sending process dies.
 
-        Returns how many were dropped. Their Deferreds never fire.
+        Returns how many were dropped. Their Deferreds never fire. Transactions awaiting
+        confirmation are not requests in flight: they are still confirmed.
         """
         held, self._held = self._held, []
         for h in held:
@@ -191,6 +324,11 @@ class FakeTarget:
     def txn_ids(self) -> list[int]:
         """The ids of the transactions accepted, in order."""
         return [r.txn_id for r in self.received]
+
+    @property
+    def unconfirmed(self) -> list[int]:
+        """The ids of the transactions accepted whose confirmation is not sent yet, in order."""
+        return list(self._awaiting)
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -239,17 +377,28 @@ class FakeTarget:
             outcome: SendOutcome | None = classify_status(status, retry_after, self._now())
         else:
             outcome = self._mode()
-        if outcome is None:
-            outcome = self._accept(held.txn_id, held.body)
-        elif outcome.kind.value == "delivered":
-            self._accept(held.txn_id, held.body)
+        if outcome is None or outcome.kind is OutcomeKind.DELIVERED:
+            outcome = self._accept(held.txn_id, held.body, outcome)
+            if self._lose:
+                self._lose -= 1
+                held.result.errback(ConnectionLost("the answer was lost (lose_responses)"))
+                return
         held.result.callback(outcome)
 
-    def _accept(self, txn_id: int, body: bytes) -> SendOutcome:
+    def _accept(self, txn_id: int, body: bytes, answer: SendOutcome | None = None) -> SendOutcome:
+        """Accept a transaction; return the answer (``answer``, a scripted 2xx, by default)."""
         seen = self._bodies.get(txn_id)
         if seen is not None:
             if seen != body:
                 self.violations.append(f"transaction {txn_id} was resent with different bytes")
+                return SendOutcome.delivered("HTTP 200 (duplicate)")
+            self.duplicates += 1
+            self.duplicate_txn_ids.append(txn_id)
+            if txn_id in self._awaiting:
+                if self._confirm_after is not None:
+                    return SendOutcome.accepted("HTTP 202 (duplicate)")
+                # Delivering plainly now: this answer is its confirmation.
+                self._forget(txn_id)
             return SendOutcome.delivered("HTTP 200 (duplicate)")
         if self.received and txn_id <= self.received[-1].txn_id:
             self.violations.append(f"transaction {txn_id} arrived after {self.received[-1].txn_id}")
@@ -257,7 +406,69 @@ class FakeTarget:
         events = [json.loads(e) for e in events_of_body(body)]
         self.received.append(Received(txn_id, events, body))
         self.events.extend(events)
-        return SendOutcome.delivered("HTTP 200")
+        if self._confirm_after is not None:
+            self._await(txn_id, self._confirm_after)
+            return SendOutcome.accepted("HTTP 202")
+        return answer if answer is not None else SendOutcome.delivered("HTTP 200")
+
+    # -- confirming -----------------------------------------------------------------------------
+
+    def _await(self, txn_id: int, delay: float) -> None:
+        clock = self._transport.clock
+        if math.isinf(delay) or clock is None:
+            self._awaiting[txn_id] = _Awaiting(None)
+            return
+        entry = self._awaiting[txn_id] = _Awaiting(clock.seconds() + delay)
+        entry.timer = clock.callLater(delay, self._fall_due, txn_id)
+
+    def _forget(self, txn_id: int) -> None:
+        entry = self._awaiting.pop(txn_id)
+        if entry.timer is not None and entry.timer.active():
+            entry.timer.cancel()
+
+    def _fall_due(self, txn_id: int) -> None:
+        entry = self._awaiting.get(txn_id)
+        if entry is None:
+            return
+        entry.timer = None
+        if self._transport.confirmer is not None:
+            # A failure is recorded in violations; there is no one else to tell.
+            self._send_confirmation(txn_id).addErrback(lambda _: None)
+
+    def _send_due(self) -> None:
+        """Send the confirmations that fell due while the transport had no confirmer."""
+        for txn_id, entry in list(self._awaiting.items()):
+            if self._transport.confirmer is None:
+                return
+            if entry.due is not None and entry.timer is None and txn_id in self._awaiting:
+                self._send_confirmation(txn_id).addErrback(lambda _: None)
+
+    def _move_timers(self, clock: IReactorTime) -> None:
+        """Move the pending confirmations' timers to ``clock``, at the same times."""
+        for txn_id, entry in self._awaiting.items():
+            if entry.timer is not None and entry.timer.active() and entry.due is not None:
+                entry.timer.cancel()
+                delay = max(0.0, entry.due - clock.seconds())
+                entry.timer = clock.callLater(delay, self._fall_due, txn_id)
+
+    def _send_confirmation(self, txn_id: int) -> Deferred[bool]:
+        confirmer = self._transport.confirmer
+        assert confirmer is not None
+        self._forget(txn_id)
+
+        def answered(answer: bool) -> bool:
+            self.confirmations.append((txn_id, answer))
+            return answer
+
+        def failed(failure: Failure) -> Failure:
+            self.violations.append(
+                f"the confirmation of transaction {txn_id} failed: {failure.getErrorMessage()}"
+            )
+            return failure
+
+        confirming: Deferred[bool] = maybeDeferred(confirmer, self.target_id, txn_id)
+        confirming.addCallbacks(answered, failed)
+        return confirming
 
 
 @implementer(ITransport)
@@ -266,15 +477,44 @@ class FakeTransport:
     An in-memory transport: each target is a scriptable :class:`FakeTarget`.
 
     Args:
-        clock: The clock for :meth:`FakeTarget.slow` and ``Retry-After`` dates.
+        clock: The clock for :meth:`FakeTarget.slow`, confirmations and ``Retry-After`` dates.
 
     Attributes:
-        clock: That clock; it may be replaced, as :meth:`relayer.testing.Harness.restart` does.
+        clock: That clock. It may be replaced, as :meth:`relayer.testing.Harness.restart` does;
+            the confirmations pending then move to the new clock, at the same times.
+        confirmer: What the targets call to confirm a transaction that they accepted with the
+            confirmation pending, as ``confirmer(target_id, txn_id)``, which returns a Deferred
+            that fires with True or False: the scheduler's ``confirm``, as
+            :func:`relayer.testing.build_scheduler` sets it. While it is None, confirmations
+            that fall due wait; they are sent when it is set.
     """
 
     def __init__(self, clock: IReactorTime | None = None) -> None:
-        self.clock = clock
+        self._clock = clock
+        self._confirmer: Callable[[str, int], Deferred[bool]] | None = None
         self._targets: dict[str, FakeTarget] = {}
+
+    @property
+    def clock(self) -> IReactorTime | None:
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: IReactorTime | None) -> None:
+        self._clock = clock
+        if clock is not None:
+            for target in self._targets.values():
+                target._move_timers(clock)
+
+    @property
+    def confirmer(self) -> Callable[[str, int], Deferred[bool]] | None:
+        return self._confirmer
+
+    @confirmer.setter
+    def confirmer(self, confirmer: Callable[[str, int], Deferred[bool]] | None) -> None:
+        self._confirmer = confirmer
+        if confirmer is not None:
+            for target in list(self._targets.values()):
+                target._send_due()
 
     def __getitem__(self, target_id: str) -> FakeTarget:
         """The fake target with this id, made on first use."""
