@@ -33,7 +33,15 @@ from relayer._scrub import scrub
 from relayer.config import FailurePolicy, TargetConfig, _draw
 from relayer.errors import LeaseLost, StoreUnavailable
 from relayer.recoverer import Recoverer
-from relayer.store.base import Awaiting, Claim, IStore, TargetRecord, TargetState, Transaction
+from relayer.store.base import (
+    Awaiting,
+    Claim,
+    Drained,
+    IStore,
+    TargetRecord,
+    TargetState,
+    Transaction,
+)
 from relayer.transport.base import ITransport, OutcomeKind, SendOutcome, matrix_body
 
 #: After an unexpected error in a delivery loop (for example the database being unavailable),
@@ -450,6 +458,11 @@ class TransactionController:
                 # comes, or until its timeout, when the transaction is sent again.
                 self._await_confirmation(t, txn)
                 return
+            if isinstance(txn, Drained):
+                # What the DOWN target had left expired before it answered: it stays DOWN,
+                # and events stored meanwhile wait for its next retry.
+                self._still_down(t)
+                return
             t.awaiting = None
             if txn is None:
                 if t.dirty and not self._stopping:
@@ -541,6 +554,16 @@ class TransactionController:
                 self._failed(t, txn, outcome, now)
                 await self._record(t)
                 return
+
+    def _still_down(self, t: TargetRuntime) -> None:
+        """Keep a DOWN target DOWN, and schedule its next retry after its current backoff."""
+        if t.state is not TargetState.DOWN:
+            self._set_state(t, TargetState.DOWN)
+        if t.recoverer is None:
+            t.recoverer = self._recoverer(t, 1)
+        failures = max(1, t.recoverer.failures)
+        delay = t.config.backoff.delay(failures, self._random)
+        t.recoverer.schedule(self._clock.seconds() + delay)
 
     def _await_confirmation(self, t: TargetRuntime, awaiting: Awaiting) -> None:
         """Hold the target until its head transaction is confirmed, or its timeout passes."""

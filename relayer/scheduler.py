@@ -751,8 +751,8 @@ class Scheduler:
             except (KeyError, TypeError):
                 if type(target_id) is str and type(event) is not Event:
                     config = self._config(target_id)
-                    queued: list[int] = []
-                    per_target[target_id] = queued
+                    # The target may have events already, added through the accumulator.
+                    queued = per_target.setdefault(target_id, [])
                     append, max_bytes = found[target_id] = (queued.append, config.max_bytes)
                 else:
                     if type(event) is Event:

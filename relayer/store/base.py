@@ -117,9 +117,23 @@ class Awaiting:
     confirm_by: float
 
 
-#: What a claim returns: a transaction to send, the transaction awaiting confirmation, or None
-#: when nothing is pending.
-Claim = Union[Transaction, Awaiting, None]  # noqa: UP007 - a runtime alias
+@attrs.frozen
+class Drained:
+    """
+    The answer of a claim that found nothing left to send to a DOWN target (what it had left
+    expired, unsent, for example): the target stays DOWN, with its backoff, since it has not
+    answered; the events stored meanwhile wait for its next retry.
+
+    Attributes:
+        target_id: The target.
+    """
+
+    target_id: str
+
+
+#: What a claim returns: a transaction to send, the transaction awaiting confirmation, a
+#: drained DOWN target, or None when nothing is pending (the target is UP).
+Claim = Union[Transaction, Awaiting, Drained, None]  # noqa: UP007 - a runtime alias
 
 
 @attrs.frozen
@@ -457,7 +471,9 @@ class IStore(Interface):
           target. An open transaction that holds one is abandoned (never sent again under its
           id), and its live events are formed into a new one, at the head of the queue.
         - If the target has nothing pending, it is marked UP in the same database transaction,
-          and None is returned.
+          and None is returned; unless it is DOWN with failures (it has not answered since):
+          then it stays DOWN, and a :class:`Drained` is returned. (:meth:`complete`,
+          :meth:`accepted` and :meth:`dead_letter`, which follow an answer, mark it UP.)
         """
 
     def complete(

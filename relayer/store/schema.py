@@ -223,6 +223,8 @@ def _define_log(m: sa.MetaData) -> None:
         sa.Column("target_id", sa.String(255), primary_key=True),
         sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
         sa.Column("expired_at", sa.Float, nullable=False),
+        # The abandoned transaction that held it, if it had been sent in one.
+        sa.Column("txn_id", sa.BigInteger, nullable=True),
     )
     # The event sequence on SQLite; PostgreSQL uses the sequence relayer_event_seq instead.
     sa.Table(

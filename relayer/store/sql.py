@@ -26,6 +26,7 @@ from relayer.store.base import (
     DeadLetter,
     Delivery,
     DeliveryState,
+    Drained,
     EventBatch,
     EventEntry,
     EventStatus,
@@ -700,7 +701,11 @@ class SQLStore:
         ttl: float | None,
         now: float,
     ) -> Transaction | None:
-        """Form a new transaction from the head of the queue; None if the queue is empty."""
+        """
+        Form a new transaction from the head of the queue; None if the queue is empty.
+
+        Events past their deadline are recorded as expired.
+        """
         while True:
             taken: list[Any] = []
             n_events = 0
@@ -767,9 +772,20 @@ class SQLStore:
             # Every event taken had expired: go on with the next ones.
 
     def _drop_expired(
-        self, conn: sa.Connection, target_id: str, rows: list[Any], ttl: float | None, now: float
+        self,
+        conn: sa.Connection,
+        target_id: str,
+        rows: list[Any],
+        ttl: float | None,
+        now: float,
+        txn_id: int | None = None,
     ) -> list[Any]:
-        """Record the events past their deadline as expired at the target; return the others."""
+        """
+        Record the events past their deadline as expired at the target; return the others.
+
+        Args:
+            txn_id: The abandoned transaction that held them, if they were in one.
+        """
         if ttl is None and all(row[3] is None for row in rows):
             return rows
         live = []
@@ -777,7 +793,9 @@ class SQLStore:
         for row in rows:
             deadline = _deadline(row, ttl)
             if deadline is not None and deadline <= now:
-                dead.append({"target_id": target_id, "seq": row[0], "expired_at": now})
+                dead.append(
+                    {"target_id": target_id, "seq": row[0], "expired_at": now, "txn_id": txn_id}
+                )
             else:
                 live.append(row)
         if dead:
@@ -853,6 +871,7 @@ class SQLStore:
         max_bytes: int,
         ttl: float | None,
         now: float,
+        hold_down: bool = False,
     ) -> Claim:
         row = conn.execute(_HEAD_TXN, {"p_target": target_id}).first()
         if row is not None:
@@ -873,7 +892,7 @@ class SQLStore:
                         reason="an event expired before it was accepted",
                     )
                 )
-                live = self._drop_expired(conn, target_id, events, ttl, now)
+                live = self._drop_expired(conn, target_id, events, ttl, now, txn_id=row.txn_id)
                 if live:
                     self._requeue_head(conn, target_id, live, row.oldest_at)
             else:
@@ -890,6 +909,15 @@ class SQLStore:
                 return _transaction(target_id, row.txn_id, events, attempts, row.oldest_at, ttl)
         txn = self._form(conn, target_id, max_events, max_bytes, ttl, now)
         if txn is None:
+            if hold_down:
+                # A retry found nothing to send (what was left expired, unsent, or was taken
+                # care of elsewhere): the target has not answered, and stays DOWN with its
+                # backoff, rather than have the next event sent to it at once.
+                state = conn.execute(
+                    sa.select(_t.c.state, _t.c.failures).where(_t.c.target_id == target_id)
+                ).first()
+                if state is not None and state.state == TargetState.DOWN.value and state.failures:
+                    return Drained(target_id)
             # Nothing is left: the target is UP. This happens in the same database transaction
             # that found the queue empty, so no event stored before it can be stranded, and an
             # event stored after it finds the target UP.
@@ -909,7 +937,9 @@ class SQLStore:
     ) -> Deferred[Claim]:
         def claim(conn: sa.Connection) -> Claim:
             self._check_lease(conn, target_id, now)
-            return self._claim(conn, target_id, max_events, max_bytes, default_ttl, now)
+            return self._claim(
+                conn, target_id, max_events, max_bytes, default_ttl, now, hold_down=True
+            )
 
         return self._run(claim)
 
@@ -1285,11 +1315,28 @@ class SQLStore:
 
     def _delivery(self, conn: sa.Connection, target_id: str, seq: int) -> Delivery:
         """Where the event ``seq`` stands at ``target_id``."""
-        expired_at = conn.execute(
-            sa.select(_xp.c.expired_at).where(_xp.c.target_id == target_id, _xp.c.seq == seq)
-        ).scalar()
-        if expired_at is not None:
-            return Delivery(target_id, DeliveryState.EXPIRED, expired_at=expired_at)
+        expired = conn.execute(
+            sa.select(_xp.c.expired_at, _xp.c.txn_id).where(
+                _xp.c.target_id == target_id, _xp.c.seq == seq
+            )
+        ).first()
+        if expired is not None:
+            # The abandoned transaction that held it, if it was sent in one.
+            sent = None
+            if expired.txn_id is not None:
+                sent = conn.execute(
+                    sa.select(_x.c.attempts, _x.c.last_attempt_at).where(
+                        _x.c.target_id == target_id, _x.c.txn_id == expired.txn_id
+                    )
+                ).first()
+            return Delivery(
+                target_id,
+                DeliveryState.EXPIRED,
+                txn_id=expired.txn_id,
+                attempts=sent.attempts if sent is not None else 0,
+                last_attempt_at=sent.last_attempt_at if sent is not None else None,
+                expired_at=expired.expired_at,
+            )
         target = conn.execute(
             sa.select(_t.c.state, _t.c.next_attempt_at, _t.c.max_span).where(
                 _t.c.target_id == target_id
