@@ -239,16 +239,16 @@ class ConfirmingTarget:
         max_in_flight: The most ever in flight at once.
     """
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, transport: ConfirmingTransport) -> None:
         from relayer import SendOutcome
 
-        self._clock = clock
+        self._transport = transport
         self.requests: list[Sent] = []
         self.answer: Any = SendOutcome.accepted("HTTP 202")
         self.holding = False
         self.in_flight = 0
         self.max_in_flight = 0
-        self._held: list[tuple[Any, Any]] = []
+        self._held: list[Any] = []
 
     @property
     def txn_ids(self) -> list[int]:
@@ -263,26 +263,33 @@ class ConfirmingTarget:
     def send(self, txn_id: int, body: bytes) -> Any:
         from twisted.internet.defer import Deferred
 
-        self.requests.append(Sent(txn_id, body, self._clock.seconds()))
+        self.requests.append(Sent(txn_id, body, self._transport.clock.seconds()))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
         def cancelled(_: Any) -> None:
-            self._held[:] = [h for h in self._held if h[0] is not d]
+            if d in self._held:
+                self._held.remove(d)
             self.in_flight -= 1
 
         d: Deferred[Any] = Deferred(cancelled)
         if self.holding:
-            self._held.append((d, self.answer))
+            self._held.append(d)
         else:
             self._answer(d, self.answer)
         return d
+
+    def drop(self) -> int:
+        """Forget the held requests unanswered, as when the sending process dies."""
+        held, self._held = self._held, []
+        self.in_flight -= len(held)
+        return len(held)
 
     def release(self) -> int:
         """Answer the held requests with what :attr:`answer` is now; stop holding."""
         self.holding = False
         held, self._held = self._held, []
-        for d, _ in held:
+        for d in held:
             self._answer(d, self.answer)
         return len(held)
 
@@ -296,7 +303,12 @@ class ConfirmingTarget:
 
 @implementer(ITransport)
 class ConfirmingTransport:
-    """A transport whose targets are :class:`ConfirmingTarget` s: ``transport[target_id]``."""
+    """
+    A transport whose targets are :class:`ConfirmingTarget` s: ``transport[target_id]``.
+
+    Attributes:
+        clock: The clock that requests are timed by; a harness's restart may replace it.
+    """
 
     def __init__(self, clock: Any) -> None:
         self.clock = clock
@@ -304,7 +316,7 @@ class ConfirmingTransport:
 
     def __getitem__(self, target_id: str) -> ConfirmingTarget:
         if target_id not in self._targets:
-            self._targets[target_id] = ConfirmingTarget(self.clock)
+            self._targets[target_id] = ConfirmingTarget(self)
         return self._targets[target_id]
 
     def send(self, target: Any, txn_id: int, body: bytes) -> Any:
