@@ -15,11 +15,13 @@ from relayer import (
     DeliveryState,
     Event,
     NotRunning,
+    Scheduler,
     SendOutcome,
     TargetState,
     UnknownTarget,
 )
-from relayer.testing import Harness, build_scheduler, target
+from relayer.lease import LeaseSettings
+from relayer.testing import Harness, build_scheduler, open_store, target
 
 TIMEOUT = 60.0
 
@@ -333,3 +335,48 @@ def test_confirm_needs_a_running_scheduler_and_a_target_id(db_path: Path) -> Non
     result_of(h.scheduler.stop())
     with pytest.raises(NotRunning):
         h.scheduler.confirm("a", 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a confirmation stored by another process sharing the database is acted on only "
+    "at the transaction's confirmation timeout: the owner learns of it only by a "
+    "notification (PostgreSQL NOTIFY; SQLite has none), and the sweep that repairs missed "
+    "notifications skips targets with a confirmation timer (TransactionController."
+    "idle_targets), so the target stays held for up to confirmation_timeout",
+)
+def test_a_confirmation_from_another_process_releases_the_target(db_path: Path) -> None:
+    clock = Clock()
+    transport = ConfirmingTransport(clock)
+    transport_: Any = transport
+    configs = [target("a", request_timeout=1.0, confirmation_timeout=300.0)]
+
+    def node(name: str) -> Scheduler:
+        scheduler = Scheduler(
+            clock,
+            open_store(clock, db_path),
+            transport_,
+            configs,
+            random=lambda: 0.0,
+            leases=LeaseSettings(node_id=name, timeout=10.0, renew_interval=2.5),
+        )
+        assert scheduler.start().called
+        return scheduler
+
+    one, two = node("one"), node("two")
+    try:
+        owner, other = (one, two) if "a" in one.owned_targets else (two, one)
+        assert "a" in owner.owned_targets
+        result_of(owner.submit("a", {"n": 1}))
+        result_of(owner.submit("a", {"n": 2}))
+        assert transport["a"].txn_ids == [1]
+        run_clock(clock, 5.0)
+        assert result_of(other.confirm("a", 1)) is True
+        # Within a sweep interval (30 s), well before the confirmation timeout at 300.
+        run_clock(clock, 60.0)
+        assert transport["a"].txn_ids == [1, 2]
+    finally:
+        for scheduler in (one, two):
+            stopping = scheduler.stop()
+            run_clock(clock, 11.0)
+            assert stopping.called

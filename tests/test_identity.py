@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _support import count_rows, result_of
+from _support import GatedStore, count_rows, result_of
+from twisted.internet.task import Clock
 
-from relayer import DeliveryState, Event, InvalidEvent
-from relayer.testing import Harness, build_scheduler
+from relayer import DeliveryState, Event, InvalidEvent, Scheduler
+from relayer.testing import FakeTransport, Harness, build_scheduler, open_store, target
 
 GENERATED = re.compile(r"^relayer-([1-9][0-9]*)$")
 
@@ -158,6 +159,28 @@ def test_a_repeat_while_the_first_is_still_pending_stores_nothing(db_path: Path)
     assert fake.events == [{"n": 1}]
     assert fake.violations == []
     assert count_rows(db_path, "relayer_events") == 1
+
+
+def test_a_repeat_submitted_while_the_first_is_being_stored_stores_nothing(
+    db_path: Path,
+) -> None:
+    clock = Clock()
+    store: Any = GatedStore(open_store(clock, db_path))
+    transport = FakeTransport(clock)
+    scheduler = Scheduler(clock, store, transport, [target("a"), target("b")])
+    assert scheduler.start().called
+    store.hold_calls("add_events")  # the store is slow: submits wait to be stored
+    first = scheduler.submit("a", {"n": 1}, event_id="e1")
+    again = scheduler.submit("b", {"n": "again"}, event_id="e1")
+    many = scheduler.submit_many([("a", {"n": 2}), ("a", Event({"n": "again"}, event_id="e1"))])
+    assert not first.called
+    store.release()
+    clock.advance(1.0)
+    assert (result_of(first), result_of(again), result_of(many)[1]) == ("e1", "e1", "e1")
+    assert transport["a"].events == [{"n": 1}, {"n": 2}]
+    assert transport["b"].requests == []
+    assert count_rows(db_path, "relayer_events") == 2
+    result_of(scheduler.stop())
 
 
 def test_a_repeat_after_a_restart_stores_nothing(db_path: Path) -> None:
