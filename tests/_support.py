@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet.task import deferLater
+from zope.interface import implementer
 
 from relayer.testing import FakeTarget, FakeTransport
 from relayer.testing._fakes import _Held
+from relayer.transport.base import ITransport
 
 #: How long a real-reactor test waits for something before it fails.
 DEADLINE = 30.0
@@ -131,3 +135,199 @@ class RememberingTransport(FakeTransport):
         if target_id not in self._targets:
             self._targets[target_id] = RememberingTarget(target_id, self)
         return self._targets[target_id]
+
+
+# -- helpers for the tests of events with identity ---------------------------------------------
+
+
+def result_of(d: Any) -> Any:
+    """
+    The result of a Deferred that has fired already (database work runs inline in these
+    tests); its failure is raised.
+    """
+    from twisted.python.failure import Failure
+
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def database_engine(db_path: Any) -> Any:
+    """An engine of its own on a test's database (a SQLite file or a PostgreSQL URL)."""
+    import sqlalchemy as sa
+
+    from relayer.store.postgres import postgres_url
+
+    if isinstance(db_path, str) and "://" in db_path:
+        return sa.create_engine(postgres_url(db_path), poolclass=sa.pool.NullPool)
+    return sa.create_engine(f"sqlite:///{db_path}", poolclass=sa.pool.NullPool)
+
+
+def count_rows(db_path: Any, table: str) -> int:
+    """How many rows a table of the test's database holds, read over a connection of its own."""
+    import sqlalchemy as sa
+
+    engine = database_engine(db_path)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def cells_holding(db_path: Any, needle: bytes) -> list[tuple[str, str]]:
+    """
+    Every cell of every table of the test's database whose value holds ``needle``, as
+    ``(table, column)``, once per cell: where some bytes are stored, and how many times.
+    """
+    import sqlalchemy as sa
+
+    engine = database_engine(db_path)
+    found = []
+    try:
+        with engine.connect() as conn:
+            for table_name in sa.inspect(conn).get_table_names():
+                table = sa.Table(table_name, sa.MetaData(), autoload_with=conn)
+                for row in conn.execute(sa.select(table)):
+                    for column, value in row._mapping.items():
+                        if isinstance(value, memoryview):
+                            value = value.tobytes()
+                        if isinstance(value, str):
+                            value = value.encode("utf-8")
+                        if isinstance(value, bytes) and needle in value:
+                            found.append((table_name, str(column)))
+    finally:
+        engine.dispose()
+    return found
+
+
+@attrs.define
+class Sent:
+    """
+    One request a :class:`ConfirmingTarget` was sent.
+
+    Attributes:
+        txn_id: The transaction's id.
+        body: Its bytes.
+        at: The clock time of the request.
+    """
+
+    txn_id: int
+    body: bytes
+    at: float
+
+    @property
+    def events(self) -> list[Any]:
+        """The transaction's events, decoded."""
+        return list(json.loads(self.body)["events"])
+
+
+class ConfirmingTarget:
+    """
+    A target that accepts each transaction and confirms it later, through another channel:
+    it answers :meth:`relayer.SendOutcome.accepted`, unless told to answer otherwise.
+
+    Attributes:
+        requests: Every request, duplicates included, in order.
+        answer: What the next requests get: a :class:`relayer.SendOutcome`, or an exception
+            to fail with (a refused connection, say).
+        holding: Whether requests stay in flight until :meth:`release`.
+        in_flight: How many requests are in flight now.
+        max_in_flight: The most ever in flight at once.
+    """
+
+    def __init__(self, transport: ConfirmingTransport) -> None:
+        from relayer import SendOutcome
+
+        self._transport = transport
+        self.requests: list[Sent] = []
+        self.answer: Any = SendOutcome.accepted("HTTP 202")
+        self.holding = False
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._held: list[Any] = []
+
+    @property
+    def txn_ids(self) -> list[int]:
+        """The ids of the requests, in order, repeats included."""
+        return [r.txn_id for r in self.requests]
+
+    @property
+    def held(self) -> int:
+        """How many requests are held."""
+        return len(self._held)
+
+    def send(self, txn_id: int, body: bytes) -> Any:
+        from twisted.internet.defer import Deferred
+
+        self.requests.append(Sent(txn_id, body, self._transport.clock.seconds()))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+        def cancelled(_: Any) -> None:
+            if d in self._held:
+                self._held.remove(d)
+            self.in_flight -= 1
+
+        d: Deferred[Any] = Deferred(cancelled)
+        if self.holding:
+            self._held.append(d)
+        else:
+            self._answer(d, self.answer)
+        return d
+
+    def drop(self) -> int:
+        """Forget the held requests unanswered, as when the sending process dies."""
+        held, self._held = self._held, []
+        self.in_flight -= len(held)
+        return len(held)
+
+    def release(self) -> int:
+        """Answer the held requests with what :attr:`answer` is now; stop holding."""
+        self.holding = False
+        held, self._held = self._held, []
+        for d in held:
+            self._answer(d, self.answer)
+        return len(held)
+
+    def _answer(self, d: Any, answer: Any) -> None:
+        self.in_flight -= 1
+        if isinstance(answer, BaseException):
+            d.errback(answer)
+        else:
+            d.callback(answer)
+
+
+@implementer(ITransport)
+class ConfirmingTransport:
+    """
+    A transport whose targets are :class:`ConfirmingTarget` s: ``transport[target_id]``.
+
+    Attributes:
+        clock: The clock that requests are timed by; a harness's restart may replace it.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self._targets: dict[str, ConfirmingTarget] = {}
+
+    def __getitem__(self, target_id: str) -> ConfirmingTarget:
+        if target_id not in self._targets:
+            self._targets[target_id] = ConfirmingTarget(self)
+        return self._targets[target_id]
+
+    def send(self, target: Any, txn_id: int, body: bytes) -> Any:
+        return self[target.target_id].send(txn_id, body)
+
+
+def run_clock(clock: Any, seconds: float, step: float = 0.5) -> None:
+    """
+    Advance a fake clock by ``seconds``, a ``step`` at a time, so that what is scheduled in
+    between (retries, timeouts) runs at its own time rather than all at the end.
+    """
+    end = clock.seconds() + seconds
+    while clock.seconds() < end:
+        clock.advance(min(step, end - clock.seconds()))
