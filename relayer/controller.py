@@ -348,6 +348,23 @@ class TransactionController:
             and not _scheduled(t.confirm_timer)
         ]
 
+    def recheck_awaiting(self) -> list[str]:
+        """
+        Look again at every target whose head transaction awaits its confirmation.
+
+        A confirmation recorded by another process reaches this one through a notification
+        (PostgreSQL) that may be missed, or not at all (SQLite): a sweep calls this, so that
+        such a target goes on within a sweep interval rather than at its confirmation timeout.
+        Returns the ids looked at.
+        """
+        ids = []
+        for target_id, t in list(self.targets.items()):
+            if t.awaiting is None or t.running or target_id in self._paused:
+                continue
+            ids.append(target_id)
+            self._kick(t)
+        return ids
+
     def revive_stalled(self) -> list[str]:
         """
         Give a retry to every DOWN or draining target that has nothing under way.

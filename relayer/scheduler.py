@@ -53,6 +53,7 @@ from relayer.store.base import (
     TargetEventsPage,
     TargetState,
 )
+from relayer.store.sql import parse_cursor
 from relayer.transport.base import ITransport
 
 #: How long :meth:`Scheduler.stop` lets sends in flight finish before it abandons them.
@@ -373,7 +374,8 @@ class Scheduler:
           or takeover that failed on the store, and whose retry has not come yet);
         - UP targets with nothing under way that have pending work in the store (events
           stored by another process whose notification was missed);
-        - DOWN targets with no retry scheduled.
+        - DOWN targets with no retry scheduled;
+        - targets awaiting a confirmation, which another process may have recorded.
         """
         if self._lifecycle != _Lifecycle.RUNNING:
             return
@@ -395,6 +397,7 @@ class Scheduler:
                     )
                     self._controller.notify(stranded)
         self._controller.revive_stalled()
+        self._controller.recheck_awaiting()
 
     def _notified(self, target_ids: list[str] | None) -> None:
         if self._lifecycle != _Lifecycle.RUNNING:
@@ -833,7 +836,22 @@ class Scheduler:
         self._check_inspectable()
         if not isinstance(event_id, str):
             raise InvalidEvent(f"event_id must be a str, not {type(event_id).__name__}")
-        return self._store.event_status(event_id)
+
+        async def status() -> EventStatus | None:
+            found = await self._store.event_status(event_id)
+            if found is None:
+                return None
+            # The retries this process has scheduled are the true ones (after a restart, an
+            # overdue retry is spread, and the store still holds the old time).
+            deliveries = dict(found.deliveries)
+            for target_id, d in found.deliveries.items():
+                t = self._controller.targets.get(target_id)
+                if t is not None and d.state is DeliveryState.PENDING:
+                    at = t.next_attempt_at if t.state is not TargetState.UP else None
+                    deliveries[target_id] = attrs.evolve(d, next_attempt_at=at)
+            return attrs.evolve(found, deliveries=deliveries)
+
+        return Deferred.fromCoroutine(status())
 
     #: The most entries one :meth:`target_events` call returns.
     MAX_EVENTS_PAGE = 1000
@@ -882,6 +900,10 @@ class Scheduler:
             )
         if after is not None and not isinstance(after, str):
             raise ConfigurationError(f"after must be a page's next (a str) or None, not {after!r}")
+        try:
+            parse_cursor(after)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from None
 
         async def page() -> TargetEventsPage:
             try:

@@ -206,15 +206,20 @@ def test_confirming_an_abandoned_transaction_returns_false(db_path: Path) -> Non
     assert a.txn_ids == [1, 2]
 
 
-def test_a_confirmation_that_comes_before_the_answer_is_kept(db_path: Path) -> None:
+def test_a_confirmation_that_comes_before_the_answer_is_refused_and_can_be_made_again(
+    db_path: Path,
+) -> None:
     h, transport = harness(db_path)
     a = transport["a"]
     a.holding = True
     first = submit(h, "a", {"n": 1})
     assert a.held == 1
-    assert confirm(h, "a", 1) is True
-    assert delivery(h, first).state is DeliveryState.DELIVERED
+    # Not accepted yet: a confirmation cannot deliver what the target may never have had.
+    assert confirm(h, "a", 1) is False
+    assert delivery(h, first).state is DeliveryState.PENDING
     a.release()  # the transport's "accepted" comes now
+    assert delivery(h, first).state is DeliveryState.AWAITING_CONFIRMATION
+    assert confirm(h, "a", 1) is True
     assert delivery(h, first).state is DeliveryState.DELIVERED
     # The target is not held: the next event goes out at once.
     submit(h, "a", {"n": 2})
@@ -337,14 +342,6 @@ def test_confirm_needs_a_running_scheduler_and_a_target_id(db_path: Path) -> Non
         h.scheduler.confirm("a", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a confirmation stored by another process sharing the database is acted on only "
-    "at the transaction's confirmation timeout: the owner learns of it only by a "
-    "notification (PostgreSQL NOTIFY; SQLite has none), and the sweep that repairs missed "
-    "notifications skips targets with a confirmation timer (TransactionController."
-    "idle_targets), so the target stays held for up to confirmation_timeout",
-)
 def test_a_confirmation_from_another_process_releases_the_target(db_path: Path) -> None:
     clock = Clock()
     transport = ConfirmingTransport(clock)

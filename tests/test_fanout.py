@@ -222,13 +222,6 @@ def test_a_fanned_out_event_survives_a_restart_at_the_targets_that_wait(db_path:
     assert all(d.state is DeliveryState.DELIVERED for d in deliveries(h, event_id).values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="submit_many drops an event for several targets that comes before a plain event "
-    "for one of them: the plain event's fast path replaces that target's list of events in "
-    "the accumulator, so the fanned-out event is queued at the other targets only "
-    "(relayer/scheduler.py, Scheduler.submit_many)",
-)
 def test_a_fanned_out_event_before_a_plain_one_in_a_submit_many_reaches_every_target(
     db_path: Path,
 ) -> None:

@@ -115,14 +115,6 @@ def test_a_repeat_within_one_submit_many_stores_nothing(db_path: Path) -> None:
     assert count_rows(db_path, "relayer_events") == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="submit_many drops an Event (with an id or a deadline) that comes before a plain "
-    "event for the same target: the plain event's fast path replaces the target's list of "
-    "events in the accumulator, so the Event is stored in relayer_events with set_id 0 and "
-    "queued nowhere; its id is returned but it is never delivered (relayer/scheduler.py, "
-    "Scheduler.submit_many)",
-)
 def test_an_event_with_an_id_before_a_plain_one_in_a_submit_many_is_delivered(
     db_path: Path,
 ) -> None:

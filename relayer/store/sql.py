@@ -7,6 +7,7 @@ Each public method runs one database transaction, as one function handed to the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -1279,9 +1280,7 @@ class SQLStore:
 
     # -- events ---------------------------------------------------------------------------------
 
-    def event_status(
-        self, event_id: str, next_attempts: dict[str, float | None] | None = None
-    ) -> Deferred[EventStatus | None]:
+    def event_status(self, event_id: str) -> Deferred[EventStatus | None]:
         def status(conn: sa.Connection) -> EventStatus | None:
             row = self._find_event(conn, event_id)
             if row is None:
@@ -1635,7 +1634,7 @@ class _TargetEvents:
         self.target_id = target_id
         self.state = state
         self.limit = limit
-        self.cursor = _parse_cursor(after)
+        self.cursor = parse_cursor(after)
         # (seq, txn_id, attempts, last_attempt_at, at)
         self.found: list[tuple[int, int | None, int, float | None, float | None]] = []
         self.next: str | None = None
@@ -1647,11 +1646,9 @@ class _TargetEvents:
             kind = self.cursor[0] if self.cursor else "t"
             if kind == "t":
                 self._transactions()
-            if (
-                self.state is DeliveryState.PENDING
-                and self.next is None
-                and len(self.found) < self.limit
-            ):
+            if self.state is DeliveryState.PENDING and self.next is None:
+                # After the pending transactions, the queue: from where the page before
+                # stopped, or, when this page is full already, to say where the next begins.
                 self._queue()
         return TargetEventsPage(self._entries(), self.next)
 
@@ -1756,7 +1753,10 @@ class _TargetEvents:
         return entries
 
 
-def _parse_cursor(after: str | None) -> tuple[str, ...] | None:
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+
+
+def parse_cursor(after: str | None) -> tuple[str, ...] | None:
     """The parts of a cursor that :class:`_TargetEvents` wrote; ValueError if it did not."""
     if after is None:
         return None
@@ -1764,9 +1764,6 @@ def _parse_cursor(after: str | None) -> tuple[str, ...] | None:
     shapes = {"x": 2, "t": 3, "q": 4}
     if not parts or shapes.get(parts[0]) != len(parts):
         raise ValueError(f"not a cursor of target_events: {after!r}")
-    try:
-        for p in parts[1:]:
-            int(p)
-    except ValueError:
-        raise ValueError(f"not a cursor of target_events: {after!r}") from None
+    if not all(_INTEGER.fullmatch(p) for p in parts[1:]):
+        raise ValueError(f"not a cursor of target_events: {after!r}")
     return parts
