@@ -211,8 +211,8 @@ async def _produce_fanned_out(
 ) -> list[str] | None:
     """
     Submit every ``(targets, event)`` item, ``chunk`` items to a ``submit_many`` call, with at
-    most ``window`` calls waiting for their commit, and at most ``max_waiting`` deliveries in
-    them (the scheduler's ``max_waiting_events``: a call beyond it would be refused with
+    most ``window`` calls waiting for their commit, and at most ``max_waiting`` events in them
+    (the scheduler's ``max_waiting_events``: a call beyond it would be refused with
     :class:`relayer.Backpressure`). Return the event ids, in submit order (None if
     ``submit_many`` returns none).
     """
@@ -236,12 +236,12 @@ async def _produce_fanned_out(
         batch = list(itertools.islice(items, chunk))
         if not batch:
             break
-        n = sum(len(names) for names, _ in batch)
-        while waiting and (len(waiting) >= window or in_waiting + n > max_waiting):
-            await wait_oldest()
         call: list[Any] = batch
         if not _FAN_OUT_SUBMIT:
             call = [(name, event) for names, event in batch for name in names]
+        n = len(call)
+        while waiting and (len(waiting) >= window or in_waiting + n > max_waiting):
+            await wait_oldest()
         while True:
             try:
                 d = scheduler.submit_many(call)
