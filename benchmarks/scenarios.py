@@ -31,7 +31,6 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-import relayer as _relayer
 from benchmarks._harness import (
     CountingTransport,
     GCTimer,
@@ -116,14 +115,15 @@ async def _produce(
     chunk = params["chunk"]
     window = params["window"]
     single = params.get("submit_mode") == "single"
-    waiting: collections.deque[Deferred[None]] = collections.deque()
+    # Each holds the events' ids, unused here.
+    waiting: collections.deque[Deferred[Any]] = collections.deque()
     count = 0
     while True:
         batch = list(itertools.islice(pairs, chunk))
         if not batch:
             break
         if single:
-            last: Deferred[None] | None = None
+            last: Deferred[str] | None = None
             for target_id, event in batch:
                 last = scheduler.submit(target_id, event)
             assert last is not None
@@ -201,50 +201,38 @@ async def throughput(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-#: Whether ``submit_many`` takes a list of targets for an event. Without it, each event is
-#: submitted once for each of its targets.
-_FAN_OUT_SUBMIT = hasattr(_relayer, "Event")
-
-
 async def _produce_fanned_out(
     scheduler: Scheduler, items: Iterator[tuple[Sequence[str], Any]], params: dict[str, Any]
-) -> list[str] | None:
+) -> list[str]:
     """
     Submit every ``(targets, event)`` item, ``chunk`` items to a ``submit_many`` call, with at
     most ``window`` calls waiting for their commit, and at most ``max_waiting`` events in them
     (the scheduler's ``max_waiting_events``: a call beyond it would be refused with
-    :class:`relayer.Backpressure`). Return the event ids, in submit order (None if
-    ``submit_many`` returns none).
+    :class:`relayer.Backpressure`). Return the event ids, in submit order.
     """
     chunk, window, max_waiting = params["chunk"], params["window"], params["max_waiting"]
-    waiting: collections.deque[tuple[Deferred[Any], int]] = collections.deque()
+    waiting: collections.deque[tuple[Deferred[list[str]], int]] = collections.deque()
     in_waiting = 0
-    ids: list[str] | None = []
+    ids: list[str] = []
     waits = 0
 
     async def wait_oldest() -> None:
-        nonlocal in_waiting, ids
+        nonlocal in_waiting
         d, n = waiting.popleft()
         in_waiting -= n
-        got = await d
-        if got is None or ids is None:
-            ids = None
-        else:
-            ids.extend(got)
+        ids.extend(await d)
 
     while True:
         batch = list(itertools.islice(items, chunk))
         if not batch:
             break
-        call: list[Any] = batch
-        if not _FAN_OUT_SUBMIT:
-            call = [(name, event) for names, event in batch for name in names]
-        n = len(call)
+        # The scheduler counts the events waiting to be stored, one for each item.
+        n = len(batch)
         while waiting and (len(waiting) >= window or in_waiting + n > max_waiting):
             await wait_oldest()
         while True:
             try:
-                d = scheduler.submit_many(call)
+                d = scheduler.submit_many(batch)
             except Backpressure:
                 # The store lags behind: wait for the oldest call, then try again.
                 if not waiting:
@@ -307,7 +295,7 @@ async def fanout(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
     problems = check_report(report, {name: n_events for name in names})
     if pending:
         problems.append(f"{pending} events still pending once all were delivered")
-    if ids is not None and (len(ids) != n_events or len(set(ids)) != n_events):
+    if len(ids) != n_events or len(set(ids)) != n_events:
         problems.append(f"{len(set(ids))} distinct event ids in {len(ids)}, for {n_events} events")
     written = None if written0 is None or written1 is None else written1 - written0
     file_growth = (after["database_bytes"] - before["database_bytes"]) / n_events
@@ -334,7 +322,6 @@ async def fanout(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
         # The database file's growth, free pages included: its high-water mark.
         "file_growth_bytes_per_event": file_growth,
         "disk_bytes_written_per_event": None if written is None else written / n_events,
-        "fan_out_submit": _FAN_OUT_SUBMIT,
         "backpressure_waits": produce["backpressure_waits"],
         "transactions": relayer.counting.transactions,
         "mean_batch": total / max(1, relayer.counting.transactions),
