@@ -78,6 +78,12 @@ def blocks(names: Sequence[str], per_target: int, block: int) -> Iterator[tuple[
                 yield name, make_event(seq)
 
 
+def fanned_out(names: Sequence[str], n_events: int) -> Iterator[tuple[Sequence[str], Any]]:
+    """``(targets, event)`` items: each event, in seq order, for every one of ``names`` at once."""
+    for seq in range(n_events):
+        yield names, make_event(seq)
+
+
 class Sink:
     """The sink process (``python -m benchmarks.sink``), started and stopped from here."""
 
@@ -254,6 +260,61 @@ def written_bytes() -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def stored_bytes(path: str | os.PathLike[str], checkpoint: bool = True) -> dict[str, Any]:
+    """
+    What a SQLite database holds: the bytes of relayer's tables, and the size of the database.
+
+    The tables are those named ``relayer_*``, each with its indexes; their bytes are the pages
+    their b-trees take, from SQLite's ``dbstat`` table (None if this SQLite was built without
+    it). The database's size is its page count times its page size: what the file holds once
+    its WAL is checkpointed into it.
+
+    Args:
+        path: The database file.
+        checkpoint: Whether to run ``PRAGMA wal_checkpoint(TRUNCATE)`` first; only once no other
+            connection writes to the file.
+
+    Returns:
+        ``tables`` (bytes by table, or None without ``dbstat``), ``table_bytes`` (their sum, or
+        None), ``database_bytes``, and ``file_bytes``: the file and its WAL on disk, now.
+    """
+    conn = sqlite3.connect(os.fspath(path), isolation_level=None)
+    try:
+        if checkpoint:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+        owner = dict(
+            conn.execute(
+                "SELECT name, tbl_name FROM sqlite_master WHERE type IN ('table', 'index')"
+            )
+        )
+        try:
+            pages = conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall()
+        except sqlite3.OperationalError:  # no such table: dbstat
+            tables: dict[str, int] | None = None
+        else:
+            tables = {}
+            for name, size in pages:
+                table = owner.get(name, name)
+                if table.startswith("relayer_"):
+                    tables[table] = tables.get(table, 0) + size
+    finally:
+        conn.close()
+    on_disk = 0
+    for suffix in ("", "-wal"):
+        try:
+            on_disk += os.path.getsize(os.fspath(path) + suffix)
+        except OSError:
+            pass
+    return {
+        "tables": tables,
+        "table_bytes": None if tables is None else sum(tables.values()),
+        "database_bytes": page_size * page_count,
+        "file_bytes": on_disk,
+    }
 
 
 def peak_rss_mb() -> float:

@@ -195,7 +195,7 @@ def node(params: dict[str, Any]) -> None:
         if params["submit"]:
             while not os.path.exists(params["go"]):
                 await deferLater(reactor, 0.01, lambda: None)
-            pending: list[Deferred[None]] = []
+            pending: list[Deferred[list[str]]] = []
             chunk: list[tuple[str, Any]] = []
             for pair in interleaved(params["targets"], params["submit"]):
                 chunk.append(pair)

@@ -42,6 +42,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "memory_down_backoff": 60.0,
             "scale_10k": 10_000,
             "scale_small": 1_000,
+            "fanout": 10_000,
             "timeout": 120,
         }
     return {
@@ -54,6 +55,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
         "memory_down_backoff": None,
         "scale_10k": 1_000_000,
         "scale_small": 200_000,
+        "fanout": 100_000,
         "timeout": 900,
     }
 
@@ -70,8 +72,15 @@ ONLY_CHOICES = (
     "scale_1",
     "scale_100",
     "scale_10000",
+    "fanout",
+    "fanout_1",
+    "fanout_10",
     "postgres",
 )
+
+#: The fan-out scenario's target counts: its figures, and the same bytes stored per event
+#: with a single target, to show that they do not grow with the number of targets.
+FANOUT_TARGETS = (10, 1)
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
@@ -108,6 +117,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
         events = size["scale_10k"] if n == 10_000 else size["scale_small"]
         scale = {**common, "targets": n, "events": events, "batch": scale_batch}
         runs.append((f"scale_{n}", "scale", scale))
+    for n in FANOUT_TARGETS:
+        runs.append((f"fanout_{n}", "fanout", {**common, "targets": n, "events": size["fanout"]}))
     if args.compare_sync:
         # The other synchronous setting than the main runs'.
         other = "FULL" if args.synchronous != "FULL" else "NORMAL"
@@ -274,6 +285,19 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
         s["cost_ratio_10k_vs_1_targets"] = results["scale_10000"]["cpu_us_per_event"] / one
         if ok("scale_100"):
             s["cost_ratio_100_vs_1_targets"] = results["scale_100"]["cpu_us_per_event"] / one
+    if ok("fanout_10"):
+        fanout = results["fanout_10"]
+        s["fanout_deliveries_per_s"] = fanout["deliveries_per_s"]
+        s["fanout_stored_bytes_per_event"] = fanout["stored_bytes_per_event"]
+        s["fanout_stored_bytes_method"] = fanout["stored_bytes_method"]
+        if fanout.get("disk_bytes_written_per_event") is not None:
+            s["fanout_disk_bytes_written_per_event"] = fanout["disk_bytes_written_per_event"]
+    for n in FANOUT_TARGETS:
+        if ok(f"fanout_{n}"):
+            suffix = "1_target" if n == 1 else f"{n}_targets"
+            s[f"fanout_stored_bytes_per_event_{suffix}"] = results[f"fanout_{n}"][
+                "stored_bytes_per_event"
+            ]
     for key, r in results.items():
         if "crashed" in r:
             continue
@@ -329,6 +353,10 @@ def _table(summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             "{:,.0f} ev/s",
         ),
         ("cost 100 vs 1 target", "cost_ratio_100_vs_1_targets", "{:.2f}x"),
+        ("fan-out (10 targets)", "fanout_deliveries_per_s", "{:,.0f} del/s"),
+        ("  bytes stored per event", "fanout_stored_bytes_per_event", "{:,.0f}"),
+        ("  with 1 target", "fanout_stored_bytes_per_event_1_target", "{:,.0f}"),
+        ("  disk bytes written/event", "fanout_disk_bytes_written_per_event", "{:,.0f}"),
         ("FULL sync: throughput", "full_sync_throughput_events_per_s", "{:,.0f} ev/s"),
         ("FULL sync: latency p50", "full_sync_latency_p50_ms", "{:.2f} ms"),
         ("FULL sync: latency p99", "full_sync_latency_p99_ms", "{:.2f} ms"),

@@ -39,14 +39,24 @@ from benchmarks._harness import (
     check_report,
     current_rss_mb,
     event_bytes,
+    fanned_out,
     interleaved,
     make_event,
     peak_rss_mb,
+    stored_bytes,
     targets,
     thread_cpu,
     written_bytes,
 )
-from relayer import BackoffPolicy, HTTPTransport, Scheduler, SQLiteStore, TargetConfig
+from relayer import (
+    BackoffPolicy,
+    Backpressure,
+    HTTPTransport,
+    Scheduler,
+    SQLiteStore,
+    TargetConfig,
+)
+from relayer.scheduler import DEFAULT_MAX_WAITING_EVENTS
 from relayer.store.base import TargetState
 
 # The same body producer as relayer's transport, so that the baseline writes bodies alike.
@@ -105,14 +115,15 @@ async def _produce(
     chunk = params["chunk"]
     window = params["window"]
     single = params.get("submit_mode") == "single"
-    waiting: collections.deque[Deferred[None]] = collections.deque()
+    # Each holds the events' ids, unused here.
+    waiting: collections.deque[Deferred[Any]] = collections.deque()
     count = 0
     while True:
         batch = list(itertools.islice(pairs, chunk))
         if not batch:
             break
         if single:
-            last: Deferred[None] | None = None
+            last: Deferred[str] | None = None
             for target_id, event in batch:
                 last = scheduler.submit(target_id, event)
             assert last is not None
@@ -187,6 +198,136 @@ async def throughput(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
         "sink_cpu_s": report["cpu_s"],
         "peak_rss_mb": peak_rss_mb(),
         "problems": check_report(report, {n: per_target for n in names}),
+    }
+
+
+async def _produce_fanned_out(
+    scheduler: Scheduler, items: Iterator[tuple[Sequence[str], Any]], params: dict[str, Any]
+) -> list[str]:
+    """
+    Submit every ``(targets, event)`` item, ``chunk`` items to a ``submit_many`` call, with at
+    most ``window`` calls waiting for their commit, and at most ``max_waiting`` events in them
+    (the scheduler's ``max_waiting_events``: a call beyond it would be refused with
+    :class:`relayer.Backpressure`). Return the event ids, in submit order.
+    """
+    chunk, window, max_waiting = params["chunk"], params["window"], params["max_waiting"]
+    waiting: collections.deque[tuple[Deferred[list[str]], int]] = collections.deque()
+    in_waiting = 0
+    ids: list[str] = []
+    waits = 0
+
+    async def wait_oldest() -> None:
+        nonlocal in_waiting
+        d, n = waiting.popleft()
+        in_waiting -= n
+        ids.extend(await d)
+
+    while True:
+        batch = list(itertools.islice(items, chunk))
+        if not batch:
+            break
+        # The scheduler counts the events waiting to be stored, one for each item.
+        n = len(batch)
+        while waiting and (len(waiting) >= window or in_waiting + n > max_waiting):
+            await wait_oldest()
+        while True:
+            try:
+                d = scheduler.submit_many(batch)
+            except Backpressure:
+                # The store lags behind: wait for the oldest call, then try again.
+                if not waiting:
+                    raise
+                waits += 1
+                await wait_oldest()
+            else:
+                break
+        waiting.append((d, n))
+        in_waiting += n
+    while waiting:
+        await wait_oldest()
+    params["backpressure_waits"] = waits
+    return ids
+
+
+async def _wait_until_recorded(reactor: Any, scheduler: Scheduler) -> int:
+    """Wait (10 s at most) until no target has events pending; return how many are left."""
+    pending = -1
+    for _ in range(100):
+        pending = sum(st.pending_events for st in await scheduler.status(limit=10_000))
+        if pending == 0:
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    return pending
+
+
+async def fanout(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """
+    Fan-out: every event submitted for all the targets at once (one ``submit_many`` item with
+    the list of targets), delivered to each of them through the same path as throughput's.
+    Besides the delivery rate, it measures what the store keeps for each event: the bytes of
+    relayer's tables after the run, less those before it.
+    """
+    n_targets = params["targets"]
+    n_events = params["events"]
+    total = n_events * n_targets
+    sink = Sink()
+    names = _names("t", n_targets)
+    relayer = _Relayer(reactor, targets(sink, names, params["batch"]), params)
+    produce = {**params, "max_waiting": params.get("max_waiting", DEFAULT_MAX_WAITING_EVENTS)}
+    try:
+        await relayer.start()
+        before = stored_bytes(relayer.path, checkpoint=False)
+        written0 = written_bytes()
+        cpu0, t0 = time.process_time(), time.monotonic()
+        ids = await _produce_fanned_out(relayer.scheduler, fanned_out(names, n_events), produce)
+        stored = time.monotonic()
+        await relayer.counting.wait_for(total)
+        t1, cpu1 = time.monotonic(), time.process_time()
+        written1 = written_bytes()
+        pending = await _wait_until_recorded(reactor, relayer.scheduler)
+        await relayer.scheduler.stop()
+        after = stored_bytes(relayer.path)
+        await relayer.stop()
+        report = await sink.control(reactor, "GET", "report")
+    finally:
+        await relayer.stop()
+        sink.stop()
+    problems = check_report(report, {name: n_events for name in names})
+    if pending:
+        problems.append(f"{pending} events still pending once all were delivered")
+    if len(ids) != n_events or len(set(ids)) != n_events:
+        problems.append(f"{len(set(ids))} distinct event ids in {len(ids)}, for {n_events} events")
+    written = None if written0 is None or written1 is None else written1 - written0
+    file_growth = (after["database_bytes"] - before["database_bytes"]) / n_events
+    tables = after["tables"]
+    if tables is not None and before["tables"] is not None:
+        stored_per_event = (after["table_bytes"] - before["table_bytes"]) / n_events
+        method = "dbstat"
+    else:
+        stored_per_event, method = file_growth, "file"
+    return {
+        "events": n_events,
+        "targets": n_targets,
+        "deliveries": total,
+        "seconds": t1 - t0,
+        "deliveries_per_s": total / (t1 - t0),
+        "events_per_s": n_events / (t1 - t0),
+        "store_events_per_s": n_events / (stored - t0),
+        "cpu_us_per_delivery": (cpu1 - cpu0) / total * 1e6,
+        # What relayer's tables hold after the run, less what they held before it, per event
+        # (from dbstat; without it, the growth of the checkpointed database file).
+        "stored_bytes_per_event": stored_per_event,
+        "stored_bytes_method": method,
+        "stored_bytes_by_table": tables,
+        # The database file's growth, free pages included: its high-water mark.
+        "file_growth_bytes_per_event": file_growth,
+        "disk_bytes_written_per_event": None if written is None else written / n_events,
+        "backpressure_waits": produce["backpressure_waits"],
+        "transactions": relayer.counting.transactions,
+        "mean_batch": total / max(1, relayer.counting.transactions),
+        "sink_cpu_s": report["cpu_s"],
+        "peak_rss_mb": peak_rss_mb(),
+        "problems": problems,
     }
 
 
@@ -533,6 +674,7 @@ RELAYER_SCENARIOS = {
     "drain": drain,
     "memory": memory,
     "scale": scale,
+    "fanout": fanout,
     "send_only": send_only,
 }
 

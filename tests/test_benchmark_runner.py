@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks import runner
+from benchmarks._harness import stored_bytes
 
 
 def args(**overrides: Any) -> argparse.Namespace:
@@ -40,12 +43,18 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
         "scale_1",
         "scale_100",
         "scale_10000",
+        "fanout_10",
+        "fanout_1",
     }
     assert (runs["throughput#0"]["targets"], runs["throughput#0"]["events"]) == (10, 100_000)
     assert runs["send_only#0"]["batch"] == runs["throughput#0"]["batch"] == 1000
     assert runs["drain"]["events"] == 200_000
     assert (runs["memory"]["targets"], runs["memory"]["pending"]) == (10_000, 100_000)
     assert [runs[f"scale_{n}"]["targets"] for n in (1, 100, 10_000)] == [1, 100, 10_000]
+    assert (runs["fanout_10"]["targets"], runs["fanout_10"]["events"]) == (10, 10_000)
+    assert (runs["fanout_1"]["targets"], runs["fanout_1"]["events"]) == (1, 10_000)
+    assert runs["fanout_10"]["batch"] == runs["throughput#0"]["batch"]
+    assert runs["fanout_10"]["synchronous"] == "FULL"
 
 
 def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_throughput() -> None:
@@ -56,11 +65,17 @@ def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_through
     assert runs["throughput#0"]["events"] == runs["drain"]["events"] == 1_000_000
     assert runs["memory"]["pending"] == 1_000_000
     assert runs["throughput_NORMAL"]["synchronous"] == "NORMAL"
+    assert runs["fanout_10"]["events"] == runs["fanout_1"]["events"] == 100_000
 
 
 def test_only_keeps_the_runs_named() -> None:
     plan = runner.plan(args(only=["scale", "latency"]))
     assert [key for key, _, _ in plan] == ["latency", "scale_1", "scale_100", "scale_10000"]
+
+
+def test_only_fanout_runs_it_with_10_targets_and_with_1() -> None:
+    assert [key for key, _, _ in runner.plan(args(only=["fanout"]))] == ["fanout_10", "fanout_1"]
+    assert [key for key, _, _ in runner.plan(args(only=["fanout_1"]))] == ["fanout_1"]
 
 
 @pytest.mark.parametrize("only", [["nonsense"], ["postgres"]])
@@ -118,3 +133,87 @@ def test_a_crashed_run_is_left_out_of_the_summary() -> None:
     s = runner.summarise(results, args())
     assert "throughput_events_per_s" not in s
     assert "throughput_vs_send_only" not in s
+
+
+def _fanout_result(targets: int, stored: float) -> dict[str, Any]:
+    return {
+        "targets": targets,
+        "events": 10_000,
+        "deliveries_per_s": 30_000.0 * targets,
+        "stored_bytes_per_event": stored,
+        "stored_bytes_method": "dbstat",
+        "disk_bytes_written_per_event": 900.0 * targets,
+        "problems": [],
+        "wall_s": 2.0,
+    }
+
+
+def test_the_fanout_figures_are_top_level_keys_beside_the_throughputs() -> None:
+    results: dict[str, dict[str, Any]] = {
+        "throughput#0": {
+            "events_per_s": 100_000.0,
+            "cpu_us_per_event": 6.0,
+            "disk_bytes_written_per_event": 1500.0,
+            "problems": [],
+        },
+        "fanout_10": _fanout_result(10, 310.0),
+        "fanout_1": _fanout_result(1, 305.0),
+    }
+    s = runner.summarise(results, args())
+    assert s["throughput_disk_bytes_written_per_event"] == 1500.0
+    assert s["fanout_deliveries_per_s"] == 300_000.0
+    assert s["fanout_stored_bytes_per_event"] == 310.0
+    assert s["fanout_stored_bytes_per_event_10_targets"] == 310.0
+    assert s["fanout_stored_bytes_per_event_1_target"] == 305.0
+    assert s["fanout_stored_bytes_method"] == "dbstat"
+    assert s["fanout_disk_bytes_written_per_event"] == 9000.0
+
+
+def test_the_table_lists_the_fanout_figures() -> None:
+    results = {"fanout_10": _fanout_result(10, 310.0), "fanout_1": _fanout_result(1, 305.0)}
+    table = runner._table(runner.summarise(results, args()), results)
+    # Each figure's line: its label in the first 28 columns, then its value.
+    rows = {line[:28].strip(): line[28:].strip() for line in table.splitlines()}
+    assert rows["fan-out (10 targets)"] == "300,000 del/s"
+    assert rows["bytes stored per event"] == "310"
+    assert rows["with 1 target"] == "305"
+
+
+def test_a_crashed_fanout_run_leaves_only_its_own_figures_out() -> None:
+    results = {
+        "fanout_10": {"crashed": "exit status 2", "problems": []},
+        "fanout_1": _fanout_result(1, 305.0),
+    }
+    s = runner.summarise(results, args())
+    assert "fanout_deliveries_per_s" not in s
+    assert "fanout_stored_bytes_per_event" not in s
+    assert "fanout_stored_bytes_per_event_10_targets" not in s
+    assert s["fanout_stored_bytes_per_event_1_target"] == 305.0
+    rows = {line[:28].strip(): line[28:].strip() for line in runner._table(s, results).splitlines()}
+    assert "fan-out (10 targets)" not in rows
+    assert "bytes stored per event" not in rows
+    assert rows["with 1 target"] == "305"
+
+
+def test_stored_bytes_counts_relayers_tables_and_their_indexes_only(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE relayer_things (id INTEGER PRIMARY KEY, body BLOB)")
+    conn.execute("CREATE INDEX relayer_things_body ON relayer_things (body)")
+    conn.execute("CREATE TABLE other (id INTEGER PRIMARY KEY, body BLOB)")
+    empty = stored_bytes(path, checkpoint=False)
+    conn.executemany("INSERT INTO other (body) VALUES (?)", [(b"x" * 1000,)] * 1000)
+    after_other = stored_bytes(path, checkpoint=False)
+    conn.executemany("INSERT INTO relayer_things (body) VALUES (?)", [(b"y" * 1000,)] * 100)
+    conn.close()
+    after = stored_bytes(path)
+    if empty["tables"] is None:
+        pytest.skip("this SQLite has no dbstat table")
+    assert set(after["tables"]) == {"relayer_things"}
+    assert after_other["table_bytes"] == empty["table_bytes"]
+    # Each row is in the table and in the index: twice its body at least.
+    assert after["table_bytes"] - empty["table_bytes"] >= 2 * 100 * 1000
+    assert after["database_bytes"] > after_other["database_bytes"] > empty["database_bytes"]
+    # Checkpointed: the file holds everything, and its WAL is empty.
+    assert after["file_bytes"] == after["database_bytes"] == path.stat().st_size
