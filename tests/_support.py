@@ -178,6 +178,22 @@ def count_rows(db_path: Any, table: str) -> int:
         engine.dispose()
 
 
+def count_events(db_path: Any) -> int:
+    """How many events the test's database holds (they are stored in blocks)."""
+    import sqlalchemy as sa
+
+    engine = database_engine(db_path)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text("SELECT coalesce(sum(n_events), 0) FROM relayer_events")
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
 def cells_holding(db_path: Any, needle: bytes) -> list[tuple[str, str]]:
     """
     Every cell of every table of the test's database whose value holds ``needle``, as

@@ -600,7 +600,9 @@ class Sequence:
         acked = {t: {n for _, n in a} for t, a in acks.events.items()}
         problems: list[str] = []
         dead: dict[str, list[int]] = {t: [] for t in TARGETS}
-        bodies = dict(self.query("SELECT seq, body FROM relayer_events"))
+        bodies: dict[int, bytes] = {}
+        for seqs, block in self.query("SELECT seqs, bodies FROM relayer_events"):
+            bodies.update(zip(_seqs.decode(seqs), bytes(block).split(b"\n"), strict=True))
         for target_id, seqs in self.query(
             "SELECT target_id, seqs FROM relayer_txns WHERE state = 'dead'"
         ):

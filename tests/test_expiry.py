@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _support import GatedStore, count_rows, result_of, run_clock
+from _support import GatedStore, count_events, result_of, run_clock
 from twisted.internet.task import Clock
 
 from relayer import DeliveryState, Event, InvalidEvent, InvalidTarget, Scheduler, TargetState
@@ -316,7 +316,7 @@ def test_a_bad_deadline_is_refused_and_nothing_is_stored(
         h.scheduler.submit("a", {"n": 1}, **options)
     with pytest.raises(InvalidEvent):
         h.scheduler.submit_many([("a", {"n": 0}), ("a", Event({"n": 1}, **options))])
-    assert count_rows(db_path, "relayer_events") == 0
+    assert count_events(db_path) == 0
     assert h.transport["a"].requests == []
 
 

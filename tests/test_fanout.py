@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _support import cells_holding, count_rows, result_of, run_clock
+from _support import cells_holding, count_events, result_of, run_clock
 
 from relayer import DeliveryState, Event, EventTooLarge, InvalidEvent, TargetState, UnknownTarget
 from relayer.testing import Harness, build_scheduler, target
@@ -38,19 +38,19 @@ def test_an_event_for_several_targets_is_stored_once(db_path: Path) -> None:
         submit(h, t, {"n": 0})
     event_id = submit(h, ["a", "b", "c"], {"body": marker})
     assert h.transport["c"].events == [{"n": 0}, {"body": marker}]
-    assert count_rows(db_path, "relayer_events") == 4
+    assert count_events(db_path) == 4
     # The event's bytes are in one cell of the whole database, whatever the number of its
     # targets and whatever each of them has done with it.
-    assert cells_holding(db_path, marker.encode()) == [("relayer_events", "body")]
+    assert cells_holding(db_path, marker.encode()) == [("relayer_events", "bodies")]
     h.clock.advance(2.0)  # a and b retry their first transaction, and fail
-    assert cells_holding(db_path, marker.encode()) == [("relayer_events", "body")]
+    assert cells_holding(db_path, marker.encode()) == [("relayer_events", "bodies")]
     h.transport["a"].up()
     h.transport["b"].up()
     h.clock.advance(600)
     for t in "abc":
         assert h.transport[t].events == [{"n": 0}, {"body": marker}]
-    assert cells_holding(db_path, marker.encode()) == [("relayer_events", "body")]
-    assert count_rows(db_path, "relayer_events") == 4
+    assert cells_holding(db_path, marker.encode()) == [("relayer_events", "bodies")]
+    assert count_events(db_path) == 4
     assert set(deliveries(h, event_id)) == {"a", "b", "c"}
 
 
@@ -62,9 +62,9 @@ def test_a_fanned_out_event_is_stored_once_from_submit_many(db_path: Path) -> No
         )
     )
     assert ids[1] == "two"
-    assert count_rows(db_path, "relayer_events") == 2
-    assert cells_holding(db_path, b"m-1") == [("relayer_events", "body")]
-    assert cells_holding(db_path, b"m-2") == [("relayer_events", "body")]
+    assert count_events(db_path) == 2
+    assert cells_holding(db_path, b"m-1") == [("relayer_events", "bodies")]
+    assert cells_holding(db_path, b"m-2") == [("relayer_events", "bodies")]
     for t in "ab":
         assert h.transport[t].events == [{"body": "m-1"}, {"body": "m-2"}]
 
@@ -187,7 +187,7 @@ def test_a_target_named_twice_gets_the_event_once(db_path: Path) -> None:
     assert h.transport["a"].events == [{"n": 1}]
     assert h.transport["b"].events == [{"n": 1}]
     assert set(deliveries(h, event_id)) == {"a", "b"}
-    assert count_rows(db_path, "relayer_events") == 1
+    assert count_events(db_path) == 1
 
 
 def test_bad_target_lists_are_refused_and_nothing_is_stored(db_path: Path) -> None:
@@ -203,7 +203,7 @@ def test_bad_target_lists_are_refused_and_nothing_is_stored(db_path: Path) -> No
     with pytest.raises(EventTooLarge):
         h.scheduler.submit(["a", "small"], {"body": "x" * 500})
     h.clock.advance(60)
-    assert count_rows(db_path, "relayer_events") == 0
+    assert count_events(db_path) == 0
     assert h.transport["a"].requests == []
     assert h.transport["small"].requests == []
 

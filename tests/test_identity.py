@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _support import GatedStore, count_rows, result_of
+from _support import GatedStore, count_events, result_of
 from twisted.internet.task import Clock
 
 from relayer import DeliveryState, Event, InvalidEvent, Scheduler
@@ -92,7 +92,7 @@ def test_a_repeated_id_stores_nothing_and_returns_the_same_id(db_path: Path) -> 
     assert h.transport["a"].events == [{"n": 1}]
     assert h.transport["a"].txn_ids == [1]
     assert h.transport["b"].requests == []
-    assert count_rows(db_path, "relayer_events") == 1
+    assert count_events(db_path) == 1
     status = result_of(h.scheduler.event_status("e1"))
     assert status is not None and list(status.deliveries) == ["a"]
 
@@ -112,7 +112,7 @@ def test_a_repeat_within_one_submit_many_stores_nothing(db_path: Path) -> None:
     assert ids == ["e1", "e2", "e1", "e2", "e3"]
     assert h.transport["a"].events == [{"n": 1}, {"n": 2}]
     assert h.transport["b"].events == [{"n": 3}]
-    assert count_rows(db_path, "relayer_events") == 3
+    assert count_events(db_path) == 3
 
 
 def test_an_event_with_an_id_before_a_plain_one_in_a_submit_many_is_delivered(
@@ -152,7 +152,7 @@ def test_a_repeat_while_the_first_is_still_pending_stores_nothing(db_path: Path)
     h.clock.advance(600)
     assert fake.events == [{"n": 1}]
     assert fake.violations == []
-    assert count_rows(db_path, "relayer_events") == 1
+    assert count_events(db_path) == 1
 
 
 def test_a_repeat_submitted_while_the_first_is_being_stored_stores_nothing(
@@ -173,7 +173,7 @@ def test_a_repeat_submitted_while_the_first_is_being_stored_stores_nothing(
     assert (result_of(first), result_of(again), result_of(many)[1]) == ("e1", "e1", "e1")
     assert transport["a"].events == [{"n": 1}, {"n": 2}]
     assert transport["b"].requests == []
-    assert count_rows(db_path, "relayer_events") == 2
+    assert count_events(db_path) == 2
     result_of(scheduler.stop())
 
 
@@ -190,13 +190,13 @@ def test_a_repeat_after_a_restart_stores_nothing(db_path: Path) -> None:
     fake.up()
     h.clock.advance(600)
     assert fake.events == [{"n": 1}, {"n": 2}]
-    assert count_rows(db_path, "relayer_events") == 2
+    assert count_events(db_path) == 2
     # And after a restart that follows a crash.
     h = h.restart(stop=False)
     assert submit(h, "a", {"n": 2}, event_id="e2") == "e2"
     h.clock.advance(600)
     assert fake.events == [{"n": 1}, {"n": 2}]
-    assert count_rows(db_path, "relayer_events") == 2
+    assert count_events(db_path) == 2
 
 
 def test_ids_are_unique_in_a_store_across_restarts(db_path: Path) -> None:
@@ -212,7 +212,7 @@ def test_ids_are_unique_in_a_store_across_restarts(db_path: Path) -> None:
     assert len(set(ids)) == len(ids) == 9
     generated = [i for i in ids if i != "mine"]
     assert [number(i) for i in generated] == sorted(number(i) for i in generated)
-    assert count_rows(db_path, "relayer_events") == 9
+    assert count_events(db_path) == 9
     # Each id still names its own event: its targets are the ones it was submitted for.
     targets = [{"a"}, {"a"}, {"a", "b"}, {"b"}, {"a", "b"}, {"b"}, {"a"}, {"b"}, {"a"}]
     for event_id, expected in zip(ids, targets, strict=True):
@@ -251,7 +251,7 @@ def test_a_bad_id_is_refused_and_nothing_is_stored(db_path: Path, bad: Any) -> N
         h.scheduler.submit_many([("a", {"n": 0}), ("a", Event({"n": 1}, event_id=bad))])
     h.clock.advance(60)
     assert h.transport["a"].requests == []
-    assert count_rows(db_path, "relayer_events") == 0
+    assert count_events(db_path) == 0
     # The scheduler goes on.
     assert submit(h, "a", {"n": 2}, event_id="good") == "good"
     assert h.transport["a"].events == [{"n": 2}]
@@ -263,5 +263,5 @@ def test_an_events_options_beside_an_event_are_refused(db_path: Path) -> None:
         h.scheduler.submit("a", Event({"n": 1}, event_id="e1"), event_id="e2")
     with pytest.raises(InvalidEvent):
         h.scheduler.submit("a", Event({"n": 1}), event_id="e2")
-    assert count_rows(db_path, "relayer_events") == 0
+    assert count_events(db_path) == 0
     assert h.transport["a"].requests == []

@@ -590,11 +590,14 @@ def test_a_dead_letter_stored_while_a_replay_runs_is_not_lost(db_path: str) -> N
             with other.begin() as c:
                 c.execute(
                     sa.insert(schema.events).values(
-                        seq=999,
-                        event_id=None,
-                        body=ev(99),
+                        first_seq=999,
+                        last_seq=999,
+                        seqs="999",
+                        n_events=1,
+                        bodies=ev(99),
                         submitted_at=50.0,
-                        expires_at=None,
+                        expires=None,
+                        ids=None,
                         set_id=sa.select(schema.target_sets.c.set_id)
                         .where(schema.target_sets.c.targets == "t")
                         .scalar_subquery(),

@@ -65,6 +65,7 @@ def upgrade(conn: sa.Connection, define: Any) -> None:
         new.tables[name]
         for name in (
             "relayer_events",
+            "relayer_event_ids",
             "relayer_target_sets",
             "relayer_runs",
             "relayer_txns",
@@ -106,19 +107,19 @@ def upgrade(conn: sa.Connection, define: Any) -> None:
         first = seq + 1
         seq += len(events)
         if events:
+            # One block, as the version 3 run or transaction held them.
             conn.execute(
-                sa.insert(n_events),
-                [
-                    {
-                        "seq": first + i,
-                        "event_id": None,
-                        "body": body,
-                        "submitted_at": submitted_at,
-                        "expires_at": None,
-                        "set_id": set_id,
-                    }
-                    for i, body in enumerate(events)
-                ],
+                sa.insert(n_events).values(
+                    first_seq=first,
+                    last_seq=seq,
+                    seqs=_seqs.encode(range(first, seq + 1)),
+                    n_events=len(events),
+                    set_id=set_id,
+                    submitted_at=submitted_at,
+                    bodies=b"\n".join(events),
+                    expires=None,
+                    ids=None,
+                )
             )
         return list(range(first, seq + 1))
 

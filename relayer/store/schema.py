@@ -11,8 +11,9 @@ Version history:
 2. ``relayer_targets.last_error``: a short description of a target's last failure.
 3. ``relayer_nodes`` and ``relayer_leases``: the processes sharing a database, and which of them
    owns each target.
-4. Events with identity. Each event's bytes are written once, in ``relayer_events``, under a
-   sequence number (``seq``) and, if the application gave one, its own id; the queue's runs and
+4. Events with identity. Each event's bytes are written once, in blocks in ``relayer_events``,
+   under a sequence number (``seq``) and, if the application gave one, its own id
+   (``relayer_event_ids``); the queue's runs and
    the transactions name their events by sequence number instead of holding their bytes, and
    transactions are kept, with their state, once they are done. ``relayer_target_sets`` holds
    the targets an event was submitted for, ``relayer_expired`` the events that expired at a
@@ -131,24 +132,34 @@ def _seq_type() -> sa.types.TypeEngine[int]:
 
 
 def _define_log(m: sa.MetaData) -> None:
-    # Every event, written once: its bytes, and the application's id if it gave one. An event
-    # without one is known as "relayer-<seq>", so that its id costs nothing to store.
+    # Every event, written once, in blocks: the events of one target's run of one write (those
+    # submitted together for the same targets), under consecutive sequence numbers. A block
+    # holds their bytes joined by b"\n" (compact JSON never holds a raw newline), the time they
+    # were submitted, and their deadlines and the application's ids as JSON lists, when any of
+    # them has one. One row per block rather than per event: SQLite writes rows at a cost
+    # each, and a block costs about what one of its events would.
     sa.Table(
         "relayer_events",
         m,
-        sa.Column("seq", _seq_type(), primary_key=True, autoincrement=False),
-        sa.Column("event_id", sa.String(255), nullable=True),
-        sa.Column("body", sa.LargeBinary, nullable=False),
-        sa.Column("submitted_at", sa.Float, nullable=False),
-        sa.Column("expires_at", sa.Float, nullable=True),
+        sa.Column("first_seq", _seq_type(), primary_key=True, autoincrement=False),
+        sa.Column("last_seq", sa.BigInteger, nullable=False),
+        # The block's sequence numbers as ranges, "10-20" (on PostgreSQL a block's numbers may
+        # skip those that another process drew meanwhile).
+        sa.Column("seqs", sa.Text, nullable=False),
+        sa.Column("n_events", sa.Integer, nullable=False),
         sa.Column("set_id", sa.Integer, nullable=False),
-        sa.Index(
-            "relayer_events_by_id",
-            "event_id",
-            unique=True,
-            sqlite_where=sa.text("event_id IS NOT NULL"),
-            postgresql_where=sa.text("event_id IS NOT NULL"),
-        ),
+        sa.Column("submitted_at", sa.Float, nullable=False),
+        sa.Column("bodies", sa.LargeBinary, nullable=False),
+        sa.Column("expires", sa.Text, nullable=True),
+        sa.Column("ids", sa.Text, nullable=True),
+    )
+    # The application's ids, each once: an event without one is known as "relayer-<seq>", so
+    # that its id costs nothing to store.
+    sa.Table(
+        "relayer_event_ids",
+        m,
+        sa.Column("event_id", sa.String(255), primary_key=True),
+        sa.Column("seq", sa.BigInteger, nullable=False),
     )
     # The targets each event was submitted for, one row per distinct list of targets.
     sa.Table(
@@ -258,6 +269,7 @@ metadata = define_tables(sa.MetaData(), SCHEMA_VERSION)
 meta = metadata.tables["relayer_meta"]
 targets = metadata.tables["relayer_targets"]
 events = metadata.tables["relayer_events"]
+event_ids = metadata.tables["relayer_event_ids"]
 target_sets = metadata.tables["relayer_target_sets"]
 runs = metadata.tables["relayer_runs"]
 txns = metadata.tables["relayer_txns"]

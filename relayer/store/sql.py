@@ -7,10 +7,13 @@ Each public method runs one database transaction, as one function handed to the 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from typing import Any, TypeVar
 
+import attrs
 import sqlalchemy as sa
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -63,6 +66,7 @@ _t = schema.targets
 _l = schema.leases
 _n = schema.nodes
 _e = schema.events
+_ei = schema.event_ids
 _s = schema.target_sets
 _r = schema.runs
 _x = schema.txns
@@ -205,7 +209,33 @@ _MARK_REPLAYED = (
     )
     .values(state=schema.TXN_REPLAYED, done_at=sa.bindparam("p_now"))
 )
-_SELECT_EVENTS = "SELECT seq, body, submitted_at, expires_at, event_id FROM relayer_events"
+# The statements of the hot path, handed to the driver as they are, with "?" for a parameter;
+# "format" is the same with "%s" (psycopg).
+_QMARK_SQL = {
+    # The blocks that hold the events from one number to another: the last that begins at or
+    # before the first, and those that begin up to the last.
+    "select_blocks": (
+        "SELECT first_seq, last_seq, seqs, submitted_at, bodies, expires, ids "
+        "FROM relayer_events WHERE first_seq >= coalesce((SELECT max(first_seq) "
+        "FROM relayer_events WHERE first_seq <= ?), ?) AND first_seq <= ? "
+        "ORDER BY first_seq"
+    ),
+    "insert_blocks": (
+        "INSERT INTO relayer_events (first_seq, last_seq, seqs, n_events, set_id, "
+        "submitted_at, bodies, expires, ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    "insert_ids": (
+        "INSERT INTO relayer_event_ids (event_id, seq) VALUES (?, ?) "
+        "ON CONFLICT (event_id) DO NOTHING"
+    ),
+}
+_DRIVER_SQL = {
+    "qmark": _QMARK_SQL,
+    "format": {name: sql.replace("?", "%s") for name, sql in _QMARK_SQL.items()},
+}
+
+#: What joins the events of a block: compact JSON never holds a raw newline.
+_BLOCK_SEPARATOR = b"\n"
 #: How many events one query of events by sequence number asks for.
 _IN_CHUNK = 500
 #: How many targets one statement of queue_counts() looks at.
@@ -253,15 +283,8 @@ class SQLStore:
         self._read_pool = read_pool
         #: The ids of lists of targets known to be stored, by their "\n"-joined ids.
         self._set_ids: dict[str, int] = {}
-        mark = self._mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-        self._select_between = (
-            f"{_SELECT_EVENTS} WHERE seq >= {mark} AND seq <= {mark} ORDER BY seq"
-        )
-        self._select_in_cache: dict[int, str] = {}
-        self._insert_plain_events = (
-            "INSERT INTO relayer_events (seq, event_id, body, submitted_at, expires_at, set_id) "
-            f"VALUES ({mark}, NULL, {mark}, {mark}, {mark}, {mark})"
-        )
+        # The statements of the hot path, written for the driver's parameter style.
+        self._sql = _DRIVER_SQL["qmark" if engine.dialect.paramstyle == "qmark" else "format"]
 
     def __repr__(self) -> str:
         # The URL is shown without its password.
@@ -522,29 +545,19 @@ class SQLStore:
             last = int(row[0])
         return list(range(last - n + 1, last + 1))
 
-    def _insert_identified(self, conn: sa.Connection, rows: list[tuple[Any, ...]]) -> set[str]:
+    def _insert_ids(self, conn: sa.Connection, rows: list[tuple[str, int]]) -> set[str]:
         """
-        Insert events that have the application's ids, as ``(seq, event_id, body,
-        submitted_at, expires_at, set_id)``; return the ids that were new.
-
-        An id stored meanwhile by another process is skipped, not an error; the row that is
-        there under the id tells which was stored.
+        Store the application's ids of new events, as ``(event_id, seq)``; return those that
+        were stored. An id that another process stored meanwhile is skipped, not an error.
         """
         if not rows:
             return set()
-        m = self._mark
-        conn.exec_driver_sql(
-            "INSERT INTO relayer_events (seq, event_id, body, submitted_at, expires_at, set_id) "
-            f"VALUES ({m}, {m}, {m}, {m}, {m}, {m}) "
-            "ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING",
-            rows,
-        )
-        mine = {eid: seq for seq, eid, *_ in rows}
+        conn.exec_driver_sql(self._sql["insert_ids"], rows)
+        mine = dict(rows)
         inserted: set[str] = set()
-        ids = list(mine)
-        for chunk in _chunks(ids):
+        for chunk in _chunks(list(mine)):
             for eid, seq in conn.execute(
-                sa.select(_e.c.event_id, _e.c.seq).where(_e.c.event_id.in_(chunk))
+                sa.select(_ei.c.event_id, _ei.c.seq).where(_ei.c.event_id.in_(chunk))
             ):
                 if mine.get(eid) == seq:
                     inserted.add(eid)
@@ -553,9 +566,11 @@ class SQLStore:
     def _add_events(self, conn: sa.Connection, batch: EventBatch, now: float) -> list[str]:
         bodies = batch.bodies
         given = batch.event_ids
+        fanned = batch.targets
         n = len(bodies)
         skipped: set[int] = set()
         first_of: dict[str, int] = {}
+        stored: set[str] = set()
         if given:
             # A repeated id stores nothing: one stored before, or earlier in this batch.
             for i in sorted(given):
@@ -564,53 +579,72 @@ class SQLStore:
                     skipped.add(i)
                 else:
                     first_of[eid] = i
-            stored: set[str] = set()
-            wanted = list(first_of)
-            for chunk in _chunks(wanted):
+            for chunk in _chunks(list(first_of)):
                 stored.update(
-                    conn.execute(sa.select(_e.c.event_id).where(_e.c.event_id.in_(chunk))).scalars()
+                    conn.execute(
+                        sa.select(_ei.c.event_id).where(_ei.c.event_id.in_(chunk))
+                    ).scalars()
                 )
             skipped.update(first_of[eid] for eid in stored)
         fresh = n - len(skipped)
         numbers = self._allocate_seqs(conn, fresh) if fresh else []
         # Numbers are given run by run, so that each target's events in this batch are
-        # consecutive (a run is then one range), and the rows are written in number order.
+        # consecutive (a run is then one range), and each run's new events make a block.
         seq_of: list[int] = [0] * n
-        set_of: list[int] = [0] * n
-        order: list[int] = []
+        blocks: list[tuple[int, list[int]]] = []
         set_ids = self._set_ids
         take = iter(numbers).__next__
         for target_id, indices in batch.runs:
             sid = set_ids[target_id]
+            block: list[int] | None = None
+            block_set = -1
             for i in indices:
-                if not seq_of[i] and i not in skipped:
-                    seq_of[i] = take()
-                    set_of[i] = sid
-                    order.append(i)
-        for i, targets in batch.targets.items():
-            set_of[i] = set_ids["\n".join(targets)]
-        expires = batch.expires_at
+                if seq_of[i] or i in skipped:
+                    continue
+                seq_of[i] = take()
+                event_set = set_ids["\n".join(fanned[i])] if i in fanned else sid
+                if block is None or event_set != block_set:
+                    block = []
+                    block_set = event_set
+                    blocks.append((event_set, block))
+                block.append(i)
         if given:
-            identified = [
-                (seq_of[i], given[i], bodies[i], now, expires.get(i), set_of[i])
-                for i in order
-                if i in given
-            ]
-            inserted = self._insert_identified(conn, identified)
+            inserted = self._insert_ids(
+                conn, [(given[i], seq_of[i]) for i in sorted(given) if i not in skipped]
+            )
             # Another process stored the same id meanwhile (PostgreSQL): that one stands.
-            skipped.update(first_of[eid] for eid in set(first_of) - inserted - stored)
-        plain: list[tuple[int, bytes, float, float | None, int]]
-        if not skipped and not given and not expires:
-            plain = [(seq_of[i], bodies[i], now, None, set_of[i]) for i in order]
-        else:
-            plain = [
-                (seq_of[i], bodies[i], now, expires.get(i), set_of[i])
-                for i in order
-                if i not in skipped and i not in given
-            ]
-        if plain:
+            lost = {first_of[eid] for eid in first_of if eid not in inserted and eid not in stored}
+            if lost:
+                skipped.update(lost)
+                blocks = [(s, [i for i in b if i not in lost]) for s, b in blocks]
+        expires = batch.expires_at
+        block_rows = []
+        for sid, block in blocks:
+            if not block:
+                continue
+            seqs = [seq_of[i] for i in block]
+            deadlines = None
+            if expires and any(i in expires for i in block):
+                deadlines = json.dumps([expires.get(i) for i in block])
+            ids = None
+            if given and any(i in given for i in block):
+                ids = json.dumps([given.get(i) for i in block])
+            block_rows.append(
+                (
+                    seqs[0],
+                    seqs[-1],
+                    _seqs.encode(seqs),
+                    len(block),
+                    sid,
+                    now,
+                    _BLOCK_SEPARATOR.join([bodies[i] for i in block]),
+                    deadlines,
+                    ids,
+                )
+            )
+        if block_rows:
             # The hot path of every submit: rows handed to the driver as they are.
-            conn.exec_driver_sql(self._insert_plain_events, plain)
+            conn.exec_driver_sql(self._sql["insert_blocks"], block_rows)
         rows = []
         for target_id, indices in batch.runs:
             seqs = (
@@ -646,52 +680,53 @@ class SQLStore:
 
     # -- forming and claiming -------------------------------------------------------------------
 
-    def _load_events(self, conn: sa.Connection, seqs: list[int]) -> list[tuple[Any, ...]]:
+    def _load_events(
+        self, conn: sa.Connection, seqs: list[int], strict: bool = True
+    ) -> list[tuple[Any, ...]]:
         """
         The rows of these events, in the order of ``seqs``: ``(seq, body, submitted_at,
-        expires_at, event_id)`` tuples, read straight from the driver (this is the hot path of
-        every transaction formed or resent).
+        expires_at, event_id)`` tuples, cut out of their blocks, read straight from the driver
+        (this is the hot path of every transaction formed or resent).
+
+        With ``strict``, an event missing from the store is an error; else it is left out.
         """
+        if not seqs:
+            return []
         spans = _seqs.ranges(_seqs.encode(seqs))
+        found: dict[int, tuple[Any, ...]] = {}
+        in_order: list[tuple[Any, ...]] = []
         cursor = conn.connection.cursor()
         try:
-            if len(spans) == 1:
-                low, high = spans[0]
-                cursor.execute(self._select_between, (low, high))
-                rows = cursor.fetchall()
-                if len(rows) == len(seqs) and low == seqs[0]:
-                    # One increasing range, all there: the rows are in order already.
-                    return list(rows)
-                found = {row[0]: row for row in rows}
-            elif len(spans) <= 8:
-                found = {}
-                for low, high in spans:
-                    cursor.execute(self._select_between, (low, high))
-                    for row in cursor.fetchall():
-                        found[row[0]] = row
-            else:
-                found = {}
-                wanted = sorted(set(seqs))
-                for i in range(0, len(wanted), _IN_CHUNK):
-                    chunk = wanted[i : i + _IN_CHUNK]
-                    cursor.execute(self._select_in(len(chunk)), chunk)
-                    for row in cursor.fetchall():
-                        found[row[0]] = row
+            for low, high in spans:
+                cursor.execute(self._sql["select_blocks"], (low, low, high))
+                for _first, _last, numbers, submitted, bodies, deadlines, ids in cursor.fetchall():
+                    events = bytes(bodies).split(_BLOCK_SEPARATOR)
+                    block = _seqs.decode(numbers)
+                    n = len(block)
+                    expiry = json.loads(deadlines) if deadlines else repeat(None, n)
+                    named = json.loads(ids) if ids else repeat(None, n)
+                    rows = zip(block, events, repeat(submitted, n), expiry, named, strict=True)
+                    if low <= block[0] and block[-1] <= high:
+                        if len(spans) == 1:
+                            in_order.extend(rows)
+                        else:
+                            found.update((r[0], r) for r in rows)
+                    else:
+                        found.update((r[0], r) for r in rows if low <= r[0] <= high)
         finally:
             cursor.close()
+        if in_order and not found and len(in_order) == len(seqs) and in_order[0][0] == seqs[0]:
+            # One increasing range of whole blocks: the rows are in order already.
+            return in_order
+        found.update((r[0], r) for r in in_order)
+        if not strict:
+            return [found[s] for s in seqs if s in found]
         try:
             return [found[s] for s in seqs]
         except KeyError as e:
             raise StoreError(
                 f"event {e.args[0]} of a transaction is missing from the store"
             ) from None
-
-    def _select_in(self, n: int) -> str:
-        statement = self._select_in_cache.get(n)
-        if statement is None:
-            marks = ", ".join([self._mark] * n)
-            statement = self._select_in_cache[n] = f"{_SELECT_EVENTS} WHERE seq IN ({marks})"
-        return statement
 
     def _form(
         self,
@@ -1302,15 +1337,35 @@ class SQLStore:
         return self._read(status)
 
     def _find_event(self, conn: sa.Connection, event_id: str) -> Any:
-        columns = (_e.c.seq, _e.c.submitted_at, _e.c.expires_at, _e.c.set_id)
+        """The event with this id, as ``(seq, submitted_at, expires_at, set_id)``; or None."""
         if event_id.startswith(GENERATED_ID_PREFIX):
             number = event_id[len(GENERATED_ID_PREFIX) :]
             if not number.isdigit() or len(number) > 18:
                 return None
-            return conn.execute(
-                sa.select(*columns).where(_e.c.seq == int(number), _e.c.event_id.is_(None))
-            ).first()
-        return conn.execute(sa.select(*columns).where(_e.c.event_id == event_id)).first()
+            seq = int(number)
+        else:
+            known = conn.execute(sa.select(_ei.c.seq).where(_ei.c.event_id == event_id)).scalar()
+            if known is None:
+                return None
+            seq = int(known)
+        block = conn.execute(
+            sa.select(_e.c.seqs, _e.c.set_id, _e.c.submitted_at, _e.c.expires, _e.c.ids)
+            .where(_e.c.first_seq <= seq)
+            .order_by(_e.c.first_seq.desc())
+            .limit(1)
+        ).first()
+        if block is None:
+            return None
+        numbers = _seqs.decode(block.seqs)
+        if seq not in numbers:
+            return None
+        j = numbers.index(seq)
+        named = json.loads(block.ids)[j] if block.ids else None
+        if named != (None if event_id.startswith(GENERATED_ID_PREFIX) else event_id):
+            # "relayer-<n>" names only an event without an id of the application's.
+            return None
+        expires_at = json.loads(block.expires)[j] if block.expires else None
+        return _Found(seq, block.submitted_at, expires_at, block.set_id)
 
     def _delivery(self, conn: sa.Connection, target_id: str, seq: int) -> Delivery:
         """Where the event ``seq`` stands at ``target_id``."""
@@ -1392,7 +1447,7 @@ class SQLStore:
         self, target_id: str, state: DeliveryState, after: str | None, limit: int
     ) -> Deferred[TargetEventsPage]:
         def page(conn: sa.Connection) -> TargetEventsPage:
-            return _TargetEvents(conn, target_id, state, after, limit).page()
+            return _TargetEvents(self, conn, target_id, state, after, limit).page()
 
         return self._read(page)
 
@@ -1547,6 +1602,14 @@ def _record(row: Any, has_pending: bool) -> TargetRecord:
     )
 
 
+@attrs.frozen
+class _Found:
+    seq: int
+    submitted_at: float
+    expires_at: float | None
+    set_id: int
+
+
 def _deadline(row: Any, ttl: float | None) -> float | None:
     """An event's deadline at a target whose default time to live is ``ttl``."""
     if row[3] is not None:
@@ -1624,12 +1687,14 @@ class _TargetEvents:
 
     def __init__(
         self,
+        store: SQLStore,
         conn: sa.Connection,
         target_id: str,
         state: DeliveryState,
         after: str | None,
         limit: int,
     ) -> None:
+        self.store = store
         self.conn = conn
         self.target_id = target_id
         self.state = state
@@ -1726,14 +1791,7 @@ class _TargetEvents:
 
     def _entries(self) -> list[EventEntry]:
         seqs = [f[0] for f in self.found]
-        info: dict[int, Any] = {}
-        for i in range(0, len(seqs), _IN_CHUNK):
-            for row in self.conn.execute(
-                sa.select(_e.c.seq, _e.c.event_id, _e.c.submitted_at).where(
-                    _e.c.seq.in_(seqs[i : i + _IN_CHUNK])
-                )
-            ):
-                info[row.seq] = row
+        info = {r[0]: r for r in self.store._load_events(self.conn, seqs, strict=False)}
         entries = []
         for seq, txn_id, attempts, last_attempt_at, at in self.found:
             found = info.get(seq)
@@ -1742,8 +1800,8 @@ class _TargetEvents:
             row = found
             entries.append(
                 EventEntry(
-                    event_id=row.event_id or f"{GENERATED_ID_PREFIX}{row.seq}",
-                    submitted_at=row.submitted_at,
+                    event_id=_event_id(row),
+                    submitted_at=row[2],
                     txn_id=txn_id,
                     attempts=attempts,
                     last_attempt_at=last_attempt_at,
