@@ -8,11 +8,23 @@ process over loopback HTTP. The child kills itself with SIGKILL at a chosen chec
 transaction, before the answer goes out). It is then started again on the same database, and
 again, until a run drains the store and exits with 0. Then:
 
-- every acknowledged event (its submit Deferred fired: the child logged it) reached its target;
-- no event arrived twice, once the receiver deduplicated by transaction id;
-- each target got its events in submit order, and transaction ids that only grow;
+- every acknowledged event (its submit Deferred fired: the child logged it) reached each of its
+  targets, or expired there (the store lists it as expired, at or after its deadline), as the
+  store's ``target_events`` and, for events fanned out to several targets, ``event_status``
+  report it too;
+- no send of an event started at or after its deadline (the child logs each send as it starts);
+- no event arrived twice, once the receiver deduplicated by transaction id, unless the first
+  transaction that brought it was abandoned (an event of it expired before the target's answer
+  was recorded) and its live events were sent again in a new one;
+- each target got its events in submit order (counting each event where it first arrived), and
+  transaction ids that only grow;
 - no transaction id was ever sent with two different bodies (failed attempts included);
 - no event arrived that was not submitted, and the store is empty.
+
+Every third chunk of a run's events is fanned out: one event for a random set of targets, stored
+once. Some events carry a time to live, and a few a deadline already past when they are
+submitted: those expire whenever a claim reaches them, so every run passes the
+``event.expired`` checkpoint, which the kills use too.
 
 Two more targets answer HTTP 400 to some transactions: ``d0`` (dead-letter policy) to the same
 transactions every time it is sent them (the answer depends on the body only), and ``b0``
@@ -63,14 +75,16 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from relayer import DeliveryState
 from relayer._faults import POINTS
 from relayer.store import _seqs, schema
-from relayer.testing import Receiver
+from relayer.testing import Receiver, open_store
 
 # Each test is for SQLite (one process on a file) or for PostgreSQL (processes sharing leases).
 pytestmark = [pytest.mark.integration]
@@ -82,8 +96,20 @@ BLOCK = "b0"
 TARGETS = ("t0", "t1", "t2", "t3", "t4", DEAD_LETTER, BLOCK)
 #: The share (in percent) of transaction bodies that each of them refuses.
 REFUSE_PERCENT = {DEAD_LETTER: 15, BLOCK: 20}
+#: The checkpoint of a claim that records expired events, inside its database transaction.
+#: Listed here until relayer._faults.POINTS names it.
+EXPIRY_POINT = "event.expired"
+ALL_POINTS = POINTS if EXPIRY_POINT in POINTS else (*POINTS, EXPIRY_POINT)
 #: The points a single process without leases passes.
-SQLITE_POINTS = tuple(p for p in POINTS if p != "lease.acquired")
+SQLITE_POINTS = tuple(p for p in ALL_POINTS if p != "lease.acquired")
+#: Events' deadlines: the times to live, the share of events given one, and the share of events
+#: given a deadline already past.
+TTLS = (0.3, 1.0, 3.0)
+TTL_PERCENT = 20
+EXPIRED_PERCENT = 5
+#: A send is logged just after the scheduler's own check of its deadline: by this much later,
+#: at most, it still started before its deadline.
+SEND_CLOCK_SLACK = 0.1
 #: The processes that share a PostgreSQL database, and their lease settings: short, so that a
 #: dead process's targets are taken over quickly. Requests must end well within a lease.
 NODES = ("a", "b", "c")
@@ -106,6 +132,8 @@ SEQUENCES = 10
 KILLS_PER_SEQUENCE = 6
 MAX_RUNS_PER_SEQUENCE = 20
 RECEIVER_KILL = "receiver.accepted"
+#: The states an event ends in at a target.
+FINAL = {DeliveryState.DELIVERED, DeliveryState.EXPIRED, DeliveryState.DEAD_LETTERED}
 #: The seed of the random rounds; set RELAYER_CRASH_SEED to try others.
 SEED = int(os.environ.get("RELAYER_CRASH_SEED", "20240601"))
 
@@ -114,6 +142,16 @@ def reactor_() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+def done(d: Deferred[Any]) -> Any:
+    """The result of a Deferred of a store on the inline pool, which has fired already."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "the store's Deferred has not fired"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
 
 
 # -- the child processes ---------------------------------------------------------------------
@@ -353,11 +391,14 @@ class Acks:
     events: dict[str, list[tuple[int, int]]]
     #: Per target: (line number, monotonic time) of each replay.
     replays: dict[str, list[tuple[int, float]]]
+    #: Per target: the id of each acknowledged event, by n.
+    ids: dict[str, dict[int, str]]
 
     @classmethod
     def read(cls, path: Path) -> Acks:
         events: dict[str, list[tuple[int, int]]] = {t: [] for t in TARGETS}
         replays: dict[str, list[tuple[int, float]]] = {t: [] for t in TARGETS}
+        ids: dict[str, dict[int, str]] = {t: {} for t in TARGETS}
         if path.exists():
             for i, line in enumerate(path.read_text().splitlines()):
                 words = line.split()
@@ -365,7 +406,40 @@ class Acks:
                     replays[words[1]].append((i, float(words[2])))
                 else:
                     events[words[0]].append((i, int(words[1])))
-        return cls(events, replays)
+                    ids[words[0]][int(words[1])] = words[2]
+        return cls(events, replays, ids)
+
+    def targets_of(self) -> dict[str, set[str]]:
+        """The targets each acknowledged event was acknowledged for, by id."""
+        found: dict[str, set[str]] = {}
+        for t, by_n in self.ids.items():
+            for event_id in by_n.values():
+                found.setdefault(event_id, set()).add(t)
+        return found
+
+
+@attrs.frozen
+class Send:
+    """A send, as the child logged it when it started."""
+
+    target_id: str
+    txn_id: int
+    at: float
+    numbers: tuple[int, ...]
+
+    @classmethod
+    def read(cls, path: Path) -> list[Send]:
+        sends = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                words = line.split()
+                if len(words) != 4:
+                    # The child died in the middle of the write (it never does: a write of an
+                    # O_APPEND file lands whole), or before its end.
+                    continue
+                numbers = tuple(int(n) for n in words[3].split(","))
+                sends.append(cls(words[0], int(words[1]), float(words[2]), numbers))
+        return sends
 
 
 @attrs.define
@@ -393,10 +467,10 @@ class Sequence:
         root = Resource()
         recorders = {}
         for t in TARGETS:
-            # Replayed events come after later ones, and the runs of several processes
-            # interleave: the check looks at those orders itself.
-            order = "n" if url is None and t != DEAD_LETTER else None
-            recorder = Recorder(t, Receiver(f"token-{t}", order_key=order))
+            # Replayed events come after later ones, the runs of several processes interleave,
+            # and the live events of an abandoned transaction come again: the check looks at
+            # the order itself.
+            recorder = Recorder(t, Receiver(f"token-{t}"))
             recorders[t] = recorder
             root.putChild(t.encode(), recorder)
         site = _QuietSite(root)
@@ -417,6 +491,10 @@ class Sequence:
     @property
     def acks(self) -> Path:
         return self.folder / f"{self.name}.acks"
+
+    @property
+    def sends(self) -> Path:
+        return self.folder / f"{self.name}.sends"
 
     def script_receivers(self, rng: random.Random) -> None:
         """Make this run meet the DOWN paths: failures, a lost answer and 413s."""
@@ -465,6 +543,10 @@ class Sequence:
             "chunk": CHUNK,
             "run": index,
             "acks": str(self.acks),
+            "sends": str(self.sends),
+            "ttls": TTLS,
+            "ttl_percent": TTL_PERCENT,
+            "expired_percent": EXPIRED_PERCENT,
             "seed": rng.random(),
             "log": str(self.run_log(index)),
             "kill": child_kill,
@@ -594,55 +676,140 @@ class Sequence:
     def acknowledged(self) -> dict[str, list[int]]:
         return {t: [n for _, n in a] for t, a in Acks.read(self.acks).events.items()}
 
+    def stored_events(self) -> dict[tuple[str, int], tuple[int, float | None]]:
+        """
+        Each stored event's sequence number and deadline, by (target, n), for each of its
+        targets. Events are stored in blocks: their numbers as ranges, their bodies one a line,
+        and their deadlines as a JSON list (or none at all).
+        """
+        found = {}
+        for seqs, block, expires in self.query("SELECT seqs, bodies, expires FROM relayer_events"):
+            numbers = _seqs.decode(seqs)
+            deadlines = json.loads(expires) if expires else [None] * len(numbers)
+            for seq, body, expires_at in zip(
+                numbers, bytes(block).split(b"\n"), deadlines, strict=True
+            ):
+                e = json.loads(body)
+                for t in [e["t"]] if isinstance(e["t"], str) else e["t"]:
+                    found[(t, e["n"])] = (seq, expires_at)
+        return found
+
+    def store_view(self, acks: Acks) -> tuple[dict[str, dict[DeliveryState, list[Any]]], Any]:
+        """
+        What the store reports through its own reads: each target's events in each state (by
+        ``target_events``), and the status of each event acknowledged for several targets.
+        """
+        store = open_store(Clock(), self.url if self.url is not None else self.db)
+        done(store.open())
+        try:
+            lists: dict[str, dict[DeliveryState, list[Any]]] = {}
+            for t in TARGETS:
+                lists[t] = {}
+                for state in DeliveryState:
+                    entries: list[Any] = []
+                    after = None
+                    while True:
+                        page = done(store.target_events(t, state, after, 1000))
+                        entries.extend(page.entries)
+                        after = page.next
+                        if after is None:
+                            break
+                    lists[t][state] = entries
+            statuses = {
+                event_id: done(store.event_status(event_id))
+                for event_id, targets in acks.targets_of().items()
+                if len(targets) > 1
+            }
+        finally:
+            done(store.close())
+        return lists, statuses
+
     def check(self) -> None:
         """Every invariant, once the store is drained."""
         acks = Acks.read(self.acks)
         acked = {t: {n for _, n in a} for t, a in acks.events.items()}
         problems: list[str] = []
+        stored = self.stored_events()
+        number = {seq: n for (_, n), (seq, _) in stored.items()}
         dead: dict[str, list[int]] = {t: [] for t in TARGETS}
-        bodies: dict[int, bytes] = {}
-        for seqs, block in self.query("SELECT seqs, bodies FROM relayer_events"):
-            bodies.update(zip(_seqs.decode(seqs), bytes(block).split(b"\n"), strict=True))
-        for target_id, seqs in self.query(
-            "SELECT target_id, seqs FROM relayer_txns WHERE state = 'dead'"
+        txn_states: dict[tuple[str, int], str] = {}
+        for target_id, txn_id, state, seqs in self.query(
+            "SELECT target_id, txn_id, state, seqs FROM relayer_txns"
         ):
-            dead[target_id] += [json.loads(bytes(bodies[s]))["n"] for s in _seqs.decode(seqs)]
+            txn_states[(target_id, txn_id)] = state
+            if state == "dead":
+                dead[target_id] += [number[s] for s in _seqs.decode(seqs)]
+        expired: dict[str, dict[int, float]] = {t: {} for t in TARGETS}
+        for target_id, seq, expired_at in self.query(
+            "SELECT target_id, seq, expired_at FROM relayer_expired"
+        ):
+            n = number[seq]
+            expired[target_id][n] = expired_at
+            deadline = stored[(target_id, n)][1]
+            if deadline is None or expired_at < deadline:
+                problems.append(
+                    f"{target_id}: event {n} expired at {expired_at}, its deadline is {deadline}"
+                )
+        # No send started at or after the deadline of an event in it.
+        for send in Send.read(self.sends):
+            for n in send.numbers:
+                deadline = stored[(send.target_id, n)][1]
+                if deadline is not None and send.at >= deadline + SEND_CLOCK_SLACK:
+                    problems.append(
+                        f"{send.target_id}: transaction {send.txn_id} with event {n} was sent "
+                        f"at {send.at}, after its deadline {deadline}"
+                    )
         for t in TARGETS:
             recorder = self.recorders[t]
             receiver = recorder.receiver
             problems += [f"{t}: {v}" for v in receiver.violations]
             problems += recorder.violations
-            # Where each event arrived (its index among the target's events), and in which
-            # transaction; and which events were refused, when last.
+            # Where each event first arrived (its index among the target's first arrivals),
+            # and in which transaction; and which events were refused, when last.
             arrived: dict[int, int] = {}
             txn_of: dict[int, int] = {}
             when: dict[int, float] = {}
-            i = 0
             for txn, at in zip(receiver.transactions, recorder.accepted_at, strict=True):
+                state = txn_states.get((t, txn.txn_id))
+                if state not in ("delivered", "abandoned"):
+                    problems.append(f"{t}: transaction {txn.txn_id} was accepted, yet {state}")
                 for e in txn.events:
                     n = e["n"]
                     if n in txn_of and txn_of[n] != txn.txn_id:
-                        problems.append(
-                            f"{t}: event {n} arrived in transactions {txn_of[n]} and {txn.txn_id}"
-                        )
+                        if txn_states.get((t, txn_of[n])) != "abandoned":
+                            problems.append(
+                                f"{t}: event {n} arrived in transactions {txn_of[n]} and "
+                                f"{txn.txn_id}, and the first was not abandoned"
+                            )
+                        continue
                     txn_of.setdefault(n, txn.txn_id)
-                    arrived.setdefault(n, i)
+                    arrived.setdefault(n, len(arrived))
                     when.setdefault(n, at)
-                    i += 1
+            # The refusals that dead-lettered their transaction. (A refused transaction may also
+            # have been abandoned before its dead letter was stored, its process killed, and its
+            # live events sent in a new one; or, at the BLOCK target, delivered once woken.)
             refused: dict[int, list[float]] = {}
             for refusal in recorder.refusals:
+                if txn_states.get((t, refusal.txn_id)) not in ("dead", "replayed"):
+                    continue
                 for n in refusal.numbers:
                     refused.setdefault(n, []).append(refusal.at)
             delivered = set(arrived)
+            # Received in a transaction that was abandoned: the target has it, and the
+            # scheduler never learnt it (the answer was lost): it may have expired since, or
+            # been refused in the transaction of the live events.
+            unrecorded = {n for n in delivered if txn_states.get((t, txn_of[n])) == "abandoned"}
             unexpected = delivered - self.planned[t]
             if unexpected:
                 problems.append(f"{t}: events never submitted arrived: {sorted(unexpected)}")
-            lost = acked[t] - delivered - set(dead[t])
+            lost = acked[t] - delivered - set(dead[t]) - set(expired[t])
             if lost:
                 problems.append(f"{t}: acknowledged events were lost: {sorted(lost)}")
-            both = delivered & set(dead[t])
+            both = (delivered - unrecorded) & (set(dead[t]) | set(expired[t]))
             if both:
-                problems.append(f"{t}: events delivered and dead-lettered: {sorted(both)}")
+                problems.append(f"{t}: events delivered and dead-lettered or expired: {both}")
+            if set(dead[t]) & set(expired[t]):
+                problems.append(f"{t}: events dead-lettered and expired: {dead[t]}")
             if len(dead[t]) != len(set(dead[t])):
                 problems.append(f"{t}: events dead-lettered twice: {sorted(dead[t])}")
             if dead[t] and t != DEAD_LETTER:
@@ -651,21 +818,22 @@ class Sequence:
                 problems.append(
                     f"{t}: events dead-lettered unrefused: {set(dead[t]) - set(refused)}"
                 )
-            # Events delivered without a refusal: in submit order (of their run, if the runs of
-            # several processes went on at once).
+            # Events delivered without a refusal, each where it first arrived: in submit order
+            # (of their run, if the runs of several processes went on at once).
             streams: dict[int, list[int]] = {}
-            for txn in receiver.transactions:
-                for e in txn.events:
-                    if e["n"] not in refused:
-                        streams.setdefault(0 if self.url is None else e["r"], []).append(e["n"])
+            for n in sorted(arrived, key=arrived.__getitem__):
+                if n not in refused:
+                    run = 0 if self.url is None else n // 1000
+                    streams.setdefault(run, []).append(n)
             for stream in streams.values():
-                if stream != sorted(set(stream)):
-                    problems.append(f"{t}: events duplicated or out of order: {stream}")
+                if stream != sorted(stream):
+                    problems.append(f"{t}: events out of order: {stream}")
             if t == DEAD_LETTER:
                 problems += self._check_replays(t, acks, arrived, when, refused)
             ids = [x.txn_id for x in receiver.transactions]
             if ids != sorted(set(ids)):
                 problems.append(f"{t}: transaction ids did not only grow: {ids}")
+        problems += self._check_store_view(acks, acked, dead, expired)
         for what, query in (
             ("queued runs", "SELECT count(*) FROM relayer_runs"),
             (
@@ -686,6 +854,64 @@ class Sequence:
         assert r["t3"].too_large > 0
         assert self.recorders[DEAD_LETTER].refusals and self.recorders[BLOCK].refusals
         assert acks.replays[DEAD_LETTER]
+        # Events expired, and events fanned out to several targets were delivered.
+        assert any(expired.values())
+        assert any(len(targets) > 1 for targets in acks.targets_of().values())
+
+    def _check_store_view(
+        self,
+        acks: Acks,
+        acked: dict[str, set[int]],
+        dead: dict[str, list[int]],
+        expired: dict[str, dict[int, float]],
+    ) -> list[str]:
+        """The store's own reports agree: each acknowledged event is done at each target."""
+        problems = []
+        lists, statuses = self.store_view(acks)
+        stored = self.stored_events()
+        for t in TARGETS:
+            # Events stored and not acknowledged (the child died in between) are listed too.
+            n_of = {f"relayer-{seq}": n for (u, n), (seq, _) in stored.items() if u == t}
+            n_of.update({event_id: n for n, event_id in acks.ids[t].items()})
+            listed = {
+                state: [n_of.get(e.event_id, e.event_id) for e in entries]
+                for state, entries in lists[t].items()
+            }
+            every = [n for entries in listed.values() for n in entries]
+            if len(every) != len(set(every)):
+                problems.append(f"{t}: the store lists an event in two states: {listed}")
+            for state in (DeliveryState.PENDING, DeliveryState.AWAITING_CONFIRMATION):
+                if listed[state]:
+                    problems.append(f"{t}: events are still {state.value}: {listed[state]}")
+            if not acked[t] <= set(every) <= self.planned[t]:
+                problems.append(
+                    f"{t}: the store lists {len(set(every))} events, {len(acked[t])} were "
+                    f"acknowledged: {sorted(set(every) ^ acked[t], key=str)[:10]}"
+                )
+            if set(listed[DeliveryState.EXPIRED]) != set(expired[t]):
+                problems.append(f"{t}: expired events listed: {listed[DeliveryState.EXPIRED]}")
+            if set(listed[DeliveryState.DEAD_LETTERED]) != set(dead[t]):
+                problems.append(f"{t}: dead letters listed: {listed[DeliveryState.DEAD_LETTERED]}")
+            arrived = {e["n"] for x in self.recorders[t].receiver.transactions for e in x.events}
+            if set(listed[DeliveryState.DELIVERED]) - arrived:
+                problems.append(
+                    f"{t}: delivered, yet never received: "
+                    f"{sorted(set(listed[DeliveryState.DELIVERED]) - arrived)}"
+                )
+        targets_of = acks.targets_of()
+        for event_id, status in statuses.items():
+            if status is None:
+                problems.append(f"event {event_id} is unknown to the store")
+                continue
+            if set(status.deliveries) != targets_of[event_id]:
+                problems.append(
+                    f"event {event_id} was acknowledged for {sorted(targets_of[event_id])}, "
+                    f"the store has it for {sorted(status.deliveries)}"
+                )
+            for t, delivery in status.deliveries.items():
+                if delivery.state not in FINAL:
+                    problems.append(f"event {event_id} is {delivery.state.value} at {t}")
+        return problems
 
     def _check_replays(
         self,
@@ -751,6 +977,7 @@ DETERMINISTIC = {
     "send.accepted": 12,
     "backoff.write": 1,
     "up.transition": 1,
+    EXPIRY_POINT: 2,
     RECEIVER_KILL: 5,
 }
 #: The same for the processes sharing PostgreSQL: the first process is killed at the first pass
@@ -765,16 +992,17 @@ SHARED = {
     "backoff.write": (1, 1),
     "up.transition": (1, 1),
     "lease.acquired": (1, 1),
+    EXPIRY_POINT: (1, 1),
 }
 
 
 #: Points that a restarted run passes only if its share of the targets makes it do so.
-_REACHED_BY_CHANCE = {"backoff.write", "up.transition", "lease.acquired"}
+_REACHED_BY_CHANCE = {"backoff.write", "up.transition", "lease.acquired", EXPIRY_POINT}
 
 
 def test_every_point_is_covered() -> None:
     assert set(DETERMINISTIC) == set(SQLITE_POINTS) | {RECEIVER_KILL}
-    assert set(SHARED) == set(POINTS)
+    assert set(SHARED) == set(ALL_POINTS)
 
 
 @pytest.mark.sqlite_only
@@ -789,7 +1017,8 @@ async def test_kill_at_point_loses_nothing(
         kill = {"receiver": at} if point == RECEIVER_KILL else {"point": point, "at": at}
         first = await seq.run(zygotes[0], kill)
         assert first.killed, f"the run was not killed at {point} #{at}\n{seq.log_tail()}"
-        # These two points are inside their database transaction: it never committed.
+        # These two points are inside their database transaction: it never committed. (So is
+        # the expiry point, whose transaction's effect depends on what expired before.)
         if point == "backoff.write":
             assert set(seq.states().values()) == {"up"}
         elif point == "up.transition":
@@ -859,8 +1088,9 @@ def random_kill(rng: random.Random, shared: bool = False) -> dict[str, Any]:
     if kind == "any":
         return {"point": "*", "at": rng.randint(1, 150)}
     if kind == "named":
-        point = rng.choice(POINTS if shared else SQLITE_POINTS)
-        high = {"submit.stored": 10, "backoff.write": 4, "up.transition": 3}.get(point, 45)
+        point = rng.choice(ALL_POINTS if shared else SQLITE_POINTS)
+        high = {"submit.stored": 10, "backoff.write": 4, "up.transition": 3, EXPIRY_POINT: 8}
+        high = high.get(point, 45)
         return {"point": point, "at": rng.randint(1, 3 if point == "lease.acquired" else high)}
     if kind == "delay":
         return {"after": round(rng.uniform(0.0, 2.0 if shared else 0.5), 3)}

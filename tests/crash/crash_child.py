@@ -13,15 +13,24 @@ so, it kills itself with ``SIGKILL``:
   checkpoint), through the hook of :mod:`relayer._faults`;
 - ``{"after": SECONDS}``: after that many seconds on the reactor's clock.
 
-Every event whose submit Deferred fired is appended to the ``acks`` file (``"{target} {n}"`` a
-line) at once, with an unbuffered ``write``: a line in that file means the scheduler acknowledged
-the event. Before each replay it appends ``replay {target} {time.monotonic()}``. The file survives
-the process's death: the page cache is the kernel's, and SIGKILL does not drop it (only a power
-loss would, which these tests do not simulate). Runs that go on at the same time append to the
-same file; each ``write`` of an ``O_APPEND`` file lands whole, in the order of the writes.
+Every event whose submit Deferred fired is appended to the ``acks`` file (``"{target} {n}
+{event_id}"`` a line, one for each target of the event) at once, with an unbuffered ``write``: a
+line in that file means the scheduler acknowledged the event for that target. Before each replay
+it appends ``replay {target} {time.monotonic()}``. The file survives the process's death: the
+page cache is the kernel's, and SIGKILL does not drop it (only a power loss would, which these
+tests do not simulate). Runs that go on at the same time append to the same file; each ``write``
+of an ``O_APPEND`` file lands whole, in the order of the writes.
 
-Events are ``{"n": N, "t": TARGET, "r": RUN, "p": PADDING}``; ``n`` goes from ``first`` to
-``first + events - 1``, in submit order, for every target, and ``r`` is the run's index.
+Just before each send, the transport appends ``"{target} {txn_id} {clock time} {n,n,...}"`` to
+the ``sends`` file, the same way: the test checks that no event was sent at or after its
+deadline.
+
+Events are ``{"n": N, "t": TARGETS, "r": RUN, "p": PADDING}``; ``n`` goes from ``first`` to
+``first + events - 1``, in submit order, for every target, and ``r`` is the run's index. Every
+third chunk of events, the first one included, is fanned out: each ``n`` is one event for a
+random set of at least two targets (``t`` is their list), and one event for each other target.
+Some events carry a deadline (see :func:`deadline`): a time to live, or a time already past, so
+that they expire.
 
 Two ways to start it:
 
@@ -48,14 +57,16 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
+from zope.interface import implementer
 
-from relayer import _faults
+from relayer import DeliveryState, Event, _faults
 from relayer.config import BackoffPolicy, FailurePolicy, TargetConfig
 from relayer.lease import LeaseSettings
 from relayer.scheduler import Scheduler
 from relayer.store.base import IStore, TargetState
 from relayer.store.postgres import PostgresStore
 from relayer.store.sqlite import SQLiteStore
+from relayer.transport.base import ITransport, SendOutcome
 from relayer.transport.http import HTTPTransport
 
 EXIT_OK = 0
@@ -83,8 +94,41 @@ def install_kill(kill: dict[str, Any] | None) -> None:
     _faults.install(hook)
 
 
-def event(rng: random.Random, target: str, n: int, run: int) -> dict[str, Any]:
-    return {"n": n, "t": target, "r": run, "p": "x" * rng.randrange(0, 60)}
+def event(rng: random.Random, targets: str | list[str], n: int, run: int) -> dict[str, Any]:
+    return {"n": n, "t": targets, "r": run, "p": "x" * rng.randrange(0, 60)}
+
+
+def deadline(rng: random.Random, config: dict[str, Any], now: float) -> dict[str, float]:
+    """
+    The deadline of an event, as ``submit`` options: none, a time to live from
+    ``config["ttls"]`` (``ttl_percent`` of the events), or ``expires_at`` a second ago
+    (``expired_percent``): expired when a claim reaches it, never sent.
+    """
+    roll = rng.randrange(100)
+    if roll < config.get("expired_percent", 0):
+        return {"expires_at": now - 1.0}
+    if roll < config.get("expired_percent", 0) + config.get("ttl_percent", 0):
+        return {"ttl": rng.choice(config["ttls"])}
+    return {}
+
+
+@implementer(ITransport)
+class LoggingTransport:
+    """A transport that appends each send's start to a file, then hands it to another."""
+
+    def __init__(self, clock: Any, transport: HTTPTransport, fd: int) -> None:
+        self._clock = clock
+        self._transport = transport
+        self._fd = fd
+
+    def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
+        numbers = ",".join(str(e["n"]) for e in json.loads(body)["events"])
+        line = f"{target.target_id} {txn_id} {self._clock.seconds()!r} {numbers}\n"
+        os.write(self._fd, line.encode())
+        return self._transport.send(target, txn_id, body)
+
+    def close(self) -> Deferred[None]:
+        return self._transport.close()
 
 
 def open_store(reactor: Any, config: dict[str, Any]) -> IStore:
@@ -114,8 +158,9 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
     ]
     replayed = [t["id"] for t in config["targets"] if t.get("replay")]
     acks = os.open(config["acks"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sends = os.open(config["sends"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     store = open_store(reactor, config)
-    transport = HTTPTransport(reactor)
+    transport = LoggingTransport(reactor, HTTPTransport(reactor), sends)
     leases = config.get("leases")
     scheduler = Scheduler(
         reactor,
@@ -126,8 +171,13 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
         leases=LeaseSettings(**leases) if leases else None,
     )
 
-    def acked(_: object, lines: bytes) -> None:
-        os.write(acks, lines)
+    def acked(ids: str | list[str], targets: list[list[str]], numbers: list[int]) -> None:
+        # One line for each target of each event, in submit order.
+        ids = [ids] if isinstance(ids, str) else ids
+        lines = "".join(
+            f"{t} {n} {i}\n" for i, ts, n in zip(ids, targets, numbers, strict=True) for t in ts
+        )
+        os.write(acks, lines.encode())
 
     async def replay() -> None:
         for t in replayed:
@@ -146,15 +196,35 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             await replay()
         numbers = range(start, min(start + chunk, first + events))
         pending: list[Deferred[Any]] = []
-        if (start // chunk) % 2:
+        mode = (start // chunk) % 3
+        if mode == 2:
+            # Plain events, one per target and number, in one submit_many.
             pairs = [(t, event(rng, t, n, run_index)) for n in numbers for t in ids]
-            lines = "".join(f"{t} {e['n']}\n" for t, e in pairs).encode()
-            pending.append(scheduler.submit_many(pairs).addCallback(acked, lines))
+            d = scheduler.submit_many(pairs)
+            d.addCallback(acked, [[t] for t, _ in pairs], [e["n"] for _, e in pairs])
+            pending.append(d)
+        elif mode == 0:
+            # Fanned out: one event for several targets, and one for each of the others, each
+            # an Event (a submit_many that mixes plain events with Events or lists of targets
+            # for the same target loses events; the state machine's tests show it).
+            items: list[tuple[str | list[str], Event]] = []
+            for n in numbers:
+                fan = sorted(rng.sample(ids, rng.randint(2, len(ids))), key=ids.index)
+                groups = [fan] + [[t] for t in ids if t not in fan]
+                for group in groups:
+                    options = deadline(rng, config, reactor.seconds())
+                    targets_of: str | list[str] = group if len(group) > 1 else group[0]
+                    body = event(rng, targets_of, n, run_index)
+                    items.append((targets_of, Event(body, **options)))
+            d = scheduler.submit_many(items)
+            groups_of = [[t] if isinstance(t, str) else t for t, _ in items]
+            pending.append(d.addCallback(acked, groups_of, [e.body["n"] for _, e in items]))
         else:
             for n in numbers:
                 for t in ids:
-                    d = scheduler.submit(t, event(rng, t, n, run_index))
-                    pending.append(d.addCallback(acked, f"{t} {n}\n".encode()))
+                    options = deadline(rng, config, reactor.seconds())
+                    d = scheduler.submit(t, event(rng, t, n, run_index), **options)
+                    pending.append(d.addCallback(acked, [[t]], [n]))
         await DeferredList(pending, fireOnOneErrback=True, consumeErrors=True)
     if not events:
         # A run that submits nothing still replays, while the store drains.
@@ -162,7 +232,9 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
 
     # Each blockage is woken once, a moment after it is seen: a wake that did not take leaves
     # the target blocked, and the run hangs (the test's deadline turns that into a failure).
-    # A blockage is told apart from the next one by the target's last success.
+    # A blockage is told apart from the next one by the target's last success, and by the
+    # transaction it is blocked on (a woken target may abandon that one, an event of it having
+    # expired, and be blocked at once on the transaction of its live events).
     wake_after = config.get("wake_after", 0.2)
     blocked_since: dict[str, tuple[Any, float]] = {}
     woken: dict[str, Any] = {}
@@ -182,7 +254,8 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
                 blocked_since.pop(s.target_id, None)
                 woken.pop(s.target_id, None)
                 continue
-            key = s.last_success_at
+            head = await scheduler.target_events(s.target_id, DeliveryState.PENDING, limit=1)
+            key = (s.last_success_at, head.entries[0].txn_id if head.entries else None)
             seen = blocked_since.setdefault(s.target_id, (key, now))
             if seen[0] != key:
                 blocked_since[s.target_id] = seen = (key, now)
@@ -194,6 +267,7 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
     await scheduler.stop()
     await transport.close()
     os.close(acks)
+    os.close(sends)
     return EXIT_OK
 
 
@@ -211,8 +285,9 @@ def run(config: dict[str, Any]) -> int:
     ``replay_after_chunks`` (when to replay: after that many chunks, or at once in a run that
     submits nothing), ``wake_after`` (how long a target stays BLOCKED before it is woken),
     ``poll`` (how often the store is checked for pending work), ``acks`` (the acknowledgement
-    file), ``seed``, ``log`` (relayer's log) and ``kill`` (see the module's docstring; null for
-    none).
+    file), ``sends`` (the file of sends), ``ttls``, ``ttl_percent`` and ``expired_percent`` (the
+    deadlines of events, see :func:`deadline`), ``seed``, ``log`` (relayer's log) and ``kill``
+    (see the module's docstring; null for none).
     """
     from twisted.internet import reactor
     from twisted.logger import (
