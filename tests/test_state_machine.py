@@ -1526,11 +1526,6 @@ def test_submit_many_queues_every_event_of_a_mixed_batch(db_path: Path | str) ->
         result_of(h.scheduler.stop())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two targets added during a store outage, with events for both, block each other's "
-    "registration until the periodic sweep",
-)
 def test_targets_added_during_an_outage_register_once_the_store_is_back(
     db_path: Path | str,
 ) -> None:

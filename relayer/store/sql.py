@@ -418,7 +418,11 @@ class SQLStore:
         self, conn: sa.Connection, target_ids: list[str]
     ) -> dict[str, TargetRecord]:
         existing = set(conn.execute(sa.select(_t.c.target_id)).scalars())
-        missing = [t for t in dict.fromkeys(target_ids) if t not in existing]
+        # Targets with events stored but no state row yet (their registration has not reached
+        # the store, while this one has) get one too: they show in status(), and a
+        # registration never waits for another's.
+        _, orphans = self._stored_targets(conn)
+        missing = [t for t in dict.fromkeys([*target_ids, *sorted(orphans)]) if t not in existing]
         if missing:
             # Another process may register the same targets at the same time.
             conn.execute(
