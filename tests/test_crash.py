@@ -1068,9 +1068,11 @@ async def test_shared_kill_at_point_loses_nothing(
             plan["c"] = [{"after": 1.0}]
         await seq.shared(zygotes[0], plan)
         killed = [k for k in seq.kills if k.get("point") == point]
-        # The second kill comes in the restarted run, which passes a point that needs a failing
-        # target or a takeover only if the leases give it one: it is not always reached.
-        least = 1 if point in _REACHED_BY_CHANCE else 2
+        # The first kill comes in the first run, which is armed at a pass of the point that it
+        # always reaches. The second comes in the restarted run only if it passes the point
+        # again: only if the leases give it targets, and work for them, before the others have
+        # delivered everything, which a loaded machine does not always do.
+        least = 1
         assert len(killed) >= least, f"not killed at {point}: {seq.runs}\n{seq.log_tail()}"
         seq.check()
     finally:
