@@ -74,3 +74,29 @@ def test_a_down_target_whose_backlog_expired_stays_down_with_its_backoff(
     target.up()
     step(h.clock, status.next_retry_at - h.clock.seconds() + 1)
     assert target.events == [{"n": 2}]
+
+
+def test_events_whose_numbers_interleave_with_another_writers_are_all_found(
+    db_path: Path | str,
+) -> None:
+    # On PostgreSQL two processes that store events at once draw numbers from one sequence,
+    # so that one write's numbers may surround another's: here 1-3 and 6-7, around 4-5.
+    h = build_scheduler(["a", "b"], path=db_path)
+    h.transport["a"].down()
+    h.transport["b"].down()
+    store = h.scheduler._store
+    drawn = iter([[1, 2, 3, 6, 7], [4, 5]])
+    store._allocate_seqs = lambda conn, n: next(drawn)  # type: ignore[method-assign]
+    ids_a = result(h.scheduler.submit_many([("a", {"a": i}) for i in range(5)]))
+    ids_b = result(h.scheduler.submit_many([("b", {"b": i}) for i in range(2)]))
+    assert ids_a == [f"relayer-{n}" for n in (1, 2, 3, 6, 7)]
+    assert ids_b == ["relayer-4", "relayer-5"]
+    for event_id in ids_a + ids_b:
+        status = result(h.scheduler.event_status(event_id))
+        assert status is not None, event_id
+        assert [d.state for d in status.deliveries.values()] == [DeliveryState.PENDING]
+    h.transport["a"].up()
+    h.transport["b"].up()
+    step(h.clock, 600)
+    assert h.transport["a"].events == [{"a": i} for i in range(5)]
+    assert h.transport["b"].events == [{"b": i} for i in range(2)]

@@ -602,16 +602,21 @@ class SQLStore:
             sid = set_ids[target_id]
             block: list[int] | None = None
             block_set = -1
+            previous = -1
             for i in indices:
                 if seq_of[i] or i in skipped:
                     continue
-                seq_of[i] = take()
+                seq = seq_of[i] = take()
                 event_set = set_ids["\n".join(fanned[i])] if i in fanned else sid
-                if block is None or event_set != block_set:
+                # A block's numbers are consecutive: on PostgreSQL another process may draw
+                # numbers in between, and a block must never span one of another's, so that
+                # the block holding a number is the one that starts at or before it.
+                if block is None or event_set != block_set or seq != previous + 1:
                     block = []
                     block_set = event_set
                     blocks.append((event_set, block))
                 block.append(i)
+                previous = seq
         if given:
             inserted = self._insert_ids(
                 conn, [(given[i], seq_of[i]) for i in sorted(given) if i not in skipped]
