@@ -7,7 +7,7 @@ and retries a failing target with backoff until it is back, without holding up t
 """
 
 from relayer._version import __version__
-from relayer.config import BackoffPolicy, FailurePolicy, TargetConfig
+from relayer.config import BackoffPolicy, FailurePolicy, Retention, TargetConfig
 from relayer.controller import TransactionController
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import (
@@ -35,8 +35,10 @@ from relayer.store import DeadLetter, IStore, SQLiteStore, TargetState
 from relayer.store.base import (
     Delivery,
     DeliveryState,
+    EventCounts,
     EventEntry,
     EventStatus,
+    PurgeReport,
     TargetEventsPage,
 )
 from relayer.store.postgres import PostgresStore
@@ -54,6 +56,7 @@ __all__ = [
     "DeliveryState",
     "DuplicateTarget",
     "Event",
+    "EventCounts",
     "EventEntry",
     "EventGrouper",
     "EventStatus",
@@ -70,8 +73,10 @@ __all__ = [
     "NotRunning",
     "OutcomeKind",
     "PostgresStore",
+    "PurgeReport",
     "Recoverer",
     "RelayerError",
+    "Retention",
     "SQLiteStore",
     "Scheduler",
     "SchemaVersionError",

@@ -251,6 +251,26 @@ def _check_confirmation_timeout(instance: Any, attribute: Any, value: Any) -> No
     _seconds(InvalidTarget, "confirmation_timeout", 0.0, value)
 
 
+#: The longest time final events may be kept before retention purges them: a century (for
+#: ever is ``None``).
+MAX_RETENTION = 100 * 366 * 24 * 3600.0
+
+
+def _retention_seconds(error: type[ConfigurationError], name: str, value: Any) -> None:
+    if value is None:
+        return
+    v = _number(error, name, value)
+    if not (0 < v <= MAX_RETENTION):
+        raise error(
+            f"{name} must be None, or more than 0 and at most {MAX_RETENTION:g} seconds, "
+            f"not {v!r}"
+        )
+
+
+def _check_target_retention(instance: Any, attribute: Any, value: Any) -> None:
+    _retention_seconds(InvalidTarget, "retention", value)
+
+
 def _to_policy(value: Any) -> Any:
     if isinstance(value, str):
         try:
@@ -292,6 +312,10 @@ class TargetConfig:
         confirmation_timeout: Seconds a transaction that the transport reported accepted,
             with its confirmation to come (:meth:`relayer.SendOutcome.accepted`), may wait for
             :meth:`relayer.Scheduler.confirm` before it is sent again. Default 300.
+        retention: Seconds the target's final events (delivered, expired or discarded there)
+            are kept before retention may purge or archive them; None (the default) for the
+            scheduler's :attr:`relayer.Retention.keep`. An event sent to several targets is
+            kept until it has passed the retention of each.
     """
 
     target_id: str = attrs.field(validator=_check_target_id)
@@ -308,3 +332,53 @@ class TargetConfig:
     confirmation_timeout: float = attrs.field(
         default=DEFAULT_CONFIRMATION_TIMEOUT, validator=_check_confirmation_timeout
     )
+    retention: float | None = attrs.field(default=None, validator=_check_target_retention)
+
+
+#: How many event numbers one database transaction of a retention run looks at, by default.
+DEFAULT_RETENTION_CHUNK = 2000
+
+
+def _check_keep(instance: Any, attribute: Any, value: Any) -> None:
+    _retention_seconds(ConfigurationError, "keep", value)
+
+
+def _check_interval(instance: Any, attribute: Any, value: Any) -> None:
+    _seconds(ConfigurationError, "interval", 0.0, value)
+
+
+def _check_chunk(instance: Any, attribute: Any, value: Any) -> None:
+    _integer(ConfigurationError, "chunk", 1, 100_000, value)
+
+
+def _check_archive(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"archive must be True or False, not {value!r}")
+
+
+@attrs.frozen
+class Retention:
+    """
+    How long final events are kept, and what becomes of them then.
+
+    An event is final at a target once it is delivered, expired or discarded there (a dead
+    letter is not final: it can be replayed). Once it is final at every target it was submitted
+    for, and each target's retention has passed since, a retention run purges it (or archives
+    it, with ``archive``), with its transactions' and expiries' records. Nothing else is ever
+    purged, however old: pending events, transactions in flight or awaiting confirmation, and
+    dead letters stay.
+
+    Attributes:
+        keep: Seconds a final event is kept; None (the default) keeps final events for ever,
+            except at targets with a :attr:`relayer.TargetConfig.retention` of their own.
+        archive: Move final events to the archive tables instead of deleting them. Status
+            queries read live and archived events alike.
+        interval: Seconds between a scheduler's retention runs. Default an hour.
+        chunk: How many event numbers one database transaction of a run looks at: the bound on
+            how long a run holds the database at a time.
+    """
+
+    keep: float | None = attrs.field(default=None, validator=_check_keep)
+    archive: bool = attrs.field(default=False, validator=_check_archive)
+    interval: float = attrs.field(default=3600.0, validator=_check_interval)
+    chunk: int = attrs.field(default=DEFAULT_RETENTION_CHUNK, validator=_check_chunk)

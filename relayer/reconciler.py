@@ -40,6 +40,7 @@ class Reconciler:
         random: The jitter source, returning floats in ``[0, 1)``.
         sweep: Runs one sweep; its Deferred fires when the sweep is done. A sweep that fails
             is logged, and the next one comes as usual.
+        what: What a sweep is, for log messages.
     """
 
     log = Logger(namespace="relayer.reconciler")
@@ -50,8 +51,10 @@ class Reconciler:
         interval: float,
         random: Callable[[], float],
         sweep: Callable[[], Deferred[None]],
+        what: str = "A sweep for stranded work",
     ) -> None:
         self.interval = interval
+        self._what = what
         self.sweeps = 0
         self._clock = clock
         self._random = random
@@ -74,7 +77,7 @@ class Reconciler:
         try:
             d = self._sweep()
         except Exception:
-            self.log.failure("A sweep for stranded work failed")
+            self.log.failure("{what} failed", what=self._what)
             self._next()
             return
         self._running = d
@@ -84,13 +87,13 @@ class Reconciler:
             if isinstance(result, Failure):
                 if result.check(StoreUnavailable):
                     self.log.warn(
-                        "A sweep for stranded work failed ({error}); the next one comes in "
-                        "{interval:.0f}s",
+                        "{what} failed ({error}); the next one comes in {interval:.0f}s",
+                        what=self._what,
                         error=result.getErrorMessage(),
                         interval=self.interval,
                     )
                 else:
-                    self.log.failure("A sweep for stranded work failed", result)
+                    self.log.failure("{what} failed", result, what=self._what)
             self._next()
 
         d.addBoth(done)

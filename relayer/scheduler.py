@@ -8,6 +8,7 @@ It wires the :class:`~relayer.grouper.EventGrouper`, the
 
 from __future__ import annotations
 
+import math
 import random as _random
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
@@ -21,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayer import _encoding
-from relayer.config import TargetConfig, _check_target_id
+from relayer.config import Retention, TargetConfig, _check_target_id
 from relayer.controller import (
     DEFAULT_RECOVERY_SPREAD,
     LOOP_RETRY_INITIAL,
@@ -43,12 +44,15 @@ from relayer.event import Event, check_event_id, deadline_of
 from relayer.grouper import DEFAULT_STORE_RETRY_TIMEOUT, EventGrouper
 from relayer.lease import LeaseManager, LeaseSettings
 from relayer.reconciler import DEFAULT_SWEEP_INTERVAL, Reconciler
+from relayer.store._retention import RetentionRule
 from relayer.store.base import (
     DeadLetter,
     DeliveryState,
+    EventCounts,
     EventStatus,
     ILeaseStore,
     IStore,
+    PurgeReport,
     QueueCounts,
     TargetEventsPage,
     TargetState,
@@ -159,6 +163,10 @@ class Scheduler:
             at once with :class:`relayer.errors.Backpressure`, rather than hold them in
             memory. An int >= 1; default 100 000. A single ``submit_many`` larger than this
             is accepted when nothing else waits.
+        retention: How long final events are kept, and whether they are archived; with it,
+            the scheduler runs retention every ``retention.interval`` seconds (see
+            :class:`relayer.Retention` and :meth:`purge`). None (the default) keeps every
+            event.
 
     Example::
 
@@ -185,6 +193,7 @@ class Scheduler:
         recovery_spread: float = DEFAULT_RECOVERY_SPREAD,
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
         max_waiting_events: int = DEFAULT_MAX_WAITING_EVENTS,
+        retention: Retention | None = None,
     ) -> None:
         _check_seconds("stop_timeout", stop_timeout)
         _check_seconds("store_retry_timeout", store_retry_timeout)
@@ -205,6 +214,11 @@ class Scheduler:
             raise ConfigurationError(f"leases must be LeaseSettings, not {type(leases).__name__}")
         if leases is not None and not ILeaseStore.providedBy(store):
             raise ConfigurationError("leases need a store that supports them (ILeaseStore)")
+        if retention is not None and not isinstance(retention, Retention):
+            raise ConfigurationError(
+                f"retention must be a Retention or None, not {type(retention).__name__}"
+            )
+        self._retention = retention
         self._clock = clock
         self._store = store
         self._stop_timeout = float(stop_timeout)
@@ -238,6 +252,11 @@ class Scheduler:
         # the backoff jitter drawn from ``random``) stays reproducible.
         stagger = _random.Random(self._leases.node_id if self._leases is not None else "relayer")
         self._reconciler = Reconciler(clock, float(sweep_interval), stagger.random, self._sweep)
+        self._retention_runs: Reconciler | None = None
+        if retention is not None:
+            self._retention_runs = Reconciler(
+                clock, retention.interval, stagger.random, self._retention_run, "A retention run"
+            )
         #: Retries of registrations and takeovers that failed on the store.
         self._retries: set[IDelayedCall] = set()
         #: Targets taken over from a process whose lease expired: no send before this time.
@@ -514,6 +533,8 @@ class Scheduler:
                 raise
             self._lifecycle = _Lifecycle.RUNNING
             self._reconciler.start()
+            if self._retention_runs is not None:
+                self._retention_runs.start()
             self.log.info("relayer scheduler started with {n} targets", n=len(self._configs))
 
         def started(result: object) -> object:
@@ -582,6 +603,8 @@ class Scheduler:
             await self._grouper.flushed()
             self._cancel_retries()
             await self._reconciler.stop()
+            if self._retention_runs is not None:
+                await self._retention_runs.stop()
             self._controller.stop_timers()
             loops = self._controller.running_loops() + list(self._registering)
             if loops:
@@ -1109,6 +1132,120 @@ class Scheduler:
             return n
 
         return Deferred.fromCoroutine(replay())
+
+    def discard(self, target_id: str, txn_id: int) -> Deferred[bool]:
+        """
+        Give up one of a target's dead letters: its events are discarded there, never to be
+        sent again. A discarded event is final, and retention may purge it.
+
+        Returns:
+            A Deferred firing with True, or False if ``txn_id`` is not a dead letter of the
+            target (never one, replayed, or discarded already): nothing was changed.
+
+        Raises:
+            NotRunning: The scheduler is not running.
+            UnknownTarget: ``target_id`` is not a valid target id.
+            ConfigurationError: ``txn_id`` is not a transaction id (an int >= 1).
+        """
+        self._check_running()
+        self._check_stored_target(target_id)
+        if isinstance(txn_id, bool) or not isinstance(txn_id, int) or not 1 <= txn_id < 2**63:
+            raise ConfigurationError(
+                f"txn_id must be a transaction id (an int >= 1), not {txn_id!r}"
+            )
+        return self._store.discard(target_id, txn_id, self._clock.seconds())
+
+    def event_counts(
+        self, target_id: str, *, since: float | None = None, until: float | None = None
+    ) -> Deferred[EventCounts]:
+        """
+        Count a target's events in each state.
+
+        Delivered, expired, dead-lettered and discarded events are counted by when they
+        reached that state, from ``since`` (included) to ``until`` (excluded), on the
+        scheduler's clock; pending events and those awaiting confirmation are the backlog
+        now. The counts are read from one snapshot of the store, live and archived events
+        alike, so retention archiving events never changes them.
+
+        Raises:
+            NotRunning: The scheduler is not running.
+            UnknownTarget: ``target_id`` is not a valid target id.
+            ConfigurationError: ``since`` or ``until`` is not a number or None, or ``until``
+                is before ``since``.
+        """
+        self._check_inspectable()
+        self._check_stored_target(target_id)
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ConfigurationError(f"{name} must be a time (a number) or None, not {value!r}")
+        if since is not None and until is not None and until < since:
+            raise ConfigurationError(f"until ({until!r}) is before since ({since!r})")
+        return self._store.event_counts(target_id, since, until)
+
+    def _retention_rule(self) -> RetentionRule:
+        """How long each target keeps its final events, under this scheduler's configuration."""
+        default = self._retention.keep if self._retention is not None else None
+        return RetentionRule(
+            default,
+            {t: c.retention for t, c in self._configs.items() if c.retention is not None},
+        )
+
+    def purge(
+        self, *, dry_run: bool = False, progress: Callable[[PurgeReport], None] | None = None
+    ) -> Deferred[PurgeReport]:
+        """
+        Run retention now: purge (or archive) the final events that have passed their
+        retention, in chunks, as the scheduler does every ``retention.interval`` seconds.
+
+        Only final events go: delivered, expired or discarded at every target they were
+        submitted for, and past each target's retention since. Pending events, transactions
+        in flight or awaiting confirmation, and dead letters stay, however old.
+
+        Args:
+            dry_run: Change nothing; report what would go.
+            progress: Called with the totals so far after each chunk.
+
+        Raises:
+            NotRunning: The scheduler is not running.
+        """
+        self._check_running()
+        return self._purge(dry_run, progress)
+
+    def _purge(
+        self, dry_run: bool, progress: Callable[[PurgeReport], None] | None = None
+    ) -> Deferred[PurgeReport]:
+        retention = self._retention if self._retention is not None else Retention()
+        return self._store.purge(
+            self._retention_rule(),
+            self._clock.seconds(),
+            archive=retention.archive,
+            dry_run=dry_run,
+            chunk=retention.chunk,
+            progress=progress,
+            keep_going=lambda: self._lifecycle == _Lifecycle.RUNNING,
+        )
+
+    def _retention_run(self) -> Deferred[None]:
+        async def run() -> None:
+            if self._lifecycle != _Lifecycle.RUNNING:
+                return
+            report = await self._purge(dry_run=False)
+            if report.events or report.transactions:
+                self.log.info(
+                    "Retention {did} {events} events and {txns} transaction records in "
+                    "{chunks} chunks; {kept} old events kept, not final yet",
+                    did="archived" if report.archived else "purged",
+                    events=report.events,
+                    txns=report.transactions,
+                    chunks=report.chunks,
+                    kept=report.not_final,
+                )
+
+        return Deferred.fromCoroutine(run())
 
 
 def _check_seconds(name: str, value: Any, positive: bool = False) -> None:

@@ -258,7 +258,7 @@ def test_a_version_3_database_is_upgraded_and_delivered_in_full(database: Path |
     _v3.write_v3(database, contents)
     h = open_upgraded(database)
     try:
-        assert _v3.schema_version(database) == str(schema.SCHEMA_VERSION) == "4"
+        assert _v3.schema_version(database) == str(schema.SCHEMA_VERSION) == "5"
         # What leases say is kept as it was.
         assert _v3.rows(database, "relayer_nodes") == sorted(contents.nodes, key=repr)
         assert _v3.rows(database, "relayer_leases") == sorted(contents.leases, key=repr)
@@ -330,7 +330,7 @@ def test_an_upgrade_that_fails_part_way_changes_nothing(
     monkeypatch.undo()
     h = open_upgraded(database)
     try:
-        assert _v3.schema_version(database) == "4"
+        assert _v3.schema_version(database) == str(schema.SCHEMA_VERSION)
         check_upgraded(h, contents)
     finally:
         stop(h)
@@ -340,7 +340,7 @@ def test_an_empty_version_3_database_is_upgraded(database: Path | str) -> None:
     _v3.write_v3(database)
     h = open_upgraded(database, ["t", "u"])
     try:
-        assert _v3.schema_version(database) == "4"
+        assert _v3.schema_version(database) == str(schema.SCHEMA_VERSION)
         ids = [
             result_of(h.scheduler.submit(t, {"type": "m.test", "n": n}))
             for n, t in enumerate(["t", "u", "t"])

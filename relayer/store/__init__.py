@@ -4,15 +4,18 @@ Durable storage of targets' queues, transactions and delivery state.
 :class:`IStore` is the interface; :class:`SQLiteStore` is the embedded default.
 """
 
+from relayer.store._retention import RetentionRule
 from relayer.store.base import (
     Awaiting,
     Claim,
     DeadLetter,
     Drained,
     EventBatch,
+    EventCounts,
     ILeaseStore,
     IStore,
     LeaseRound,
+    PurgeReport,
     QueueCounts,
     TargetRecord,
     TargetState,
@@ -27,10 +30,13 @@ __all__ = [
     "DeadLetter",
     "Drained",
     "EventBatch",
+    "EventCounts",
     "ILeaseStore",
     "IStore",
     "LeaseRound",
+    "PurgeReport",
     "QueueCounts",
+    "RetentionRule",
     "SQLStore",
     "SQLiteStore",
     "TargetRecord",

@@ -25,8 +25,8 @@ caller, so that a store never reads a clock of its own.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
-from typing import Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -181,8 +181,20 @@ class DeliveryState(enum.Enum):
     DELIVERED = "delivered"
     #: Its deadline passed before it was sent: it never will be.
     EXPIRED = "expired"
-    #: Its transaction failed permanently and was set aside, until it is replayed.
+    #: Its transaction failed permanently and was set aside, until it is replayed or
+    #: discarded.
     DEAD_LETTERED = "dead_lettered"
+    #: Its transaction was a dead letter that was given up (:meth:`relayer.Scheduler.discard`):
+    #: it is never sent again.
+    DISCARDED = "discarded"
+
+    @property
+    def final(self) -> bool:
+        """Whether an event in this state stays in it: delivered, expired or discarded."""
+        return self in _FINAL_STATES
+
+
+_FINAL_STATES = frozenset({DeliveryState.DELIVERED, DeliveryState.EXPIRED, DeliveryState.DISCARDED})
 
 
 @attrs.frozen
@@ -201,9 +213,10 @@ class Delivery:
             else None.
         delivered_at: When it was delivered, or None.
         expired_at: When it was recorded as expired, or None.
-        reason: Why it was dead-lettered, or None.
+        reason: Why it was dead-lettered (or, discarded, why it had been), or None.
         confirm_by: For an event awaiting confirmation, when its transaction is sent again
             unless it is confirmed first; else None.
+        discarded_at: When its dead letter was discarded, or None.
     """
 
     target_id: str
@@ -216,6 +229,7 @@ class Delivery:
     expired_at: float | None = None
     reason: str | None = None
     confirm_by: float | None = None
+    discarded_at: float | None = None
 
 
 @attrs.frozen
@@ -248,7 +262,8 @@ class EventEntry:
         txn_id: The transaction that carries it to the target, or None.
         attempts: How many times that transaction has been sent.
         last_attempt_at: When it was last sent, or None.
-        at: When it reached its state: delivered, expired or dead-lettered; None otherwise.
+        at: When it reached its state: delivered, expired, dead-lettered or discarded; None
+            otherwise.
     """
 
     event_id: str
@@ -271,6 +286,66 @@ class TargetEventsPage:
 
     entries: list[EventEntry]
     next: str | None
+
+
+@attrs.frozen
+class EventCounts:
+    """
+    How many of a target's events are in each state, as :meth:`relayer.Scheduler.event_counts`
+    reports them.
+
+    The counts of the final states and of dead letters are of the events that reached their
+    state within the window asked for (all of them, without one); ``pending`` and
+    ``awaiting_confirmation`` are the backlog now. They count live and archived events alike,
+    so they do not change when retention archives events; purged events are no longer
+    counted.
+
+    Attributes:
+        pending: Events queued or in a transaction not yet accepted.
+        awaiting_confirmation: Events in a transaction awaiting its confirmation.
+        delivered: Events delivered.
+        expired: Events that expired before they were sent.
+        dead_lettered: Events in dead letters.
+        discarded: Events in discarded dead letters.
+    """
+
+    pending: int = 0
+    awaiting_confirmation: int = 0
+    delivered: int = 0
+    expired: int = 0
+    dead_lettered: int = 0
+    discarded: int = 0
+
+    def of(self, state: DeliveryState) -> int:
+        """The count of one state."""
+        return int(getattr(self, state.value))
+
+
+@attrs.frozen
+class PurgeReport:
+    """
+    What one retention run purged or archived (or, in a dry run, would have).
+
+    Attributes:
+        events: Events that went (each once, whatever the number of its targets).
+        transactions: Transaction records that went: those all of whose events went.
+        expired: Records of an event expired at a target that went.
+        by_target: Per target, how many of the events that went were for it.
+        not_final: Events old enough to go but kept, because they are not final at one of
+            their targets yet (pending, awaiting confirmation, or dead-lettered).
+        archived: Whether they were archived rather than deleted.
+        dry_run: Whether nothing was changed.
+        chunks: How many chunks (database transactions) the run took.
+    """
+
+    events: int = 0
+    transactions: int = 0
+    expired: int = 0
+    by_target: Mapping[str, int] = attrs.field(factory=dict)
+    not_final: int = 0
+    archived: bool = False
+    dry_run: bool = False
+    chunks: int = 0
 
 
 @attrs.frozen
@@ -525,7 +600,38 @@ class IStore(Interface):
         """
         A page of up to ``limit`` of a target's events in ``state``, oldest first, after the
         cursor ``after`` (a page's ``next``). Fails with ValueError for a cursor it did not
-        write. Only reads.
+        write. Only reads, from one snapshot; archived events are read too.
+        """
+
+    def event_counts(
+        target_id: str, since: float | None, until: float | None
+    ) -> Deferred[EventCounts]:
+        """
+        How many of a target's events are in each state; the final states and dead letters
+        counted by when they reached their state, from ``since`` (included) to ``until``
+        (excluded), either None for no bound. Only reads, from one snapshot.
+        """
+
+    def purge(
+        rule: Any,
+        now: float,
+        *,
+        archive: bool = False,
+        dry_run: bool = False,
+        chunk: int = 2000,
+        progress: Callable[[PurgeReport], None] | None = None,
+        keep_going: Callable[[], bool] | None = None,
+    ) -> Deferred[PurgeReport]:
+        """
+        Purge, or archive, the final events past their retention under ``rule`` (a
+        :class:`relayer.store.RetentionRule`), a chunk at a time, each chunk a short database
+        transaction of its own; see :meth:`relayer.store.SQLStore.purge`.
+        """
+
+    def discard(target_id: str, txn_id: int, now: float) -> Deferred[bool]:
+        """
+        Give up a dead letter: its events become discarded, final. True if ``txn_id`` was a
+        dead letter of the target; False (nothing changed) otherwise.
         """
 
     def fail(

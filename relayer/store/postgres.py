@@ -93,6 +93,10 @@ def postgres_engine(
     )
 
 
+# The advisory lock a retention chunk holds: an arbitrary constant of relayer's.
+_RETENTION_LOCK = 0x72656C6179657201
+
+
 class PostgresStore(SQLStore):
     """
     A store in a PostgreSQL database. Make one with :meth:`open_url`.
@@ -233,6 +237,18 @@ class PostgresStore(SQLStore):
 
     def _create_schema(self, conn: sa.Connection) -> None:
         conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"'))
+
+    def _begin_snapshot(self, conn: sa.Connection) -> None:
+        # Read committed would give each statement a snapshot of its own.
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+    def _retention_lock(self, conn: sa.Connection) -> bool:
+        # Held to the end of the chunk's transaction: one process purges at a time.
+        return bool(
+            conn.execute(
+                sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _RETENTION_LOCK}
+            ).scalar()
+        )
 
     def _allocate_seqs(self, conn: sa.Connection, n: int) -> list[int]:
         # A sequence, rather than a counter row: writers in several processes never wait for

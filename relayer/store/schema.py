@@ -19,6 +19,12 @@ Version history:
    the targets an event was submitted for, ``relayer_expired`` the events that expired at a
    target, and ``relayer_counters`` the event sequence on SQLite (PostgreSQL uses a sequence).
    Version 3's queued events, transactions and dead letters are moved into the new tables.
+5. Retention and archive. ``relayer_archived_events``, ``relayer_archived_txns`` and
+   ``relayer_archived_expired`` hold final events moved out of the live tables; the views
+   ``relayer_all_events``, ``relayer_all_txns`` and ``relayer_all_expired`` read both. A
+   transaction may be ``discarded`` (a dead letter given up), and ``relayer_txns_done`` indexes
+   done transactions by time. A version 4 block whose numbers were not consecutive (two
+   PostgreSQL writers at once) is cut into blocks that are.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import sqlalchemy as sa
 from relayer.errors import SchemaVersionError
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The PostgreSQL advisory lock taken while upgrading: an arbitrary constant of relayer's.
 _UPGRADE_LOCK = 0x72656C61796572
@@ -68,9 +74,11 @@ def define_tables(m: sa.MetaData, version: int) -> sa.MetaData:
     if version < 4:
         _define_v3_queue(m)
     else:
-        _define_log(m)
+        _define_log(m, version)
     if version >= 3:
         _define_leases(m)
+    if version >= 5:
+        _define_archive(m)
     return m
 
 
@@ -123,6 +131,8 @@ TXN_DELIVERED = "delivered"
 TXN_DEAD = "dead"
 TXN_REPLAYED = "replayed"
 TXN_ABANDONED = "abandoned"
+#: A dead letter that an operator gave up: final, like a delivered one (schema 5).
+TXN_DISCARDED = "discarded"
 OPEN_STATES = (TXN_PENDING, TXN_AWAITING)
 
 
@@ -131,20 +141,18 @@ def _seq_type() -> sa.types.TypeEngine[int]:
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-def _define_log(m: sa.MetaData) -> None:
+def _event_columns() -> list[sa.Column[Any]]:
     # Every event, written once, in blocks: the events of one target's run of one write (those
     # submitted together for the same targets), under consecutive sequence numbers. A block
     # holds their bytes joined by b"\n" (compact JSON never holds a raw newline), the time they
     # were submitted, and their deadlines and the application's ids as JSON lists, when any of
     # them has one. One row per block rather than per event: SQLite writes rows at a cost
     # each, and a block costs about what one of its events would.
-    sa.Table(
-        "relayer_events",
-        m,
+    return [
         sa.Column("first_seq", _seq_type(), primary_key=True, autoincrement=False),
         sa.Column("last_seq", sa.BigInteger, nullable=False),
-        # The block's sequence numbers as ranges, "10-20" (on PostgreSQL a block's numbers may
-        # skip those that another process drew meanwhile).
+        # The block's sequence numbers as ranges, "10-20". From schema 5 they are consecutive
+        # (one range) but for the numbers of events refused as repeats, which no block holds.
         sa.Column("seqs", sa.Text, nullable=False),
         sa.Column("n_events", sa.Integer, nullable=False),
         sa.Column("set_id", sa.Integer, nullable=False),
@@ -152,7 +160,85 @@ def _define_log(m: sa.MetaData) -> None:
         sa.Column("bodies", sa.LargeBinary, nullable=False),
         sa.Column("expires", sa.Text, nullable=True),
         sa.Column("ids", sa.Text, nullable=True),
+    ]
+
+
+def _txn_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("target_id", sa.String(255), primary_key=True),
+        sa.Column("txn_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("seqs", sa.Text, nullable=False),
+        sa.Column("first_seq", sa.BigInteger, nullable=False),
+        sa.Column("last_seq", sa.BigInteger, nullable=False),
+        sa.Column("n_events", sa.Integer, nullable=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("oldest_at", sa.Float, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("last_attempt_at", sa.Float, nullable=True),
+        # When it was delivered, dead-lettered, replayed, abandoned or discarded.
+        sa.Column("done_at", sa.Float, nullable=True),
+        # Awaiting confirmation: when it is sent again unless it is confirmed first.
+        sa.Column("confirm_by", sa.Float, nullable=True),
+        # Why it was dead-lettered or abandoned.
+        sa.Column("reason", sa.Text, nullable=True),
+    ]
+
+
+def _expired_columns() -> list[sa.Column[Any]]:
+    # Events that expired at a target: never sent there.
+    return [
+        sa.Column("target_id", sa.String(255), primary_key=True),
+        sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("expired_at", sa.Float, nullable=False),
+        # The abandoned transaction that held it, if it had been sent in one.
+        sa.Column("txn_id", sa.BigInteger, nullable=True),
+    ]
+
+
+#: The live tables that retention archives from, each with its archive and the view of both.
+ARCHIVED = (
+    ("relayer_events", "relayer_archived_events", "relayer_all_events"),
+    ("relayer_txns", "relayer_archived_txns", "relayer_all_txns"),
+    ("relayer_expired", "relayer_archived_expired", "relayer_all_expired"),
+)
+
+
+def _define_archive(m: sa.MetaData) -> None:
+    # Final events that retention moved out of the live tables, with their transactions and
+    # expiries: the same columns, and the indexes that status queries read them by. An
+    # archived transaction is one all of whose events are archived.
+    sa.Table("relayer_archived_events", m, *_event_columns())
+    sa.Table(
+        "relayer_archived_txns",
+        m,
+        *_txn_columns(),
+        sa.Index("relayer_archived_txns_by_seq", "target_id", "first_seq"),
+        sa.Index("relayer_archived_txns_done", "target_id", "done_at"),
     )
+    sa.Table("relayer_archived_expired", m, *_expired_columns())
+
+
+def create_views(conn: sa.Connection) -> None:
+    """
+    Create the views that read live and archived rows as one table, ``relayer_all_events``,
+    ``relayer_all_txns`` and ``relayer_all_expired``: a status query reads them in one
+    snapshot, so its answer does not depend on whether retention has moved a row yet.
+    """
+    tables = define_tables(sa.MetaData(), 5).tables
+    for live, archived, view in ARCHIVED:
+        columns = ", ".join(c.name for c in tables[live].columns)
+        conn.execute(
+            sa.text(
+                f"CREATE VIEW {view} AS SELECT {columns} FROM {live} "
+                f"UNION ALL SELECT {columns} FROM {archived}"
+            )
+        )
+
+
+def _define_log(m: sa.MetaData, version: int) -> None:
+    sa.Table("relayer_events", m, *_event_columns())
     # The application's ids, each once: an event without one is known as "relayer-<seq>", so
     # that its id costs nothing to store.
     sa.Table(
@@ -190,27 +276,7 @@ def _define_log(m: sa.MetaData) -> None:
     )
     # Transactions, open and done. A formed transaction's events never change; its state does.
     open_states = "state IN ('pending', 'awaiting')"
-    sa.Table(
-        "relayer_txns",
-        m,
-        sa.Column("target_id", sa.String(255), primary_key=True),
-        sa.Column("txn_id", sa.BigInteger, primary_key=True, autoincrement=False),
-        sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("seqs", sa.Text, nullable=False),
-        sa.Column("first_seq", sa.BigInteger, nullable=False),
-        sa.Column("last_seq", sa.BigInteger, nullable=False),
-        sa.Column("n_events", sa.Integer, nullable=False),
-        sa.Column("size", sa.BigInteger, nullable=False),
-        sa.Column("oldest_at", sa.Float, nullable=False),
-        sa.Column("created_at", sa.Float, nullable=False),
-        sa.Column("attempts", sa.Integer, nullable=False),
-        sa.Column("last_attempt_at", sa.Float, nullable=True),
-        # When it was delivered, dead-lettered, replayed or abandoned.
-        sa.Column("done_at", sa.Float, nullable=True),
-        # Awaiting confirmation: when it is sent again unless it is confirmed first.
-        sa.Column("confirm_by", sa.Float, nullable=True),
-        # Why it was dead-lettered or abandoned.
-        sa.Column("reason", sa.Text, nullable=True),
+    txn_indexes = [
         sa.Index(
             "relayer_txns_open",
             "target_id",
@@ -226,17 +292,12 @@ def _define_log(m: sa.MetaData) -> None:
             postgresql_where=sa.text("state = 'dead'"),
         ),
         sa.Index("relayer_txns_by_seq", "target_id", "first_seq"),
-    )
-    # Events that expired at a target: never sent there.
-    sa.Table(
-        "relayer_expired",
-        m,
-        sa.Column("target_id", sa.String(255), primary_key=True),
-        sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
-        sa.Column("expired_at", sa.Float, nullable=False),
-        # The abandoned transaction that held it, if it had been sent in one.
-        sa.Column("txn_id", sa.BigInteger, nullable=True),
-    )
+    ]
+    if version >= 5:
+        # Counts of a time window (delivered in the last hour) read done transactions by time.
+        txn_indexes.append(sa.Index("relayer_txns_done", "target_id", "done_at"))
+    sa.Table("relayer_txns", m, *_txn_columns(), *txn_indexes)
+    sa.Table("relayer_expired", m, *_expired_columns())
     # The event sequence on SQLite; PostgreSQL uses the sequence relayer_event_seq instead.
     sa.Table(
         "relayer_counters",
@@ -274,6 +335,13 @@ target_sets = metadata.tables["relayer_target_sets"]
 runs = metadata.tables["relayer_runs"]
 txns = metadata.tables["relayer_txns"]
 expired = metadata.tables["relayer_expired"]
+archived_events = metadata.tables["relayer_archived_events"]
+archived_txns = metadata.tables["relayer_archived_txns"]
+archived_expired = metadata.tables["relayer_archived_expired"]
+#: The views of live and archived rows together, for queries; they are not written to.
+all_events = sa.table("relayer_all_events", *(sa.column(c.name) for c in events.columns))
+all_txns = sa.table("relayer_all_txns", *(sa.column(c.name) for c in txns.columns))
+all_expired = sa.table("relayer_all_expired", *(sa.column(c.name) for c in expired.columns))
 counters = metadata.tables["relayer_counters"]
 nodes = metadata.tables["relayer_nodes"]
 leases = metadata.tables["relayer_leases"]
@@ -299,8 +367,78 @@ def _v4(conn: sa.Connection) -> None:
     _upgrade4.upgrade(conn, define_tables)
 
 
+def _v5(conn: sa.Connection) -> None:
+    m = sa.MetaData()
+    _define_archive(m)
+    m.create_all(conn)
+    for index in define_tables(sa.MetaData(), 5).tables["relayer_txns"].indexes:
+        if index.name == "relayer_txns_done":
+            index.create(conn)
+    create_views(conn)
+    _cut_blocks(conn)
+
+
+def _cut_blocks(conn: sa.Connection) -> None:
+    """Cut every block whose numbers are not one range into blocks whose numbers are."""
+    import json
+
+    from relayer.store import _seqs
+
+    table = define_tables(sa.MetaData(), 5).tables["relayer_events"]
+    last = -1
+    while True:
+        rows = conn.execute(
+            sa.select(table)
+            .where(table.c.seqs.like("%,%"), table.c.first_seq > last)
+            .order_by(table.c.first_seq)
+            .limit(64)
+        ).all()
+        if not rows:
+            return
+        for row in rows:
+            numbers = _seqs.decode(row.seqs)
+            bodies = bytes(row.bodies).split(b"\n")
+            expires = json.loads(row.expires) if row.expires else None
+            ids = json.loads(row.ids) if row.ids else None
+            conn.execute(sa.delete(table).where(table.c.first_seq == row.first_seq))
+            start = 0
+            for low, high in _seqs.ranges(row.seqs):
+                end = start + high - low + 1
+                part_expires = expires[start:end] if expires else None
+                part_ids = ids[start:end] if ids else None
+                conn.execute(
+                    sa.insert(table).values(
+                        first_seq=low,
+                        last_seq=high,
+                        seqs=_seqs.encode(numbers[start:end]),
+                        n_events=end - start,
+                        set_id=row.set_id,
+                        submitted_at=row.submitted_at,
+                        bodies=b"\n".join(bodies[start:end]),
+                        expires=(
+                            json.dumps(part_expires)
+                            if part_expires and any(e is not None for e in part_expires)
+                            else None
+                        ),
+                        ids=(
+                            json.dumps(part_ids)
+                            if part_ids and any(i is not None for i in part_ids)
+                            else None
+                        ),
+                    )
+                )
+                start = end
+            last = row.first_seq
+
+
 #: ``MIGRATIONS[v]`` moves a database from version ``v - 1`` to version ``v``.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
+    1: _v1,
+    2: _v2,
+    3: _v3,
+    4: _v4,
+    5: _v5,
+}
 
 
 def read_version(conn: sa.Connection) -> int:

@@ -23,7 +23,7 @@ from relayer import _encoding, _faults
 from relayer.dbpool import DatabasePool
 from relayer.errors import LeaseLost, StoreError, StoreUnavailable
 from relayer.event import GENERATED_ID_PREFIX
-from relayer.store import _seqs, schema
+from relayer.store import _retention, _seqs, schema
 from relayer.store.base import (
     Awaiting,
     Claim,
@@ -32,10 +32,12 @@ from relayer.store.base import (
     DeliveryState,
     Drained,
     EventBatch,
+    EventCounts,
     EventEntry,
     EventStatus,
     ILeaseStore,
     LeaseRound,
+    PurgeReport,
     QueueCounts,
     TargetEventsPage,
     TargetRecord,
@@ -72,11 +74,16 @@ _r = schema.runs
 _x = schema.txns
 _xp = schema.expired
 _c = schema.counters
+# The views of live and archived rows together, that status queries read.
+_ae = schema.all_events
+_ax = schema.all_txns
+_axp = schema.all_expired
 
 _PENDING = schema.TXN_PENDING
 _AWAITING = schema.TXN_AWAITING
 _DELIVERED_STATE = schema.TXN_DELIVERED
 _DEAD = schema.TXN_DEAD
+_DISCARDED = schema.TXN_DISCARDED
 # Written out, not bound: the partial indexes on open and dead transactions serve only queries
 # whose condition is the index's own, and a database cannot know a bound value's when it plans.
 _OPEN = sa.text("relayer_txns.state IN ('pending', 'awaiting')")
@@ -220,6 +227,13 @@ _QMARK_SQL = {
         "FROM relayer_events WHERE first_seq <= ?), ?) AND first_seq <= ? "
         "ORDER BY first_seq"
     ),
+    # The same, among live and archived blocks alike.
+    "select_all_blocks": (
+        "SELECT first_seq, last_seq, seqs, submitted_at, bodies, expires, ids "
+        "FROM relayer_all_events WHERE first_seq >= coalesce((SELECT max(first_seq) "
+        "FROM relayer_all_events WHERE first_seq <= ?), ?) AND first_seq <= ? "
+        "ORDER BY first_seq"
+    ),
     "insert_blocks": (
         "INSERT INTO relayer_events (first_seq, last_seq, seqs, n_events, set_id, "
         "submitted_at, bodies, expires, ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -307,6 +321,26 @@ class SQLStore:
         writes.
         """
         return _in_transaction(self._read_engine, self._read_pool or self._pool, f, *args)
+
+    def _read_snapshot(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Like :meth:`_read`, with every statement of ``f`` reading the same snapshot of the
+        database, so that an answer drawn from several tables (live and archived rows) is
+        never caught half-way through another transaction's change.
+        """
+
+        def in_snapshot(conn: sa.Connection, *args: Any) -> T:
+            self._begin_snapshot(conn)
+            return f(conn, *args)
+
+        return self._read(in_snapshot, *args)
+
+    def _begin_snapshot(self, conn: sa.Connection) -> None:
+        """Make the transaction just begun read one snapshot: SQLite's read transactions do."""
+
+    def _retention_lock(self, conn: sa.Connection) -> bool:
+        """Take the lock that lets one retention chunk run at a time; False if another holds it."""
+        return True
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -690,7 +724,7 @@ class SQLStore:
     # -- forming and claiming -------------------------------------------------------------------
 
     def _load_events(
-        self, conn: sa.Connection, seqs: list[int], strict: bool = True
+        self, conn: sa.Connection, seqs: list[int], strict: bool = True, archived: bool = False
     ) -> list[tuple[Any, ...]]:
         """
         The rows of these events, in the order of ``seqs``: ``(seq, body, submitted_at,
@@ -698,16 +732,18 @@ class SQLStore:
         (this is the hot path of every transaction formed or resent).
 
         With ``strict``, an event missing from the store is an error; else it is left out.
+        With ``archived``, archived events are read too.
         """
         if not seqs:
             return []
         spans = _seqs.ranges(_seqs.encode(seqs))
         found: dict[int, tuple[Any, ...]] = {}
         in_order: list[tuple[Any, ...]] = []
+        statement = self._sql["select_all_blocks" if archived else "select_blocks"]
         cursor = conn.connection.cursor()
         try:
             for low, high in spans:
-                cursor.execute(self._sql["select_blocks"], (low, low, high))
+                cursor.execute(statement, (low, low, high))
                 for _first, _last, numbers, submitted, bodies, deadlines, ids in cursor.fetchall():
                     events = bytes(bodies).split(_BLOCK_SEPARATOR)
                     block = _seqs.decode(numbers)
@@ -1343,7 +1379,7 @@ class SQLStore:
                 deliveries=deliveries,
             )
 
-        return self._read(status)
+        return self._read_snapshot(status)
 
     def _find_event(self, conn: sa.Connection, event_id: str) -> Any:
         """The event with this id, as ``(seq, submitted_at, expires_at, set_id)``; or None."""
@@ -1358,9 +1394,9 @@ class SQLStore:
                 return None
             seq = int(known)
         block = conn.execute(
-            sa.select(_e.c.seqs, _e.c.set_id, _e.c.submitted_at, _e.c.expires, _e.c.ids)
-            .where(_e.c.first_seq <= seq)
-            .order_by(_e.c.first_seq.desc())
+            sa.select(_ae.c.seqs, _ae.c.set_id, _ae.c.submitted_at, _ae.c.expires, _ae.c.ids)
+            .where(_ae.c.first_seq <= seq)
+            .order_by(_ae.c.first_seq.desc())
             .limit(1)
         ).first()
         if block is None:
@@ -1379,8 +1415,8 @@ class SQLStore:
     def _delivery(self, conn: sa.Connection, target_id: str, seq: int) -> Delivery:
         """Where the event ``seq`` stands at ``target_id``."""
         expired = conn.execute(
-            sa.select(_xp.c.expired_at, _xp.c.txn_id).where(
-                _xp.c.target_id == target_id, _xp.c.seq == seq
+            sa.select(_axp.c.expired_at, _axp.c.txn_id).where(
+                _axp.c.target_id == target_id, _axp.c.seq == seq
             )
         ).first()
         if expired is not None:
@@ -1388,8 +1424,8 @@ class SQLStore:
             sent = None
             if expired.txn_id is not None:
                 sent = conn.execute(
-                    sa.select(_x.c.attempts, _x.c.last_attempt_at).where(
-                        _x.c.target_id == target_id, _x.c.txn_id == expired.txn_id
+                    sa.select(_ax.c.attempts, _ax.c.last_attempt_at).where(
+                        _ax.c.target_id == target_id, _ax.c.txn_id == expired.txn_id
                     )
                 ).first()
             return Delivery(
@@ -1417,14 +1453,14 @@ class SQLStore:
         # Every transaction that holds the event starts within max_span of it: the newest
         # one that is not abandoned says where the event stands.
         for txn in conn.execute(
-            sa.select(_x)
+            sa.select(_ax)
             .where(
-                _x.c.target_id == target_id,
-                _x.c.first_seq >= seq - span,
-                _x.c.first_seq <= seq,
-                _x.c.last_seq >= seq,
+                _ax.c.target_id == target_id,
+                _ax.c.first_seq >= seq - span,
+                _ax.c.first_seq <= seq,
+                _ax.c.last_seq >= seq,
             )
-            .order_by(_x.c.txn_id.desc())
+            .order_by(_ax.c.txn_id.desc())
         ):
             if txn.state == schema.TXN_ABANDONED or not _seqs.contains(txn.seqs, seq):
                 continue
@@ -1448,6 +1484,14 @@ class SQLStore:
                 )
             if txn.state == _DEAD:
                 return Delivery(target_id, DeliveryState.DEAD_LETTERED, reason=txn.reason, **common)
+            if txn.state == _DISCARDED:
+                return Delivery(
+                    target_id,
+                    DeliveryState.DISCARDED,
+                    reason=txn.reason,
+                    discarded_at=txn.done_at,
+                    **common,
+                )
             # Replayed: its events are queued again, or in a newer transaction found first.
             break
         return Delivery(target_id, DeliveryState.PENDING, next_attempt_at=next_at)
@@ -1458,7 +1502,143 @@ class SQLStore:
         def page(conn: sa.Connection) -> TargetEventsPage:
             return _TargetEvents(self, conn, target_id, state, after, limit).page()
 
-        return self._read(page)
+        return self._read_snapshot(page)
+
+    def event_counts(
+        self, target_id: str, since: float | None, until: float | None
+    ) -> Deferred[EventCounts]:
+        def counts(conn: sa.Connection) -> EventCounts:
+            def window(column: Any) -> list[Any]:
+                found = []
+                if since is not None:
+                    found.append(column >= since)
+                if until is not None:
+                    found.append(column < until)
+                return found
+
+            queued = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(_r.c.n_events), 0)).where(
+                    _r.c.target_id == target_id
+                )
+            ).scalar()
+            by_state = {
+                state: int(n or 0)
+                for state, n in conn.execute(
+                    sa.select(_x.c.state, sa.func.sum(_x.c.n_events))
+                    .where(_x.c.target_id == target_id, _OPEN)
+                    .group_by(_x.c.state)
+                )
+            }
+            dead = conn.execute(
+                sa.select(sa.func.sum(_x.c.n_events)).where(
+                    _x.c.target_id == target_id, _IS_DEAD, *window(_x.c.done_at)
+                )
+            ).scalar()
+            done = {
+                state: int(n or 0)
+                for state, n in conn.execute(
+                    sa.select(_ax.c.state, sa.func.sum(_ax.c.n_events))
+                    .where(
+                        _ax.c.target_id == target_id,
+                        _ax.c.state.in_([_DELIVERED_STATE, _DISCARDED]),
+                        *window(_ax.c.done_at),
+                    )
+                    .group_by(_ax.c.state)
+                )
+            }
+            expired = conn.execute(
+                sa.select(sa.func.count()).where(
+                    _axp.c.target_id == target_id, *window(_axp.c.expired_at)
+                )
+            ).scalar()
+            return EventCounts(
+                pending=int(queued or 0) + by_state.get(_PENDING, 0),
+                awaiting_confirmation=by_state.get(_AWAITING, 0),
+                delivered=done.get(_DELIVERED_STATE, 0),
+                expired=int(expired or 0),
+                dead_lettered=int(dead or 0),
+                discarded=done.get(_DISCARDED, 0),
+            )
+
+        return self._read_snapshot(counts)
+
+    def discard(self, target_id: str, txn_id: int, now: float) -> Deferred[bool]:
+        def discard(conn: sa.Connection) -> bool:
+            done = conn.execute(
+                sa.update(_x)
+                .where(_x.c.target_id == target_id, _x.c.txn_id == txn_id, _IS_DEAD)
+                .values(state=_DISCARDED, done_at=now)
+            )
+            return bool(done.rowcount == 1)
+
+        return self._run(discard)
+
+    def purge(
+        self,
+        rule: _retention.RetentionRule,
+        now: float,
+        *,
+        archive: bool = False,
+        dry_run: bool = False,
+        chunk: int = 2000,
+        progress: Callable[[PurgeReport], None] | None = None,
+        keep_going: Callable[[], bool] | None = None,
+    ) -> Deferred[PurgeReport]:
+        """
+        Purge (or archive) the final events that have passed their retention, a chunk at a
+        time, each chunk in a database transaction of its own; see :class:`relayer.Retention`.
+
+        Args:
+            rule: How long each target keeps its final events.
+            now: The time (clock seconds) that retention is measured to.
+            archive: Move them to the archive tables instead of deleting them.
+            dry_run: Change nothing; report what would go. A transaction whose events would
+                go over several chunks is not counted.
+            chunk: About how many event numbers one database transaction looks at.
+            progress: Called on the reactor thread with the totals so far after each chunk.
+            keep_going: Asked before each chunk after the first; the run stops when it
+                answers False (a scheduler that is stopping).
+
+        Returns:
+            A Deferred firing with the totals. On PostgreSQL, a run that finds another
+            process's run under way stops at once, and reports what it did.
+        """
+
+        def one_chunk(conn: sa.Connection, after: int) -> _retention.ChunkResult | None:
+            if not dry_run and not self._retention_lock(conn):
+                return None
+            return _retention.purge_chunk(conn, rule, now, after, chunk, archive, dry_run)
+
+        async def run() -> PurgeReport:
+            report = PurgeReport(archived=archive, dry_run=dry_run)
+            after: int | None = -1
+            while after is not None:
+                if dry_run:
+                    found = await self._read(one_chunk, after)
+                else:
+                    found = await self._run(one_chunk, after)
+                if found is None:
+                    break
+                by_target = dict(report.by_target)
+                for target_id, n in found.by_target.items():
+                    by_target[target_id] = by_target.get(target_id, 0) + n
+                report = attrs.evolve(
+                    report,
+                    events=report.events + found.events,
+                    transactions=report.transactions + found.transactions,
+                    expired=report.expired + found.expired,
+                    not_final=report.not_final + found.not_final,
+                    by_target=by_target,
+                    chunks=report.chunks + 1,
+                )
+                if progress is not None:
+                    progress(report)
+                after = found.next_after
+                if keep_going is not None and not keep_going():
+                    break
+            return report
+
+        return Deferred.fromCoroutine(run())
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -1669,16 +1849,22 @@ _TXN_STATE_OF = {
     DeliveryState.AWAITING_CONFIRMATION: _AWAITING,
     DeliveryState.DELIVERED: _DELIVERED_STATE,
     DeliveryState.DEAD_LETTERED: _DEAD,
+    DeliveryState.DISCARDED: _DISCARDED,
 }
 
 
-# Each state's condition on transactions, written out so that the open and dead ones are read
-# through their partial indexes.
-_STATE_CONDITIONS = {
-    DeliveryState.PENDING: (_OPEN, sa.text("relayer_txns.state = 'pending'")),
-    DeliveryState.AWAITING_CONFIRMATION: (_OPEN, sa.text("relayer_txns.state = 'awaiting'")),
-    DeliveryState.DELIVERED: (sa.text("relayer_txns.state = 'delivered'"),),
-    DeliveryState.DEAD_LETTERED: (_IS_DEAD,),
+# Each state's table and condition on transactions. Open transactions and dead letters are
+# never archived: they are read from the live table, through its partial indexes; delivered
+# and discarded ones from live and archived rows alike.
+_STATE_CONDITIONS: dict[DeliveryState, tuple[Any, tuple[Any, ...]]] = {
+    DeliveryState.PENDING: (_x, (_OPEN, sa.text("relayer_txns.state = 'pending'"))),
+    DeliveryState.AWAITING_CONFIRMATION: (
+        _x,
+        (_OPEN, sa.text("relayer_txns.state = 'awaiting'")),
+    ),
+    DeliveryState.DELIVERED: (_ax, (_ax.c.state == _DELIVERED_STATE,)),
+    DeliveryState.DEAD_LETTERED: (_x, (_IS_DEAD,)),
+    DeliveryState.DISCARDED: (_ax, (_ax.c.state == _DISCARDED,)),
 }
 
 
@@ -1732,9 +1918,9 @@ class _TargetEvents:
     def _expired(self) -> None:
         after = int(self.cursor[1]) if self.cursor else -1
         rows = self.conn.execute(
-            sa.select(_xp.c.seq, _xp.c.expired_at)
-            .where(_xp.c.target_id == self.target_id, _xp.c.seq > after)
-            .order_by(_xp.c.seq)
+            sa.select(_axp.c.seq, _axp.c.expired_at)
+            .where(_axp.c.target_id == self.target_id, _axp.c.seq > after)
+            .order_by(_axp.c.seq)
             .limit(self.limit + 1)
         ).all()
         for seq, at in rows[: self.limit]:
@@ -1744,22 +1930,20 @@ class _TargetEvents:
 
     def _transactions(self) -> None:
         state = _TXN_STATE_OF[self.state]
+        table, conditions = _STATE_CONDITIONS[self.state]
         txn, index = (int(self.cursor[1]), int(self.cursor[2])) if self.cursor else (-1, 0)
         while True:
+            c = table.c
             rows = self.conn.execute(
-                sa.select(_x.c.txn_id, _x.c.seqs, _x.c.attempts, _x.c.last_attempt_at, _x.c.done_at)
-                .where(
-                    _x.c.target_id == self.target_id,
-                    *_STATE_CONDITIONS[self.state],
-                    _x.c.txn_id >= txn,
-                )
-                .order_by(_x.c.txn_id)
+                sa.select(c.txn_id, c.seqs, c.attempts, c.last_attempt_at, c.done_at)
+                .where(c.target_id == self.target_id, *conditions, c.txn_id >= txn)
+                .order_by(c.txn_id)
                 .limit(self.batch)
             ).all()
             for row in rows:
                 seqs = _seqs.decode(row.seqs)
                 start = index if row.txn_id == txn else 0
-                at = row.done_at if state in (_DELIVERED_STATE, _DEAD) else None
+                at = row.done_at if state in (_DELIVERED_STATE, _DEAD, _DISCARDED) else None
                 for i in range(start, len(seqs)):
                     if self._full():
                         self.next = f"t:{row.txn_id}:{i}"
@@ -1800,7 +1984,9 @@ class _TargetEvents:
 
     def _entries(self) -> list[EventEntry]:
         seqs = [f[0] for f in self.found]
-        info = {r[0]: r for r in self.store._load_events(self.conn, seqs, strict=False)}
+        info = {
+            r[0]: r for r in self.store._load_events(self.conn, seqs, strict=False, archived=True)
+        }
         entries = []
         for seq, txn_id, attempts, last_attempt_at, at in self.found:
             found = info.get(seq)

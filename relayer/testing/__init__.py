@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 from twisted.internet.task import Clock
 
-from relayer.config import TargetConfig
+from relayer.config import Retention, TargetConfig
 from relayer.dbpool import DatabasePool
 from relayer.scheduler import DEFAULT_STOP_TIMEOUT, Scheduler
 from relayer.store.sql import SQLStore
@@ -97,6 +97,7 @@ class Harness:
         path: The SQLite file, or the PostgreSQL URL.
         targets: The targets' configurations.
         random: The jitter source.
+        retention: The scheduler's retention, or None.
     """
 
     scheduler: Scheduler
@@ -105,6 +106,7 @@ class Harness:
     path: Path | str
     targets: list[TargetConfig]
     random: Callable[[], float]
+    retention: Retention | None = None
 
     def restart(self, *, stop: bool = True) -> Harness:
         """
@@ -141,7 +143,9 @@ class Harness:
             self.transport.clock = clock
             for target_id in {t.target_id for t in self.targets}:
                 self.transport[target_id].drop()
-        return _start(self.path, clock, self.transport, self.targets, self.random)
+        return _start(
+            self.path, clock, self.transport, self.targets, self.random, self.retention
+        )
 
 
 def release_process_lock(scheduler: Scheduler) -> None:
@@ -165,6 +169,7 @@ def build_scheduler(
     clock: Clock | None = None,
     transport: FakeTransport | None = None,
     random: Callable[[], float] = lambda: 0.0,
+    retention: Retention | None = None,
     **settings: Any,
 ) -> Harness:
     """
@@ -182,6 +187,7 @@ def build_scheduler(
         clock: The clock; by default a new :class:`~twisted.internet.task.Clock` at 0.
         transport: The transport; by default a new :class:`FakeTransport`.
         random: The jitter source; by default always 0, which makes backoff exact.
+        retention: The scheduler's :class:`~relayer.Retention`; by default none.
         settings: Settings for targets given by id, such as ``max_events=10``.
     """
     clock = clock if clock is not None else Clock()
@@ -191,7 +197,7 @@ def build_scheduler(
         path = Path(tempfile.mkdtemp(prefix="relayer-test-")) / "relayer.db"
     if not (isinstance(path, str) and "://" in path):
         path = Path(path)
-    return _start(path, clock, transport, configs, random)
+    return _start(path, clock, transport, configs, random, retention)
 
 
 def open_store(
@@ -224,13 +230,14 @@ def _start(
     transport: FakeTransport,
     targets: list[TargetConfig],
     random: Callable[[], float],
+    retention: Retention | None = None,
 ) -> Harness:
     store = open_store(clock, path)
-    scheduler = Scheduler(clock, store, transport, targets, random=random)
+    scheduler = Scheduler(clock, store, transport, targets, random=random, retention=retention)
     started = scheduler.start()
     failures: list[Any] = []
     started.addErrback(failures.append)
     if failures:
         failures[0].raiseException()
     transport.confirmer = scheduler.confirm
-    return Harness(scheduler, clock, transport, path, targets, random)
+    return Harness(scheduler, clock, transport, path, targets, random, retention)
