@@ -262,8 +262,7 @@ def _retention_seconds(error: type[ConfigurationError], name: str, value: Any) -
     v = _number(error, name, value)
     if not (0 < v <= MAX_RETENTION):
         raise error(
-            f"{name} must be None, or more than 0 and at most {MAX_RETENTION:g} seconds, "
-            f"not {v!r}"
+            f"{name} must be None, or more than 0 and at most {MAX_RETENTION:g} seconds, not {v!r}"
         )
 
 
@@ -344,7 +343,8 @@ def _check_keep(instance: Any, attribute: Any, value: Any) -> None:
 
 
 def _check_interval(instance: Any, attribute: Any, value: Any) -> None:
-    _seconds(ConfigurationError, "interval", 0.0, value)
+    if value is not None:
+        _seconds(ConfigurationError, "interval", 0.0, value)
 
 
 def _check_chunk(instance: Any, attribute: Any, value: Any) -> None:
@@ -373,12 +373,14 @@ class Retention:
             except at targets with a :attr:`relayer.TargetConfig.retention` of their own.
         archive: Move final events to the archive tables instead of deleting them. Status
             queries read live and archived events alike.
-        interval: Seconds between a scheduler's retention runs. Default an hour.
+        interval: Seconds between a scheduler's retention runs (default an hour), at most a
+            week; None for none: retention then runs only when asked, with
+            :meth:`relayer.Scheduler.purge` or ``relayer purge``.
         chunk: How many event numbers one database transaction of a run looks at: the bound on
             how long a run holds the database at a time.
     """
 
     keep: float | None = attrs.field(default=None, validator=_check_keep)
     archive: bool = attrs.field(default=False, validator=_check_archive)
-    interval: float = attrs.field(default=3600.0, validator=_check_interval)
+    interval: float | None = attrs.field(default=3600.0, validator=_check_interval)
     chunk: int = attrs.field(default=DEFAULT_RETENTION_CHUNK, validator=_check_chunk)

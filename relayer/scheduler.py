@@ -253,7 +253,7 @@ class Scheduler:
         stagger = _random.Random(self._leases.node_id if self._leases is not None else "relayer")
         self._reconciler = Reconciler(clock, float(sweep_interval), stagger.random, self._sweep)
         self._retention_runs: Reconciler | None = None
-        if retention is not None:
+        if retention is not None and retention.interval is not None:
             self._retention_runs = Reconciler(
                 clock, retention.interval, stagger.random, self._retention_run, "A retention run"
             )
@@ -886,6 +886,8 @@ class Scheduler:
         *,
         after: str | None = None,
         limit: int = 100,
+        since: float | None = None,
+        until: float | None = None,
     ) -> Deferred[TargetEventsPage]:
         """
         List a target's events in one state, oldest first (in the target's order), a page at
@@ -900,11 +902,16 @@ class Scheduler:
             state: A :class:`relayer.DeliveryState` (or its value, such as ``"pending"``).
             after: The ``next`` of the page before; None for the first page.
             limit: The most entries to return, from 1 to :attr:`MAX_EVENTS_PAGE`.
+            since: For delivered, expired, dead-lettered or discarded events: only those that
+                reached that state at or after this time (their ``at``).
+            until: Likewise, only those that reached it before this time.
 
         Raises:
             NotRunning: The scheduler is not running.
             UnknownTarget: ``target_id`` is not a valid target id.
-            ConfigurationError: ``state``, ``after`` or ``limit`` is not valid.
+            ConfigurationError: ``state``, ``after``, ``limit``, ``since`` or ``until`` is not
+                valid, or a window is given for pending events or those awaiting
+                confirmation (which have no time they reached their state).
         """
         self._check_inspectable()
         self._check_stored_target(target_id)
@@ -927,10 +934,17 @@ class Scheduler:
             parse_cursor(after)
         except ValueError as e:
             raise ConfigurationError(str(e)) from None
+        _check_window(since, until)
+        if (since is not None or until is not None) and not (
+            state.final or state is DeliveryState.DEAD_LETTERED
+        ):
+            raise ConfigurationError(
+                f"a time window applies to final states and dead letters, not to {state.value!r}"
+            )
 
         async def page() -> TargetEventsPage:
             try:
-                return await self._store.target_events(target_id, state, after, limit)
+                return await self._store.target_events(target_id, state, after, limit, since, until)
             except ValueError as e:
                 raise ConfigurationError(str(e)) from None
 
@@ -1175,15 +1189,7 @@ class Scheduler:
         """
         self._check_inspectable()
         self._check_stored_target(target_id)
-        for name, value in (("since", since), ("until", until)):
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-            ):
-                raise ConfigurationError(f"{name} must be a time (a number) or None, not {value!r}")
-        if since is not None and until is not None and until < since:
-            raise ConfigurationError(f"until ({until!r}) is before since ({since!r})")
+        _check_window(since, until)
         return self._store.event_counts(target_id, since, until)
 
     def _retention_rule(self) -> RetentionRule:
@@ -1257,6 +1263,18 @@ def _check_seconds(name: str, value: Any, positive: bool = False) -> None:
     ):
         op = ">" if positive else ">="
         raise ConfigurationError(f"{name} must be a number {op} 0, not {value!r}")
+
+
+def _check_window(since: Any, until: Any) -> None:
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise ConfigurationError(f"{name} must be a time (a number) or None, not {value!r}")
+    if since is not None and until is not None and until < since:
+        raise ConfigurationError(f"until ({until!r}) is before since ({since!r})")
 
 
 async def _no_ids() -> list[str]:

@@ -535,6 +535,13 @@ def test_no_sql_is_built_from_strings() -> None:
         # A plain identifier, checked against a strict pattern.
         ("postgres.py", "f'CREATE SCHEMA IF NOT EXISTS \"{self._schema}\"'"),
         ("postgres.py", "f'LISTEN \"{self._channel}\"'"),
+        # Fixed DDL: relayer's own table, view and column names, from schema.ARCHIVED and the
+        # table definitions.
+        (
+            "schema.py",
+            "f'CREATE VIEW {view} AS SELECT {columns} FROM {live} UNION ALL SELECT {columns} "
+            "FROM {archived}'",
+        ),
     }
     assert {(name, sql) for name, _, sql in found} <= allowed, found
 

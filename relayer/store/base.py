@@ -595,12 +595,19 @@ class IStore(Interface):
         """Where an event stands at each of its targets; None for an unknown id. Only reads."""
 
     def target_events(
-        target_id: str, state: DeliveryState, after: str | None, limit: int
+        target_id: str,
+        state: DeliveryState,
+        after: str | None,
+        limit: int,
+        since: float | None = None,
+        until: float | None = None,
     ) -> Deferred[TargetEventsPage]:
         """
         A page of up to ``limit`` of a target's events in ``state``, oldest first, after the
-        cursor ``after`` (a page's ``next``). Fails with ValueError for a cursor it did not
-        write. Only reads, from one snapshot; archived events are read too.
+        cursor ``after`` (a page's ``next``); for a final state or dead letters, only those
+        that reached it from ``since`` (included) to ``until`` (excluded), either None for no
+        bound. Fails with ValueError for a cursor it did not write. Only reads, from one
+        snapshot; archived events are read too.
         """
 
     def event_counts(

@@ -1497,10 +1497,16 @@ class SQLStore:
         return Delivery(target_id, DeliveryState.PENDING, next_attempt_at=next_at)
 
     def target_events(
-        self, target_id: str, state: DeliveryState, after: str | None, limit: int
+        self,
+        target_id: str,
+        state: DeliveryState,
+        after: str | None,
+        limit: int,
+        since: float | None = None,
+        until: float | None = None,
     ) -> Deferred[TargetEventsPage]:
         def page(conn: sa.Connection) -> TargetEventsPage:
-            return _TargetEvents(self, conn, target_id, state, after, limit).page()
+            return _TargetEvents(self, conn, target_id, state, after, limit, since, until).page()
 
         return self._read_snapshot(page)
 
@@ -1888,12 +1894,16 @@ class _TargetEvents:
         state: DeliveryState,
         after: str | None,
         limit: int,
+        since: float | None = None,
+        until: float | None = None,
     ) -> None:
         self.store = store
         self.conn = conn
         self.target_id = target_id
         self.state = state
         self.limit = limit
+        self.since = since
+        self.until = until
         self.cursor = parse_cursor(after)
         # (seq, txn_id, attempts, last_attempt_at, at)
         self.found: list[tuple[int, int | None, int, float | None, float | None]] = []
@@ -1915,11 +1925,24 @@ class _TargetEvents:
     def _full(self) -> bool:
         return len(self.found) >= self.limit
 
+    def _window(self, column: Any) -> list[Any]:
+        """The conditions of the time window on when the events reached their state."""
+        found = []
+        if self.since is not None:
+            found.append(column >= self.since)
+        if self.until is not None:
+            found.append(column < self.until)
+        return found
+
     def _expired(self) -> None:
         after = int(self.cursor[1]) if self.cursor else -1
         rows = self.conn.execute(
             sa.select(_axp.c.seq, _axp.c.expired_at)
-            .where(_axp.c.target_id == self.target_id, _axp.c.seq > after)
+            .where(
+                _axp.c.target_id == self.target_id,
+                _axp.c.seq > after,
+                *self._window(_axp.c.expired_at),
+            )
             .order_by(_axp.c.seq)
             .limit(self.limit + 1)
         ).all()
@@ -1936,7 +1959,12 @@ class _TargetEvents:
             c = table.c
             rows = self.conn.execute(
                 sa.select(c.txn_id, c.seqs, c.attempts, c.last_attempt_at, c.done_at)
-                .where(c.target_id == self.target_id, *conditions, c.txn_id >= txn)
+                .where(
+                    c.target_id == self.target_id,
+                    *conditions,
+                    c.txn_id >= txn,
+                    *self._window(c.done_at),
+                )
                 .order_by(c.txn_id)
                 .limit(self.batch)
             ).all()

@@ -143,9 +143,7 @@ class Harness:
             self.transport.clock = clock
             for target_id in {t.target_id for t in self.targets}:
                 self.transport[target_id].drop()
-        return _start(
-            self.path, clock, self.transport, self.targets, self.random, self.retention
-        )
+        return _start(self.path, clock, self.transport, self.targets, self.random, self.retention)
 
 
 def release_process_lock(scheduler: Scheduler) -> None:

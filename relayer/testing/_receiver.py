@@ -449,7 +449,7 @@ class Receiver(Resource):
         except ValueError:
             document = None
         if not isinstance(document, dict) or not isinstance(document.get("events"), list):
-            self.violations.append(f"transaction {txn_id} is not JSON {{\"events\": [...]}}")
+            self.violations.append(f'transaction {txn_id} is not JSON {{"events": [...]}}')
             return self._refuse(request, 400, "M_NOT_JSON", 'expected {"events": [...]}')
 
         failing = self._failing
