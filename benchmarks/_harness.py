@@ -317,9 +317,50 @@ def stored_bytes(path: str | os.PathLike[str], checkpoint: bool = True) -> dict[
     }
 
 
+def run_child(name: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """
+    Run scenario ``name`` in a fresh process (``python -m benchmarks._run``) and return its
+    result; RuntimeError, with the end of its output, if it crashed or timed out.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks._run", name, json.dumps(params)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{name} timed out after {timeout:g}s") from None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"{name} exited with status {done.returncode}:\n{tail}")
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    return result
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size, in MiB (``ru_maxrss``)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def own_peak_rss_mb() -> float:
+    """
+    This process's own peak resident set size, in MiB: ``VmHWM``, the high-water mark of its
+    memory since it was started (``ru_maxrss`` if the kernel does not say).
+
+    ``ru_maxrss`` is not a process's own after an ``exec``: Linux keeps in it the peak of the
+    process it was forked from, so that a scenario's child started by a process of 300 MB
+    reports 300 MB at least, whatever it uses itself.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak_rss_mb()
 
 
 def current_rss_mb() -> float:

@@ -44,8 +44,8 @@ def main(argv: list[str]) -> int:
     _log_to(params.get("log"))
     from benchmarks import scenarios
 
-    if name == "sqlite_insert":
-        result = scenarios.sqlite_insert(params)
+    if name in scenarios.PLAIN_SCENARIOS:
+        result = scenarios.PLAIN_SCENARIOS[name](params)
     else:
         from twisted.internet import reactor
         from twisted.internet.defer import Deferred

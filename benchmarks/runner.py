@@ -75,12 +75,35 @@ ONLY_CHOICES = (
     "fanout",
     "fanout_1",
     "fanout_10",
+    "listing",
+    "listing_100k",
+    "listing_1m",
     "postgres",
 )
 
 #: The fan-out scenario's target counts: its figures, and the same bytes stored per event
 #: with a single target, to show that they do not grow with the number of targets.
 FANOUT_TARGETS = (10, 1)
+
+#: The listing scenario's sizes, in quick mode as in full mode: the events of one target, all
+#: listed; their peak RSS must not grow from one size to the next.
+LISTING_EVENTS = (100_000, 1_000_000)
+
+#: The events on a page of the listing scenario: Scheduler.MAX_EVENTS_PAGE.
+LISTING_PAGE = 1000
+
+#: The dead letters on a page of the listing scenario's dead-letter listing: each holds its
+#: events' bytes, ``batch`` of them, so a page holds 10 transactions of events.
+LISTING_DEAD_PAGE = 10
+
+
+def size_suffix(n: int) -> str:
+    """``100k`` for 100,000, ``1m`` for 1,000,000: how keys name a listing's size."""
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}m"
+    if n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
@@ -119,6 +142,16 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
         runs.append((f"scale_{n}", "scale", scale))
     for n in FANOUT_TARGETS:
         runs.append((f"fanout_{n}", "fanout", {**common, "targets": n, "events": size["fanout"]}))
+    for n in LISTING_EVENTS:
+        listing = {
+            **common,
+            "events": n,
+            "limit": LISTING_PAGE,
+            "dead_letters": True,
+            "dead_limit": LISTING_DEAD_PAGE,
+            "child_timeout": size["timeout"],
+        }
+        runs.append((f"listing_{size_suffix(n)}", "listing", listing))
     if args.compare_sync:
         # The other synchronous setting than the main runs'.
         other = "FULL" if args.synchronous != "FULL" else "NORMAL"
@@ -298,6 +331,19 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
             s[f"fanout_stored_bytes_per_event_{suffix}"] = results[f"fanout_{n}"][
                 "stored_bytes_per_event"
             ]
+    for n in LISTING_EVENTS:
+        key = f"listing_{size_suffix(n)}"
+        if not ok(key):
+            continue
+        listing = results[key]
+        suffix = size_suffix(n)
+        s[f"list_rss_mb_{suffix}"] = listing["list_peak_rss_mb"]
+        s[f"list_baseline_rss_mb_{suffix}"] = listing["list_baseline_rss_mb"]
+        s[f"list_events_per_s_{suffix}"] = listing["list_events_per_s"]
+        if "dead_peak_rss_mb" in listing:
+            s[f"dead_list_rss_mb_{suffix}"] = listing["dead_peak_rss_mb"]
+            s[f"dead_list_baseline_rss_mb_{suffix}"] = listing["dead_baseline_rss_mb"]
+            s[f"dead_list_events_per_s_{suffix}"] = listing["dead_events_per_s"]
     for key, r in results.items():
         if "crashed" in r:
             continue
@@ -357,6 +403,18 @@ def _table(summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         ("  bytes stored per event", "fanout_stored_bytes_per_event", "{:,.0f}"),
         ("  with 1 target", "fanout_stored_bytes_per_event_1_target", "{:,.0f}"),
         ("  disk bytes written/event", "fanout_disk_bytes_written_per_event", "{:,.0f}"),
+        ("listing 100k: peak RSS", "list_rss_mb_100k", "{:.1f} MB"),
+        ("listing 100k: RSS before", "list_baseline_rss_mb_100k", "{:.1f} MB"),
+        ("listing 100k: speed", "list_events_per_s_100k", "{:,.0f} ev/s"),
+        ("listing 1M: peak RSS", "list_rss_mb_1m", "{:.1f} MB"),
+        ("listing 1M: RSS before", "list_baseline_rss_mb_1m", "{:.1f} MB"),
+        ("listing 1M: speed", "list_events_per_s_1m", "{:,.0f} ev/s"),
+        ("dead list 100k: peak RSS", "dead_list_rss_mb_100k", "{:.1f} MB"),
+        ("dead list 100k: RSS before", "dead_list_baseline_rss_mb_100k", "{:.1f} MB"),
+        ("dead list 100k: speed", "dead_list_events_per_s_100k", "{:,.0f} ev/s"),
+        ("dead list 1M: peak RSS", "dead_list_rss_mb_1m", "{:.1f} MB"),
+        ("dead list 1M: RSS before", "dead_list_baseline_rss_mb_1m", "{:.1f} MB"),
+        ("dead list 1M: speed", "dead_list_events_per_s_1m", "{:,.0f} ev/s"),
         ("FULL sync: throughput", "full_sync_throughput_events_per_s", "{:,.0f} ev/s"),
         ("FULL sync: latency p50", "full_sync_latency_p50_ms", "{:.2f} ms"),
         ("FULL sync: latency p99", "full_sync_latency_p99_ms", "{:.2f} ms"),

@@ -22,12 +22,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
@@ -42,7 +43,9 @@ from benchmarks._harness import (
     fanned_out,
     interleaved,
     make_event,
+    own_peak_rss_mb,
     peak_rss_mb,
+    run_child,
     stored_bytes,
     targets,
     thread_cpu,
@@ -51,16 +54,23 @@ from benchmarks._harness import (
 from relayer import (
     BackoffPolicy,
     Backpressure,
+    DeliveryState,
     HTTPTransport,
+    IStore,
     Scheduler,
     SQLiteStore,
     TargetConfig,
+    _encoding,
 )
+from relayer.event import GENERATED_ID_PREFIX
 from relayer.scheduler import DEFAULT_MAX_WAITING_EVENTS
-from relayer.store.base import TargetState
+from relayer.store.base import EventBatch, TargetState, Transaction
+from relayer.testing import InlineDatabasePool
 
 # The same body producer as relayer's transport, so that the baseline writes bodies alike.
 from relayer.transport.http import DEFAULT_PERSISTENT_PER_HOST, _BytesProducer
+
+T = TypeVar("T")
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -546,6 +556,281 @@ async def scale(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- listing a target's events ---------------------------------------------------------------------
+
+#: The listing scenario's targets: the one whose events are all delivered, and the one whose
+#: events are all dead-lettered.
+LISTED_TARGET = "listed"
+DEAD_TARGET = "dead"
+
+#: Events per ``add_events`` call while the listing scenario fills its database.
+_FILL_CHUNK = 100_000
+
+
+def _fired(d: Deferred[T]) -> T:
+    """The result of a Deferred that has fired already: the store's work runs inline."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        raise RuntimeError("the store's work did not complete inline")
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def _seq_of(event_id: str) -> int | None:
+    """The sequence number in an id that relayer generated, or None if it is not one."""
+    if not event_id.startswith(GENERATED_ID_PREFIX):
+        return None
+    try:
+        return int(event_id[len(GENERATED_ID_PREFIX) :])
+    except ValueError:
+        return None
+
+
+def _fill(
+    store: IStore, target_id: str, n: int, per_txn: int, now: float, dead: bool
+) -> dict[str, Any]:
+    """
+    Store ``n`` events for ``target_id``, then claim them ``per_txn`` at a time, as the
+    scheduler does, and record each transaction delivered, or dead-lettered if ``dead``.
+
+    Returns:
+        ``first_seq`` and ``last_seq``, the sequence numbers of the first and the last event
+        (in between, every one is the target's), and ``transactions``.
+    """
+    body = _encoding.encode_event(make_event(0), 1 << 20)
+    ids: list[str] = []
+    for start in range(0, n, _FILL_CHUNK):
+        stop = min(start + _FILL_CHUNK, n)
+        runs = [
+            (target_id, [body] * (min(s + per_txn, stop) - s)) for s in range(start, stop, per_txn)
+        ]
+        added = _fired(store.add_events(EventBatch.of_runs(runs), now))
+        ids.extend((added[0], added[-1]))
+    max_bytes = 4 * per_txn * len(body)
+    claim = _fired(store.claim(target_id, per_txn, max_bytes, now))
+    events = transactions = 0
+    while isinstance(claim, Transaction):
+        events += len(claim.events)
+        transactions += 1
+        if dead:
+            claim = _fired(
+                store.dead_letter(target_id, claim.txn_id, "HTTP 400", per_txn, max_bytes, now)
+            )
+        else:
+            claim = _fired(store.complete(target_id, claim.txn_id, per_txn, max_bytes, now))
+    if events != n or claim is not None:
+        raise RuntimeError(f"{target_id}: {events} of {n} events claimed, then {claim!r}")
+    first, last = _seq_of(ids[0]), _seq_of(ids[-1])
+    if first is None or last is None or last - first + 1 != n:
+        raise RuntimeError(f"{target_id}: the events' ids run from {ids[0]} to {ids[-1]}")
+    return {"first_seq": first, "last_seq": last, "transactions": transactions}
+
+
+def listing(params: dict[str, Any]) -> dict[str, Any]:
+    """
+    Listing: a database holding ``events`` delivered events of one target (and as many
+    dead-lettered events of another, with ``dead_letters``), filled through the store's own
+    API; then, in a fresh process for each, every one of them listed page by page, by a
+    running scheduler (see :func:`list_events`). The peak RSS of each listing's process is
+    the listing's own: if a listing read every row at once, it would grow with the events.
+    """
+    # The store hands its inline pool's results to no reactor; it takes one all the same.
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+    n, per_txn = params["events"], params["batch"]
+    folder = tempfile.TemporaryDirectory(prefix="relayer-bench-", dir=params.get("db_dir"))
+    try:
+        path = Path(folder.name) / "relayer.db"
+        t0 = time.monotonic()
+        # NORMAL: the filling is not measured, and the file is read afterwards, not recovered.
+        store = SQLiteStore.open_path(
+            reactor, path, pool=InlineDatabasePool(), synchronous="NORMAL"
+        )
+        _fired(store.open())
+        _fired(store.register_targets([LISTED_TARGET, DEAD_TARGET]))
+        now = time.time()
+        filled = {LISTED_TARGET: _fill(store, LISTED_TARGET, n, per_txn, now, dead=False)}
+        if params.get("dead_letters"):
+            filled[DEAD_TARGET] = _fill(store, DEAD_TARGET, n, per_txn, now, dead=True)
+        _fired(store.close())
+        fill_s = time.monotonic() - t0
+        database_bytes = stored_bytes(path)["database_bytes"]
+        child = {
+            "path": str(path),
+            "targets": [LISTED_TARGET, DEAD_TARGET],
+            "events": n,
+            "limit": params["limit"],
+            "log": params.get("log"),
+        }
+        timeout = params.get("child_timeout", 600)
+        runs = {"list": run_child("list_events", {**child, **filled[LISTED_TARGET]}, timeout)}
+        if DEAD_TARGET in filled:
+            dead = {**child, **filled[DEAD_TARGET], "dead_letters": True}
+            runs["dead"] = run_child(
+                "list_events", {**dead, "limit": params["dead_limit"]}, timeout
+            )
+    finally:
+        folder.cleanup()
+    result: dict[str, Any] = {
+        "events": n,
+        "batch": per_txn,
+        "transactions": filled[LISTED_TARGET]["transactions"],
+        "fill_s": fill_s,
+        "database_mb": database_bytes / 1e6,
+        "problems": [],
+    }
+    for prefix, run in runs.items():
+        result["problems"].extend(f"{prefix}: {p}" for p in run.pop("problems"))
+        result.update({f"{prefix}_{key}": value for key, value in run.items()})
+    return result
+
+
+class _ListingCheck:
+    """
+    What a listing saw: every event, counted, must follow the one before it, from
+    ``first_seq`` on; the RSS is sampled every ``every`` pages.
+    """
+
+    def __init__(self, first_seq: int, every: int) -> None:
+        self.last_seq = first_seq - 1
+        self.last_txn = 0
+        self.count = 0
+        self.pages = 0
+        self.every = every
+        self.samples: list[float] = []
+        self.problems: list[str] = []
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < 20:
+            self.problems.append(text)
+
+    def event(self, event_id: str, txn_id: int | None) -> None:
+        seq = _seq_of(event_id)
+        if seq is None or seq != self.last_seq + 1:
+            self.problem(f"event {event_id} after seq {self.last_seq}")
+        if seq is not None:
+            self.last_seq = seq
+        if txn_id is None or txn_id < self.last_txn:
+            self.problem(f"event {event_id} in transaction {txn_id}, after {self.last_txn}")
+        else:
+            self.last_txn = txn_id
+        self.count += 1
+
+    def page(self) -> None:
+        self.pages += 1
+        if self.pages % self.every == 0:
+            self.samples.append(round(current_rss_mb(), 1))
+
+
+async def _list_delivered(
+    scheduler: Scheduler, target_id: str, limit: int, check: _ListingCheck
+) -> None:
+    """Every delivered event of the target, ``limit`` a page, until ``next`` is None."""
+    cursor: str | None = None
+    while True:
+        page = await scheduler.target_events(
+            target_id, DeliveryState.DELIVERED, after=cursor, limit=limit
+        )
+        for entry in page.entries:
+            check.event(entry.event_id, entry.txn_id)
+        check.page()
+        if page.next is None:
+            return
+        cursor = page.next
+
+
+async def _list_dead(scheduler: Scheduler, target_id: str, limit: int, check: _ListingCheck) -> int:
+    """Every dead letter of the target, ``limit`` a page, until a page is short; how many."""
+    after: int | None = None
+    letters = 0
+    while True:
+        found = await scheduler.dead_letters(target_id, limit, after=after)
+        for letter in found:
+            if letter.txn_id <= check.last_txn:
+                check.problem(f"dead letter {letter.txn_id} after {check.last_txn}")
+            if len(letter.event_ids) != letter.n_events:
+                check.problem(
+                    f"dead letter {letter.txn_id}: {letter.n_events} events, "
+                    f"{len(letter.event_ids)} ids"
+                )
+            for event_id in letter.event_ids:
+                check.event(event_id, letter.txn_id)
+            letters += 1
+        check.page()
+        if len(found) < limit:
+            return letters
+        after = found[-1].txn_id
+
+
+async def list_events(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """
+    The listing scenario's child: a scheduler on the database at ``path``, listing every
+    delivered event of the first target with ``target_events``, ``limit`` a page, until the
+    page's ``next`` is None; or, with ``dead_letters``, every dead letter of the second target
+    with ``dead_letters``, ``limit`` a page, until a page is short. Every event is counted,
+    and each must follow the one before it: ``events`` of them, ``first_seq`` to ``last_seq``.
+
+    Its baseline RSS is measured once the scheduler has started, before the first page; its
+    peak RSS is its own high-water mark (see :func:`benchmarks._harness.own_peak_rss_mb`).
+    """
+    dead = bool(params.get("dead_letters"))
+    target_id = params["targets"][1 if dead else 0]
+    limit = params["limit"]
+    # No event is pending, so nothing is sent; the closed port would refuse it.
+    http = HTTPTransport(reactor)
+    counting = CountingTransport(http)
+    configs = [TargetConfig(t, f"http://127.0.0.1:9/{t}", "unused") for t in params["targets"]]
+    scheduler = Scheduler(
+        reactor, SQLiteStore.open_path(reactor, params["path"]), counting, configs
+    )
+    # The RSS every tenth of the way: flat if the listing streams.
+    listed = params["transactions"] if dead else params["events"]
+    check = _ListingCheck(params["first_seq"], max(1, -(-listed // limit) // 10))
+    letters = None
+    await scheduler.start()
+    try:
+        baseline_rss = current_rss_mb()
+        peak_before = own_peak_rss_mb()
+        t0, cpu0 = time.monotonic(), time.process_time()
+        if dead:
+            letters = await _list_dead(scheduler, target_id, limit, check)
+        else:
+            await _list_delivered(scheduler, target_id, limit, check)
+        t1, cpu1 = time.monotonic(), time.process_time()
+        peak = own_peak_rss_mb()
+        ru_maxrss = peak_rss_mb()
+    finally:
+        await scheduler.stop()
+        await http.close()
+    if check.count != params["events"]:
+        check.problem(f"{check.count} events listed, not {params['events']}")
+    if check.last_seq != params["last_seq"]:
+        check.problem(f"the last event listed is seq {check.last_seq}, not {params['last_seq']}")
+    if counting.transactions or counting.failures:
+        check.problem(f"{counting.transactions + counting.failures} transactions were sent")
+    result = {
+        "events": check.count,
+        "pages": check.pages,
+        "seconds": t1 - t0,
+        "events_per_s": check.count / (t1 - t0),
+        "cpu_us_per_event": (cpu1 - cpu0) / max(1, check.count) * 1e6,
+        "baseline_rss_mb": baseline_rss,
+        "peak_rss_before_mb": peak_before,
+        "peak_rss_mb": peak,
+        "rss_growth_mb": peak - baseline_rss,
+        # Not the listing's own: at least the peak of the process that started this one.
+        "ru_maxrss_mb": ru_maxrss,
+        "rss_samples_mb": check.samples,
+        "problems": check.problems,
+    }
+    if letters is not None:
+        result["letters"] = letters
+    return result
+
+
 # -- baselines -------------------------------------------------------------------------------------
 
 
@@ -676,6 +961,13 @@ RELAYER_SCENARIOS = {
     "scale": scale,
     "fanout": fanout,
     "send_only": send_only,
+    "list_events": list_events,
 }
 
-__all__ = ["RELAYER_SCENARIOS", "event_bytes", "sqlite_insert"]
+#: The scenarios that run without a reactor, by name.
+PLAIN_SCENARIOS = {
+    "sqlite_insert": sqlite_insert,
+    "listing": listing,
+}
+
+__all__ = ["PLAIN_SCENARIOS", "RELAYER_SCENARIOS", "event_bytes", "listing", "sqlite_insert"]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 
-from benchmarks import runner
-from benchmarks._harness import stored_bytes
+from benchmarks import runner, scenarios
+from benchmarks._harness import run_child, stored_bytes
+from relayer.testing import open_store
 
 
 def args(**overrides: Any) -> argparse.Namespace:
@@ -45,6 +48,8 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
         "scale_10000",
         "fanout_10",
         "fanout_1",
+        "listing_100k",
+        "listing_1m",
     }
     assert (runs["throughput#0"]["targets"], runs["throughput#0"]["events"]) == (10, 100_000)
     assert runs["send_only#0"]["batch"] == runs["throughput#0"]["batch"] == 1000
@@ -55,6 +60,11 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
     assert (runs["fanout_1"]["targets"], runs["fanout_1"]["events"]) == (1, 10_000)
     assert runs["fanout_10"]["batch"] == runs["throughput#0"]["batch"]
     assert runs["fanout_10"]["synchronous"] == "FULL"
+    # Listing is quick: quick mode lists both sizes.
+    assert runs["listing_100k"]["events"] == 100_000
+    assert runs["listing_1m"]["events"] == 1_000_000
+    assert runs["listing_1m"]["limit"] == 1000
+    assert runs["listing_1m"]["dead_letters"] is True
 
 
 def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_throughput() -> None:
@@ -66,6 +76,7 @@ def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_through
     assert runs["memory"]["pending"] == 1_000_000
     assert runs["throughput_NORMAL"]["synchronous"] == "NORMAL"
     assert runs["fanout_10"]["events"] == runs["fanout_1"]["events"] == 100_000
+    assert [runs[f"listing_{n}"]["events"] for n in ("100k", "1m")] == [100_000, 1_000_000]
 
 
 def test_only_keeps_the_runs_named() -> None:
@@ -76,6 +87,14 @@ def test_only_keeps_the_runs_named() -> None:
 def test_only_fanout_runs_it_with_10_targets_and_with_1() -> None:
     assert [key for key, _, _ in runner.plan(args(only=["fanout"]))] == ["fanout_10", "fanout_1"]
     assert [key for key, _, _ in runner.plan(args(only=["fanout_1"]))] == ["fanout_1"]
+
+
+def test_only_listing_runs_both_sizes_and_each_can_run_alone() -> None:
+    assert [key for key, _, _ in runner.plan(args(only=["listing"]))] == [
+        "listing_100k",
+        "listing_1m",
+    ]
+    assert [key for key, _, _ in runner.plan(args(only=["listing_1m"]))] == ["listing_1m"]
 
 
 @pytest.mark.parametrize("only", [["nonsense"], ["postgres"]])
@@ -217,3 +236,95 @@ def test_stored_bytes_counts_relayers_tables_and_their_indexes_only(tmp_path: Pa
     assert after["database_bytes"] > after_other["database_bytes"] > empty["database_bytes"]
     # Checkpointed: the file holds everything, and its WAL is empty.
     assert after["file_bytes"] == after["database_bytes"] == path.stat().st_size
+
+
+def _listing_result(events: int, peak: float, rate: float) -> dict[str, Any]:
+    return {
+        "events": events,
+        "list_peak_rss_mb": peak,
+        "list_baseline_rss_mb": 70.0,
+        "list_events_per_s": rate,
+        "dead_peak_rss_mb": peak + 8.0,
+        "dead_baseline_rss_mb": 70.5,
+        "dead_events_per_s": 4 * rate,
+        "problems": [],
+        "wall_s": 3.0,
+    }
+
+
+def test_the_listing_figures_are_top_level_keys_and_lines_of_the_table() -> None:
+    results = {
+        "listing_100k": _listing_result(100_000, 73.0, 250_000.0),
+        "listing_1m": _listing_result(1_000_000, 73.5, 300_000.0),
+    }
+    s = runner.summarise(results, args())
+    assert s["list_rss_mb_100k"] == 73.0
+    assert s["list_rss_mb_1m"] == 73.5
+    assert s["list_baseline_rss_mb_1m"] == 70.0
+    assert s["list_events_per_s_1m"] == 300_000.0
+    assert s["dead_list_rss_mb_1m"] == 81.5
+    assert s["dead_list_events_per_s_100k"] == 1_000_000.0
+    rows = {line[:28].strip(): line[28:].strip() for line in runner._table(s, results).splitlines()}
+    assert rows["listing 100k: peak RSS"] == "73.0 MB"
+    assert rows["listing 1M: peak RSS"] == "73.5 MB"
+    assert rows["listing 1M: RSS before"] == "70.0 MB"
+    assert rows["listing 1M: speed"] == "300,000 ev/s"
+    assert rows["dead list 1M: peak RSS"] == "81.5 MB"
+
+
+def test_a_crashed_listing_run_leaves_only_its_own_figures_out() -> None:
+    results = {
+        "listing_100k": _listing_result(100_000, 73.0, 250_000.0),
+        "listing_1m": {"crashed": "exit status 2", "problems": []},
+    }
+    s = runner.summarise(results, args())
+    assert s["list_rss_mb_100k"] == 73.0
+    assert not any(key.endswith("_1m") for key in s)
+
+
+@pytest.mark.integration
+def test_the_listing_scenario_lists_every_event_and_dead_letter(tmp_path: Path) -> None:
+    # Pages of 1,000 events end inside transactions of 300; pages of 4 dead letters end
+    # with a short one.
+    result = scenarios.listing(
+        {
+            "events": 2500,
+            "batch": 300,
+            "limit": 1000,
+            "dead_letters": True,
+            "dead_limit": 4,
+            "db_dir": str(tmp_path),
+        }
+    )
+    assert result["problems"] == []
+    assert (result["list_events"], result["list_pages"]) == (2500, 3)
+    assert result["transactions"] == 9
+    assert (result["dead_events"], result["dead_letters"], result["dead_pages"]) == (2500, 9, 3)
+    assert result["list_peak_rss_mb"] >= result["list_baseline_rss_mb"] > 0
+    # The folder with the database is gone.
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_a_listing_that_does_not_find_every_event_is_a_problem(tmp_path: Path) -> None:
+    path = tmp_path / "relayer.db"
+    store = open_store(Clock(), path)
+    store.open()
+    store.register_targets(["listed", "dead"])
+    filled = scenarios._fill(store, "listed", 1500, 500, time.time(), dead=False)
+    store.close()
+    # The listing expects one more event than there is.
+    params = {
+        "path": str(path),
+        "targets": ["listed", "dead"],
+        "events": 1501,
+        "limit": 1000,
+        **filled,
+        "last_seq": filled["last_seq"] + 1,
+    }
+    result = run_child("list_events", params, 120)
+    assert result["events"] == 1500
+    assert result["problems"] == [
+        "1500 events listed, not 1501",
+        f"the last event listed is seq {filled['last_seq']}, not {filled['last_seq'] + 1}",
+    ]
