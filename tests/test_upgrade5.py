@@ -1,0 +1,149 @@
+"""
+Upgrading a schema version 4 database to version 5, on SQLite and on PostgreSQL.
+
+Version 4 on PostgreSQL could store a block whose numbers surround another process's (two
+writers drawing from one sequence at once): 1-3 and 6-7 in one block, around 4-5 in another.
+The upgrade cuts such blocks into blocks of consecutive numbers, so that every event is found,
+and adds the archive tables and views; everything stored is then delivered as before.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from twisted.internet.task import Clock
+
+from relayer import DeliveryState
+from relayer.store import schema
+from relayer.testing import FakeTransport, build_scheduler, step
+from tests._support import database_engine
+
+
+def result(d: Any) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def write_v4(db_path: Path | str) -> None:
+    """A version 4 database with two targets' queues, one block around the other's."""
+    engine = database_engine(db_path)
+    try:
+        with engine.begin() as conn:
+            schema.upgrade(conn, to_version=4)
+            v4 = schema.define_tables(sa.MetaData(), 4).tables
+            for t in ("a", "b"):
+                conn.execute(
+                    sa.insert(v4["relayer_targets"]).values(
+                        target_id=t, state="up", failures=0, last_txn_id=0, max_span=0
+                    )
+                )
+            conn.execute(sa.insert(v4["relayer_target_sets"]).values(set_id=1, targets="a"))
+            conn.execute(sa.insert(v4["relayer_target_sets"]).values(set_id=2, targets="b"))
+            blocks = [
+                (
+                    1,
+                    7,
+                    "1-3,6-7",
+                    1,
+                    [b'{"a":%d}' % i for i in range(5)],
+                    ["a0", None, None, None, "a4"],
+                ),
+                (4, 5, "4-5", 2, [b'{"b":0}', b'{"b":1}'], None),
+            ]
+            for first, last, seqs, set_id, bodies, ids in blocks:
+                conn.execute(
+                    sa.insert(v4["relayer_events"]).values(
+                        first_seq=first,
+                        last_seq=last,
+                        seqs=seqs,
+                        n_events=len(bodies),
+                        set_id=set_id,
+                        submitted_at=10.0,
+                        bodies=b"\n".join(bodies),
+                        expires=json.dumps([None, None, 99999.0, None, None]) if ids else None,
+                        ids=json.dumps(ids) if ids else None,
+                    )
+                )
+            for eid, seq in (("a0", 1), ("a4", 7)):
+                conn.execute(sa.insert(v4["relayer_event_ids"]).values(event_id=eid, seq=seq))
+            for t, seqs, first, last, n in (("a", "1-3,6-7", 1, 7, 5), ("b", "4-5", 4, 5, 2)):
+                conn.execute(
+                    sa.insert(v4["relayer_runs"]).values(
+                        target_id=t,
+                        pos=0,
+                        n_events=n,
+                        size=7 * n,
+                        seqs=seqs,
+                        first_seq=first,
+                        last_seq=last,
+                        oldest_at=10.0,
+                    )
+                )
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT setval('relayer_event_seq', 7)"))
+            else:
+                c = v4["relayer_counters"]
+                conn.execute(sa.delete(c).where(c.c.name == "event_seq"))
+                conn.execute(sa.insert(c).values(name="event_seq", value=7))
+    finally:
+        engine.dispose()
+
+
+def test_a_version_4_database_is_upgraded_and_its_cut_blocks_delivered(
+    db_path: Path | str,
+) -> None:
+    write_v4(db_path)
+    clock = Clock()
+    transport = FakeTransport(clock)
+    transport["a"].down()
+    transport["b"].down()
+    h = build_scheduler(["a", "b"], path=db_path, clock=clock, transport=transport)
+    engine = database_engine(db_path)
+    try:
+        with engine.connect() as conn:
+            assert schema.read_version(conn) == schema.SCHEMA_VERSION == 5
+            rows = conn.execute(
+                sa.text(
+                    "SELECT first_seq, last_seq, seqs, n_events, ids, expires "
+                    "FROM relayer_events ORDER BY first_seq"
+                )
+            ).all()
+            for table in ("relayer_all_events", "relayer_all_txns", "relayer_all_expired"):
+                conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+    finally:
+        engine.dispose()
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        (1, 3, "1-3", 3),
+        (4, 5, "4-5", 2),
+        (6, 7, "6-7", 2),
+    ]
+    # Each piece keeps its events' ids and deadlines.
+    assert [json.loads(r[4]) if r[4] else None for r in rows] == [
+        ["a0", None, None],
+        None,
+        [None, "a4"],
+    ]
+    assert [json.loads(r[5]) if r[5] else None for r in rows] == [[None, None, 99999.0], None, None]
+    for event_id in ("a0", "relayer-2", "relayer-3", "relayer-6", "a4", "relayer-4", "relayer-5"):
+        status = result(h.scheduler.event_status(event_id))
+        assert status is not None, event_id
+        assert [d.state for d in status.deliveries.values()] == [DeliveryState.PENDING]
+    assert result(h.scheduler.event_status("a0")).deliveries["a"].state is DeliveryState.PENDING
+    transport["a"].up()
+    transport["b"].up()
+    step(h.clock, 600)
+    assert h.transport["a"].events == [{"a": i} for i in range(5)]
+    assert h.transport["b"].events == [{"b": 0}, {"b": 1}]
+    assert result(h.scheduler.event_status("relayer-6")).deliveries["a"].state is (
+        DeliveryState.DELIVERED
+    )
+    # New events are numbered after the old ones.
+    new = result(h.scheduler.submit("b", {"b": 2}))
+    assert int(new.removeprefix("relayer-")) > 7
