@@ -264,6 +264,8 @@ class EventEntry:
         last_attempt_at: When it was last sent, or None.
         at: When it reached its state: delivered, expired, dead-lettered or discarded; None
             otherwise.
+        event: The event's encoded bytes, when they were asked for (``with_events``); else
+            None.
     """
 
     event_id: str
@@ -272,6 +274,7 @@ class EventEntry:
     attempts: int
     last_attempt_at: float | None
     at: float | None
+    event: bytes | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -601,13 +604,14 @@ class IStore(Interface):
         limit: int,
         since: float | None = None,
         until: float | None = None,
+        with_events: bool = False,
     ) -> Deferred[TargetEventsPage]:
         """
         A page of up to ``limit`` of a target's events in ``state``, oldest first, after the
         cursor ``after`` (a page's ``next``); for a final state or dead letters, only those
         that reached it from ``since`` (included) to ``until`` (excluded), either None for no
-        bound. Fails with ValueError for a cursor it did not write. Only reads, from one
-        snapshot; archived events are read too.
+        bound; with ``with_events``, with each event's bytes. Fails with ValueError for a
+        cursor it did not write. Only reads, from one snapshot; archived events are read too.
         """
 
     def event_counts(

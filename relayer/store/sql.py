@@ -1504,9 +1504,12 @@ class SQLStore:
         limit: int,
         since: float | None = None,
         until: float | None = None,
+        with_events: bool = False,
     ) -> Deferred[TargetEventsPage]:
         def page(conn: sa.Connection) -> TargetEventsPage:
-            return _TargetEvents(self, conn, target_id, state, after, limit, since, until).page()
+            listing = _TargetEvents(self, conn, target_id, state, after, limit, since, until)
+            listing.with_events = with_events
+            return listing.page()
 
         return self._read_snapshot(page)
 
@@ -1885,6 +1888,8 @@ class _TargetEvents:
 
     #: How many transactions or runs one query reads.
     batch = 64
+    #: Whether the entries carry their events' bytes.
+    with_events = False
 
     def __init__(
         self,
@@ -2011,7 +2016,12 @@ class _TargetEvents:
             pos, run_id, index = rows[-1].pos, rows[-1].id + 1, 0
 
     def _entries(self) -> list[EventEntry]:
-        info = _event_info(self.conn, [f[0] for f in self.found])
+        seqs = [f[0] for f in self.found]
+        info = _event_info(self.conn, seqs)
+        events: dict[int, bytes] = {}
+        if self.with_events:
+            for row in self.store._load_events(self.conn, seqs, strict=False, archived=True):
+                events[row[0]] = bytes(row[1])
         entries = []
         for seq, txn_id, attempts, last_attempt_at, at in self.found:
             found = info.get(seq)
@@ -2025,6 +2035,7 @@ class _TargetEvents:
                     attempts=attempts,
                     last_attempt_at=last_attempt_at,
                     at=at,
+                    event=events.get(seq),
                 )
             )
         return entries
