@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from relayer import (
     ConfigurationError,
@@ -383,3 +384,84 @@ def test_exports_stream_live_and_archived_events_page_by_page(db_path: Path | st
     waiting[1][1].callback(None)
     assert result(done) == 25
     assert b"".join(w[0] for w in waiting) == b"".join(pages)
+
+
+class StepPool:
+    """A database pool that runs queued work one unit at a time, when the test says."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def start(self) -> None:
+        pass
+
+    def run(self, f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append((lambda: f(*args, **kwargs), (), d))
+        return d
+
+    def run_one(self) -> bool:
+        if not self.queue:
+            return False
+        work, _, d = self.queue.pop(0)
+        try:
+            value = work()
+        except BaseException as e:
+            d.errback(e)
+        else:
+            d.callback(value)
+        return True
+
+    def drain(self) -> None:
+        while self.run_one():
+            pass
+
+    def stop(self) -> Deferred[None]:
+        self.drain()
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
+
+
+def test_submits_and_deliveries_wait_for_one_chunk_at_most(db_path: Path | str) -> None:
+    clock = Clock()
+    pool = StepPool()
+    transport = FakeTransport(clock)
+    scheduler = Scheduler(
+        clock,
+        open_store(clock, db_path, pool=pool),
+        transport,
+        [target("t", max_events=10)],
+        retention=Retention(keep=60, interval=None, chunk=10),
+    )
+    started = scheduler.start()
+    pool.drain()
+    assert started.called
+    for i in range(20):
+        scheduler.submit_many([("t", {"n": i, "k": k}) for k in range(10)])
+        pool.drain()
+        clock.advance(0)
+        pool.drain()
+    assert len(transport["t"].events) == 200
+    clock.advance(120)
+    pool.drain()
+    chunks: list[int] = []
+    run = scheduler.purge(progress=lambda r: chunks.append(r.chunks))
+    pool.run_one()
+    assert chunks == [1]
+    submitted = scheduler.submit("t", {"n": "during"})
+    stored_after: list[int] = []
+    submitted.addCallback(lambda _: stored_after.append(len(chunks)))
+    while not run.called:
+        pool.run_one()
+        clock.advance(0)
+    assert result(run).events == 200 and len(chunks) >= 20
+    # Stored after the chunk that was running when it came, and sent at once.
+    assert stored_after == [2]
+    pool.drain()
+    clock.advance(0)
+    pool.drain()
+    assert transport["t"].events[-1] == {"n": "during"}
+    stopped = scheduler.stop()
+    pool.drain()
+    assert stopped.called
