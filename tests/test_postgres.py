@@ -195,7 +195,7 @@ def test_a_lease_taken_before_its_registration_commits_is_delivered(db_path: str
 @pytest.mark.postgres_only
 def test_a_retention_run_stops_and_says_so_while_another_holds_the_lock(db_path: str) -> None:
     from relayer.store import RetentionRule
-    from relayer.store.postgres import _RETENTION_LOCK
+    from relayer.store.postgres import _TRY_RETENTION_LOCK
     from relayer.testing import build_scheduler
 
     def result_of(d: Any) -> Any:
@@ -214,16 +214,26 @@ def test_a_retention_run_stops_and_says_so_while_another_holds_the_lock(db_path:
     try:
         with other.connect() as conn:
             # Another process's chunk holds the lock (to the end of its transaction).
-            assert conn.execute(
-                sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _RETENTION_LOCK}
-            ).scalar()
+            assert conn.execute(sa.text(_TRY_RETENTION_LOCK)).scalar()
             report = result_of(store.purge(rule, 1000.0))
             assert (report.events, report.chunks, report.stopped) == (0, 0, True)
             # A dry run takes no lock.
             report = result_of(store.purge(rule, 1000.0, dry_run=True))
             assert (report.events, report.stopped) == (1, False)
-        report = result_of(store.purge(rule, 1000.0))
-        assert (report.events, report.stopped) == (1, False)
+        # The run of a store in another schema of the same database holds a lock of its own.
+        elsewhere = sa.make_url(db_path).set(drivername="postgresql+psycopg", query={})
+        with sa.create_engine(elsewhere, poolclass=sa.pool.NullPool).connect() as conn:
+            assert conn.execute(sa.text("SELECT current_schema()")).scalar() != db_schema(db_path)
+            assert conn.execute(sa.text(_TRY_RETENTION_LOCK)).scalar()
+            report = result_of(store.purge(rule, 1000.0))
+            assert (report.events, report.stopped) == (1, False)
     finally:
         other.dispose()
     result_of(h.scheduler.stop())
+
+
+def db_schema(url: str) -> str:
+    """The schema a test database URL puts first on the search path."""
+    options = sa.make_url(url).query["options"]
+    assert isinstance(options, str) and options.startswith("-csearch_path=")
+    return options[len("-csearch_path=") :]
