@@ -7,6 +7,12 @@ Sub-commands:
   one that is down for a while, with live progress and a verified summary.
 - ``relayer db upgrade --database URL`` and ``relayer db version --database URL``: create or
   upgrade relayer's tables, or show their schema version.
+- ``relayer purge --database URL --keep DURATION``: run the retention policy by hand, now,
+  beside the database's running schedulers: purge (or, with ``--archive``, archive) the final
+  events that have passed their retention. ``--dry-run`` changes nothing.
+
+Every command that works on a database takes it from ``--database``, or else from the
+environment variable ``RELAYER_DATABASE_URL``, and never prints its password.
 
 Operator commands (status, wake, dead letters, replay) will join it as sub-commands.
 """
@@ -16,7 +22,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from relayer import dbcli, demo
+from relayer import dbcli, demo, purgecli
 from relayer._version import __version__
 
 
@@ -47,6 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
             "db",
             help="database maintenance: upgrade the schema, show its version",
             description="Database maintenance for SQLite files and PostgreSQL databases.",
+        )
+    )
+    purgecli.configure_parser(
+        commands.add_parser(
+            "purge",
+            help="purge or archive the final events that have passed their retention, now",
+            description=(
+                "Run the retention policy by hand, now, as a scheduler with "
+                "Scheduler(retention=...) does every interval: purge (or, with --archive, "
+                "archive) each event that is final (delivered, expired or discarded) at every "
+                "target it was submitted for, and has been for its retention there, with its "
+                "transaction and expiry records. Pending events, transactions in flight or "
+                "awaiting confirmation, and dead letters stay, however old. Time is measured to "
+                "the wall clock now. It runs beside the database's schedulers (it does not take "
+                "their process lock), and never creates a database or upgrades its schema."
+            ),
+            epilog=(
+                "Progress goes to stderr, one line a chunk; the report to stdout. "
+                "Exit status: 0 done, 1 the database could not be used (no such file, "
+                "unreachable, another schema version) or failed, 2 bad usage (an option, a "
+                "duration, a target the database does not know, a database with archived "
+                "events without --archive) or nothing to do, "
+                "3 stopped early because another process's retention run is under way "
+                "(PostgreSQL; run again later), 130 interrupted."
+            ),
         )
     )
     return parser

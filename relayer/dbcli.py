@@ -12,6 +12,10 @@ PostgreSQL password out of the process list (where any user can read a command l
 
 Schedulers upgrade the schema themselves when they start; the command lets an operator do it
 ahead of a deployment, for example before starting several processes at once.
+
+The module also holds what every command that works on a database shares: the ``--database``
+option with its environment variable, engines, URLs shown without their password, and stores
+opened for a command that blocks (:func:`open_store`).
 """
 
 from __future__ import annotations
@@ -19,14 +23,40 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.failure import Failure
 
 from relayer.errors import RelayerError
 from relayer.store import schema
+from relayer.store.sql import SQLStore
+
+T = TypeVar("T")
 
 #: The environment variable that gives the database URL when ``--database`` is not given.
 DATABASE_ENV = "RELAYER_DATABASE_URL"
+
+
+def is_postgres(database: str) -> bool:
+    """Whether ``database`` is a PostgreSQL URL (else a SQLite URL or file path)."""
+    return database.startswith(("postgresql://", "postgresql+psycopg://"))
+
+
+def sqlite_path(database: str) -> str:
+    """
+    The file of a ``sqlite:///`` URL or a plain path.
+
+    Raises:
+        RelayerError: ``database`` is a URL of another kind.
+    """
+    path = database[len("sqlite:///") :] if database.startswith("sqlite:///") else database
+    if "://" in path:
+        raise RelayerError(f"unsupported database URL: {safe_url(database)}")
+    return path
 
 
 def engine_for(database: str, create: bool = True) -> sa.Engine:
@@ -37,18 +67,111 @@ def engine_for(database: str, create: bool = True) -> sa.Engine:
         database: The URL or path.
         create: Whether a SQLite file that does not exist may be created.
     """
-    if database.startswith(("postgresql://", "postgresql+psycopg://")):
+    if is_postgres(database):
         from relayer.store.postgres import postgres_engine
 
         return postgres_engine(database, pool_size=1)
     from relayer.store.sqlite import sqlite_engine
 
-    path = database[len("sqlite:///") :] if database.startswith("sqlite:///") else database
-    if "://" in path:
-        raise RelayerError(f"unsupported database URL: {safe_url(database)}")
+    path = sqlite_path(database)
     if not create and not os.path.exists(path):
         raise RelayerError("no such file")
     return sqlite_engine(path)
+
+
+class BlockingPool:
+    """
+    A database pool that runs each unit of work at once, on the calling thread.
+
+    A command blocks while the database works, and runs no reactor: with this pool a store's
+    Deferreds have fired by the time its methods return (see :func:`wait`).
+    """
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """Run ``f(*args, **kwargs)`` now; an interrupt (Ctrl-C) is raised as it is."""
+        try:
+            result = f(*args, **kwargs)
+        except Exception:
+            return fail()
+        return succeed(result)
+
+    def stop(self) -> Deferred[None]:
+        """Nothing to stop."""
+        return succeed(None)
+
+
+def wait(d: Deferred[T]) -> T:
+    """The result of a Deferred of a store on a :class:`BlockingPool`; raises its failure."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        raise RuntimeError("the database work did not finish at once")
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return cast(T, results[0])
+
+
+def open_store(database: str) -> SQLStore:
+    """
+    Open a store on ``database`` (as :func:`engine_for` takes it) for a command: on a
+    :class:`BlockingPool`, and without the process lock that a scheduler takes, so that the
+    command can run beside the database's schedulers.
+
+    It does not call the store's ``open()``, which would upgrade an older schema: the caller
+    checks the version first.
+    """
+    # The store delivers no results through the reactor on a blocking pool; the PostgreSQL
+    # store keeps it for listen(), which a command never calls.
+    from twisted.internet import reactor
+
+    where = cast(IReactorFromThreads, reactor)
+    if is_postgres(database):
+        from relayer.store.postgres import PostgresStore
+
+        return PostgresStore.open_url(where, database, pool=BlockingPool(), pool_size=1)
+    from relayer.store.sqlite import SQLiteStore
+
+    return SQLiteStore.open_path(where, sqlite_path(database), pool=BlockingPool())
+
+
+def add_database_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--database`` to a command's parser."""
+    parser.add_argument(
+        "--database",
+        default=None,
+        metavar="URL",
+        help=(
+            "sqlite:///path/to/file, a SQLite file path, or postgresql://user@host/db; "
+            f"by default ${DATABASE_ENV}, which keeps a password off the command line"
+        ),
+    )
+
+
+def database_of(args: argparse.Namespace, command: str) -> str | None:
+    """
+    The database a command was given: ``--database``, else ``$RELAYER_DATABASE_URL``. None,
+    after saying on stderr how to give one, if there is neither.
+    """
+    database: str | None = (
+        args.database if args.database is not None else os.environ.get(DATABASE_ENV)
+    )
+    if not database:
+        print(
+            f"{command}: no database given: pass --database URL, or set "
+            f"{DATABASE_ENV} (which keeps a password out of the process list)",
+            file=sys.stderr,
+        )
+        return None
+    return database
+
+
+def error_message(e: sa.exc.SQLAlchemyError) -> str:
+    """The first line of the driver's message for a database error (no SQL, no password)."""
+    orig = getattr(e, "orig", None)
+    return str(orig if orig is not None else e).strip().splitlines()[0]
 
 
 def safe_url(database: str) -> str:
@@ -69,15 +192,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         ("version", "show the schema version of a database"),
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument(
-            "--database",
-            default=None,
-            metavar="URL",
-            help=(
-                "sqlite:///path/to/file, a SQLite file path, or postgresql://user@host/db; "
-                f"by default ${DATABASE_ENV}, which keeps a password off the command line"
-            ),
-        )
+        add_database_option(sub)
         sub.set_defaults(func=run)
 
     def usage(args: argparse.Namespace) -> int:
@@ -89,13 +204,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a ``relayer db`` command; return the exit status."""
-    database = args.database if args.database is not None else os.environ.get(DATABASE_ENV)
-    if not database:
-        print(
-            f"relayer db {args.db_command}: no database given: pass --database URL, or set "
-            f"{DATABASE_ENV} (which keeps a password out of the process list)",
-            file=sys.stderr,
-        )
+    database = database_of(args, f"relayer db {args.db_command}")
+    if database is None:
         return 2
     where = safe_url(database)
     try:
@@ -112,9 +222,10 @@ def run(args: argparse.Namespace) -> int:
         finally:
             engine.dispose()
     except sa.exc.SQLAlchemyError as e:
-        orig = getattr(e, "orig", None)
-        message = str(orig if orig is not None else e).strip().splitlines()[0]
-        print(f"relayer db {args.db_command}: cannot use {where}: {message}", file=sys.stderr)
+        print(
+            f"relayer db {args.db_command}: cannot use {where}: {error_message(e)}",
+            file=sys.stderr,
+        )
         return 1
     except RelayerError as e:
         print(f"relayer db {args.db_command}: {where}: {e}", file=sys.stderr)

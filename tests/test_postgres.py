@@ -190,3 +190,50 @@ def test_a_lease_taken_before_its_registration_commits_is_delivered(db_path: str
         pool.drain()
         clock.advance(1.0)
     assert stopping.called
+
+
+@pytest.mark.postgres_only
+def test_a_retention_run_stops_and_says_so_while_another_holds_the_lock(db_path: str) -> None:
+    from relayer.store import RetentionRule
+    from relayer.store.postgres import _TRY_RETENTION_LOCK
+    from relayer.testing import build_scheduler
+
+    def result_of(d: Any) -> Any:
+        found: list[Any] = []
+        d.addBoth(found.append)
+        assert found, "the Deferred has not fired"
+        return found[0]
+
+    h = build_scheduler(["t"], path=db_path)
+    result_of(h.scheduler.submit("t", {"n": 1}))
+    h.clock.advance(1.0)
+    assert h.transport["t"].events == [{"n": 1}]
+    store = h.scheduler._store
+    rule = RetentionRule(10.0)
+    other = sa.create_engine(sa.make_url(db_path).set(drivername="postgresql+psycopg"))
+    try:
+        with other.connect() as conn:
+            # Another process's chunk holds the lock (to the end of its transaction).
+            assert conn.execute(sa.text(_TRY_RETENTION_LOCK)).scalar()
+            report = result_of(store.purge(rule, 1000.0))
+            assert (report.events, report.chunks, report.stopped) == (0, 0, True)
+            # A dry run takes no lock.
+            report = result_of(store.purge(rule, 1000.0, dry_run=True))
+            assert (report.events, report.stopped) == (1, False)
+        # The run of a store in another schema of the same database holds a lock of its own.
+        elsewhere = sa.make_url(db_path).set(drivername="postgresql+psycopg", query={})
+        with sa.create_engine(elsewhere, poolclass=sa.pool.NullPool).connect() as conn:
+            assert conn.execute(sa.text("SELECT current_schema()")).scalar() != db_schema(db_path)
+            assert conn.execute(sa.text(_TRY_RETENTION_LOCK)).scalar()
+            report = result_of(store.purge(rule, 1000.0))
+            assert (report.events, report.stopped) == (1, False)
+    finally:
+        other.dispose()
+    result_of(h.scheduler.stop())
+
+
+def db_schema(url: str) -> str:
+    """The schema a test database URL puts first on the search path."""
+    options = sa.make_url(url).query["options"]
+    assert isinstance(options, str) and options.startswith("-csearch_path=")
+    return options[len("-csearch_path=") :]

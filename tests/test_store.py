@@ -874,3 +874,30 @@ async def test_reads_on_the_read_thread_do_not_wait_for_the_writer(tmp_path: Pat
         lock.close()
     await store.close()
     assert store._read_pool is not None and not store._read_pool._started  # type: ignore[attr-defined]
+
+
+def test_a_retention_run_reports_whether_it_stopped_before_the_end(sqlite_file: Path) -> None:
+    from relayer.store import RetentionRule
+
+    h = build_scheduler(["t"], path=sqlite_file)
+    for n in range(3):
+        result_of(h.scheduler.submit("t", {"n": n}))
+        h.clock.advance(1.0)  # each event in a block and a transaction of its own
+    assert len(h.transport["t"].events) == 3
+    result_of(h.scheduler.stop())
+    store = open_store(sqlite_file)
+    rule = RetentionRule(10.0)
+    # Told to stop after the first chunk (of one event number), the run says so.
+    report = result_of(store.purge(rule, 1000.0, chunk=1, keep_going=lambda: False))
+    assert (report.events, report.chunks, report.stopped) == (1, 1, True)
+    # Run to the end, it does not; keep_going is not asked after the last chunk.
+    asked: list[bool] = []
+
+    def keep_going() -> bool:
+        asked.append(True)
+        return True
+
+    report = result_of(store.purge(rule, 1000.0, chunk=1, keep_going=keep_going))
+    assert (report.events, report.stopped) == (2, False)
+    assert len(asked) == report.chunks - 1
+    result_of(store.close())

@@ -45,11 +45,11 @@ class RetentionRule:
 
     Attributes:
         default: Seconds, for targets without their own; None for ever.
-        per_target: Targets' own retention, in seconds.
+        per_target: Targets' own retention, in seconds; None for ever, whatever the default.
     """
 
     default: float | None
-    per_target: Mapping[str, float] = attrs.field(factory=dict)
+    per_target: Mapping[str, float | None] = attrs.field(factory=dict)
 
     def keep(self, target_id: str) -> float | None:
         """Seconds ``target_id`` keeps a final event; None for ever."""

@@ -339,6 +339,9 @@ class PurgeReport:
         archived: Whether they were archived rather than deleted.
         dry_run: Whether nothing was changed.
         chunks: How many chunks (database transactions) the run took.
+        stopped: Whether the run stopped before it had looked at every event: ``keep_going``
+            answered False, or (on PostgreSQL) another process's run held the retention lock.
+            A later run goes on where it stopped.
     """
 
     events: int = 0
@@ -349,6 +352,7 @@ class PurgeReport:
     archived: bool = False
     dry_run: bool = False
     chunks: int = 0
+    stopped: bool = False
 
 
 @attrs.frozen

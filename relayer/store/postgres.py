@@ -93,8 +93,12 @@ def postgres_engine(
     )
 
 
-# The advisory lock a retention chunk holds: an arbitrary constant of relayer's.
-_RETENTION_LOCK = 0x72656C6179657201
+#: The lock a retention chunk holds, to the end of its transaction: keyed by relayer and the
+#: schema in use, as the process lock is, so that the stores of other schemas (other
+#: deployments in the same database) never stop each other's runs.
+_TRY_RETENTION_LOCK = (
+    "SELECT pg_try_advisory_xact_lock(hashtext('relayer retention'), hashtext(current_schema()))"
+)
 
 
 class PostgresStore(SQLStore):
@@ -244,11 +248,7 @@ class PostgresStore(SQLStore):
 
     def _retention_lock(self, conn: sa.Connection) -> bool:
         # Held to the end of the chunk's transaction: one process purges at a time.
-        return bool(
-            conn.execute(
-                sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _RETENTION_LOCK}
-            ).scalar()
-        )
+        return bool(conn.execute(sa.text(_TRY_RETENTION_LOCK)).scalar())
 
     def _allocate_seqs(self, conn: sa.Connection, n: int) -> list[int]:
         # A sequence, rather than a counter row: writers in several processes never wait for

@@ -1610,7 +1610,8 @@ class SQLStore:
 
         Returns:
             A Deferred firing with the totals. On PostgreSQL, a run that finds another
-            process's run under way stops at once, and reports what it did.
+            process's run under way stops at once, and reports what it did. A run that stops
+            before the end, either way, reports ``stopped``.
         """
 
         def one_chunk(conn: sa.Connection, after: int) -> _retention.ChunkResult | None:
@@ -1627,6 +1628,7 @@ class SQLStore:
                 else:
                     found = await self._run(one_chunk, after)
                 if found is None:
+                    report = attrs.evolve(report, stopped=True)
                     break
                 by_target = dict(report.by_target)
                 for target_id, n in found.by_target.items():
@@ -1643,7 +1645,8 @@ class SQLStore:
                 if progress is not None:
                     progress(report)
                 after = found.next_after
-                if keep_going is not None and not keep_going():
+                if after is not None and keep_going is not None and not keep_going():
+                    report = attrs.evolve(report, stopped=True)
                     break
             return report
 
