@@ -93,8 +93,11 @@ def postgres_engine(
     )
 
 
-# The advisory lock a retention chunk holds: an arbitrary constant of relayer's.
-_RETENTION_LOCK = 0x72656C6179657201
+# The advisory lock a retention chunk holds, keyed by relayer and the schema in use, as the
+# process lock is: deployments in other schemas of the database purge their own meanwhile.
+_RETENTION_LOCK = (
+    "SELECT pg_try_advisory_xact_lock(hashtext('relayer retention'), hashtext(current_schema()))"
+)
 
 
 class PostgresStore(SQLStore):
@@ -243,12 +246,8 @@ class PostgresStore(SQLStore):
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
     def _retention_lock(self, conn: sa.Connection) -> bool:
-        # Held to the end of the chunk's transaction: one process purges at a time.
-        return bool(
-            conn.execute(
-                sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _RETENTION_LOCK}
-            ).scalar()
-        )
+        # Held to the end of the chunk's transaction: one process purges a schema at a time.
+        return bool(conn.exec_driver_sql(_RETENTION_LOCK).scalar())
 
     def _allocate_seqs(self, conn: sa.Connection, n: int) -> list[int]:
         # A sequence, rather than a counter row: writers in several processes never wait for
