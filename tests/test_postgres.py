@@ -237,3 +237,51 @@ def db_schema(url: str) -> str:
     options = sa.make_url(url).query["options"]
     assert isinstance(options, str) and options.startswith("-csearch_path=")
     return options[len("-csearch_path=") :]
+
+
+def test_retention_in_one_schema_does_not_give_way_to_another_schema(db_path: str) -> None:
+    """
+    Retention gives way to a chunk under way in the same schema only: two deployments in two
+    schemas of one database each purge their own at the same time.
+    """
+    import uuid
+
+    from _support import database_engine, result_of
+
+    from relayer.store import RetentionRule
+
+    clock: Any = Clock()
+    store = PostgresStore.open_url(clock, db_path, pool=InlineDatabasePool(), pool_size=1)
+    other_schema = f"relayer_other_{uuid.uuid4().hex[:12]}"
+    other = PostgresStore.open_url(
+        clock, db_path, pool=InlineDatabasePool(), pool_size=1, schema=other_schema
+    )
+    admin = database_engine(db_path)
+    try:
+        result_of(store.open())
+        result_of(other.open())
+        result_of(store.register_targets(["t"]))
+        result_of(store.add_events([("t", [b'{"n":1}'])], 1.0))
+        txn = result_of(store.claim("t", 10, 10**6, 2.0))
+        assert result_of(store.complete("t", txn.txn_id, 10, 10**6, 3.0)) is None
+        # A chunk of the other schema's retention is under way...
+        with other._engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT current_schema()")).scalar() == other_schema
+            assert other._retention_lock(conn)
+            # ...and this schema's purge runs all the same.
+            report = result_of(store.purge(RetentionRule(0.0), 100.0))
+        assert (report.events, report.chunks) == (1, 1)
+        # In one schema, a run still gives way to another's chunk.
+        result_of(store.add_events([("t", [b'{"n":2}'])], 4.0))
+        txn = result_of(store.claim("t", 10, 10**6, 5.0))
+        assert result_of(store.complete("t", txn.txn_id, 10, 10**6, 6.0)) is None
+        with store._engine.begin() as conn:
+            assert store._retention_lock(conn)
+            report = result_of(store.purge(RetentionRule(0.0), 100.0))
+        assert (report.events, report.chunks) == (0, 0)
+    finally:
+        result_of(store.close())
+        result_of(other.close())
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{other_schema}" CASCADE'))
+        admin.dispose()
