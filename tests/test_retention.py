@@ -465,3 +465,38 @@ def test_submits_and_deliveries_wait_for_one_chunk_at_most(db_path: Path | str) 
     stopped = scheduler.stop()
     pool.drain()
     assert stopped.called
+
+
+def test_a_purge_after_an_archive_keeps_the_records_archived_events_need(
+    db_path: Path | str,
+) -> None:
+    # A and B go to "t" in one transaction; B also to "d", which is down. Archiving takes A
+    # (final) and leaves B: their transaction's record stays live, for B. Purging later (with
+    # archiving turned off) takes B: the record moves to the archive, where A still needs it.
+    h = build_scheduler(["t", "d"], path=db_path, retention=by_hand(keep=1, archive=True))
+    h.transport["t"].down()
+    h.transport["d"].down()
+    result(
+        h.scheduler.submit_many(
+            [("t", Event({"n": "A"}, event_id="A")), (["t", "d"], Event({"n": "B"}, event_id="B"))]
+        )
+    )
+    h.transport["t"].up()
+    h.scheduler.wake("t")
+    step(h.clock, 5)
+    assert states(h, "A") == {"t": DeliveryState.DELIVERED}
+    [a_txn] = {d.txn_id for d in result(h.scheduler.event_status("A")).deliveries.values()}
+    assert result(h.scheduler.purge()).events == 1
+    h.transport["d"].up()
+    h.scheduler.wake("d")
+    step(h.clock, 5)
+    result(h.scheduler.stop())
+    h2 = build_scheduler(
+        ["t", "d"], path=db_path, clock=h.clock, transport=h.transport, retention=by_hand(keep=1)
+    )
+    assert result(h2.scheduler.purge()).events == 1
+    assert states(h2, "B") is None
+    status = result(h2.scheduler.event_status("A"))
+    assert status.deliveries["t"].state is DeliveryState.DELIVERED
+    assert status.deliveries["t"].txn_id == a_txn
+    assert result(h2.scheduler.event_counts("t")).delivered == 1

@@ -223,27 +223,42 @@ def purge_chunk(
         if seq in gone_seqs
     ]
     result.expired = len(expiries)
-    # Transaction records all of whose events go now or went before.
+    # Transaction records all of whose events go now or went before. A purge keeps, in the
+    # archive, the record of one whose other events were archived before (by a run with
+    # archiving on): they still need it.
     leaving: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
+    shrunk: list[dict[str, Any]] = []
     for target_id, txns in done_txns.items():
         for txn in txns:
-            if _all_gone(conn, txn.seqs, gone):
-                leaving.append({"p_target": target_id, "p_txn": txn.txn_id})
+            key = {"p_target": target_id, "p_txn": txn.txn_id}
+            if not archive and txn.state in _FINAL_TXN:
+                # Its count of events is of those still kept, live or archived.
+                n = sum(1 for seq in _seqs.decode(txn.seqs) if seq in gone_seqs)
+                if n:
+                    shrunk.append({**key, "p_n": n})
+            if _all_gone(conn, _e, txn.seqs, gone):
+                if archive or _all_gone(conn, schema.archived_events, txn.seqs, set()):
+                    leaving.append(key)
+                else:
+                    kept.append(key)
     result.transactions = len(leaving)
     if dry_run:
         return result
-    _remove(conn, going, expiries, leaving, archive)
+    _remove(conn, going, expiries, leaving, kept, shrunk, archive)
     return result
 
 
-def _all_gone(conn: sa.Connection, seqs: str, going: set[int]) -> bool:
-    """Whether no block holds any of these events but those in ``going`` (by first number)."""
+def _all_gone(conn: sa.Connection, table: sa.Table, seqs: str, going: set[int]) -> bool:
+    """
+    Whether no block of ``table`` holds any of these events but those in ``going`` (by first
+    number).
+    """
+    c = table.c
     for low, high in _seqs.ranges(seqs):
-        start = conn.execute(
-            sa.select(sa.func.max(_e.c.first_seq)).where(_e.c.first_seq <= low)
-        ).scalar()
-        query = sa.select(_e.c.first_seq, _e.c.last_seq).where(_e.c.first_seq <= high)
-        query = query.where(_e.c.first_seq >= (start if start is not None else low))
+        start = conn.execute(sa.select(sa.func.max(c.first_seq)).where(c.first_seq <= low)).scalar()
+        query = sa.select(c.first_seq, c.last_seq).where(c.first_seq <= high)
+        query = query.where(c.first_seq >= (start if start is not None else low))
         for first, last in conn.execute(query):
             if last >= low and first not in going:
                 return False
@@ -255,6 +270,8 @@ def _remove(
     going: list[Any],
     expiries: list[dict[str, Any]],
     leaving: list[dict[str, Any]],
+    kept: list[dict[str, Any]],
+    shrunk: list[dict[str, Any]],
     archive: bool,
 ) -> None:
     firsts = [b.first_seq for b in going]
@@ -281,13 +298,19 @@ def _remove(
         named = [i for b in going if b.ids for i in json.loads(b.ids) if i is not None]
         for start in range(0, len(named), 500):
             conn.execute(sa.delete(_ei).where(_ei.c.event_id.in_(named[start : start + 500])))
-    for rows, live, archived, key in (
-        (expiries, _xp, schema.archived_expired, expiry_key),
-        (leaving, _x, schema.archived_txns, txn_key),
+    if shrunk:
+        conn.execute(
+            sa.update(_x).where(txn_key).values(n_events=_x.c.n_events - sa.bindparam("p_n")),
+            shrunk,
+        )
+    for rows, live, archived, key, move in (
+        (expiries, _xp, schema.archived_expired, expiry_key, archive),
+        (leaving, _x, schema.archived_txns, txn_key, archive),
+        (kept, _x, schema.archived_txns, txn_key, True),
     ):
         if not rows:
             continue
-        if archive:
+        if move:
             insert = sa.insert(archived).from_select(
                 [c.name for c in live.columns], sa.select(live).where(key)
             )
