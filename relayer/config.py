@@ -231,7 +231,7 @@ def _check_backoff(instance: Any, attribute: Any, value: Any) -> None:
         raise InvalidTarget(f"backoff must be a BackoffPolicy, not {type(value).__name__}")
 
 
-#: The longest time to live a target's default may give an event: a year.
+#: The longest time to live that a target's default may give an event (a year).
 MAX_TTL = 366 * 24 * 3600.0
 #: Default time a transaction may await its confirmation before it is sent again.
 DEFAULT_CONFIRMATION_TIMEOUT = 300.0
@@ -251,8 +251,7 @@ def _check_confirmation_timeout(instance: Any, attribute: Any, value: Any) -> No
     _seconds(InvalidTarget, "confirmation_timeout", 0.0, value)
 
 
-#: The longest time final events may be kept before retention purges them: a century (for
-#: ever is ``None``).
+#: The longest retention of final events, a century (for ever is ``None``).
 MAX_RETENTION = 100 * 366 * 24 * 3600.0
 
 

@@ -1266,7 +1266,7 @@ class Scheduler:
         alike, so retention archiving events never changes them.
 
         Raises:
-            NotRunning: The scheduler is not running.
+            NotRunning: The scheduler is neither running nor stopping.
             UnknownTarget: ``target_id`` is not a valid target id.
             ConfigurationError: ``since`` or ``until`` is not a number or None, or ``until``
                 is before ``since``.
@@ -1303,7 +1303,16 @@ class Scheduler:
             NotRunning: The scheduler is not running.
         """
         self._check_running()
-        return self._purge(dry_run, progress)
+        run = self._purge(dry_run, progress)
+        # stop() waits for the chunk under way; the run stops after it.
+        done: Deferred[None] = Deferred()
+        self._track(done)
+
+        def finished(result: object) -> object:
+            done.callback(None)
+            return result
+
+        return run.addBoth(finished)
 
     def _purge(
         self, dry_run: bool, progress: Callable[[PurgeReport], None] | None = None

@@ -52,6 +52,15 @@ def test_an_expired_event_keeps_the_history_of_the_transaction_it_was_sent_in(
     assert delivery.attempts == len(sent)
     assert delivery.last_attempt_at is not None and delivery.last_attempt_at < 60
     assert delivery.expired_at is not None and delivery.expired_at >= 60
+    # The listing of expired events says the same.
+    [entry] = result(h.scheduler.target_events("t", "expired")).entries
+    assert (entry.event_id, entry.txn_id, entry.attempts, entry.last_attempt_at, entry.at) == (
+        event_id,
+        1,
+        delivery.attempts,
+        delivery.last_attempt_at,
+        delivery.expired_at,
+    )
 
 
 def test_a_down_target_whose_backlog_expired_stays_down_with_its_backoff(

@@ -367,7 +367,12 @@ def test_expired_events_page_by_page(db_path: Path) -> None:
     for limit in (1, 2, 3, 1000):
         entries = walk(h, "a", DeliveryState.EXPIRED, limit)
         assert [e.event_id for e in entries] == ids
-        assert all(e.at == 2.0 and e.txn_id is None for e in entries)
+        assert all(e.at == 2.0 for e in entries)
+        # Each names the abandoned transaction it had been sent in, if any, as its status does.
+        for e in entries:
+            delivery = result_of(h.scheduler.event_status(e.event_id)).deliveries["a"]
+            assert (e.txn_id, e.attempts) == (delivery.txn_id, delivery.attempts)
+        assert any(e.txn_id is not None and e.attempts >= 1 for e in entries)
     assert [e.event_id for e in walk(h, "a", DeliveryState.DELIVERED)] == [kept]
 
 

@@ -500,3 +500,44 @@ def test_a_purge_after_an_archive_keeps_the_records_archived_events_need(
     assert status.deliveries["t"].state is DeliveryState.DELIVERED
     assert status.deliveries["t"].txn_id == a_txn
     assert result(h2.scheduler.event_counts("t")).delivered == 1
+
+
+def test_a_run_by_hand_stops_after_its_chunk_when_the_scheduler_stops(db_path: Path | str) -> None:
+    clock = Clock()
+    pool = StepPool()
+    scheduler = Scheduler(
+        clock,
+        open_store(clock, db_path, pool=pool),
+        FakeTransport(clock),
+        [target("t", max_events=10)],
+        retention=Retention(keep=60, interval=None, chunk=10),
+    )
+    started = scheduler.start()
+    pool.drain()
+    assert started.called
+    for i in range(10):
+        scheduler.submit_many([("t", {"n": i, "k": k}) for k in range(10)])
+        pool.drain()
+        clock.advance(0)
+        pool.drain()
+    clock.advance(120)
+    pool.drain()
+    run_over_at_close: list[bool] = []
+    store = scheduler._store
+    close = store.close
+
+    def closing() -> Deferred[None]:
+        run_over_at_close.append(run.called)
+        return close()
+
+    store.close = closing  # type: ignore[method-assign]
+    run = scheduler.purge()
+    pool.run_one()
+    stopped = scheduler.stop()
+    while pool.run_one():
+        clock.advance(0)
+    assert stopped.called and run.called
+    # The store stays open until the run has stopped.
+    assert run_over_at_close == [True]
+    report = result(run)
+    assert report.stopped and 1 <= report.chunks < 10 and report.events < 100

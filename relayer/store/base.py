@@ -190,7 +190,7 @@ class DeliveryState(enum.Enum):
 
     @property
     def final(self) -> bool:
-        """Whether an event in this state stays in it: delivered, expired or discarded."""
+        """Whether an event in this state stays in it (delivered, expired or discarded)."""
         return self in _FINAL_STATES
 
 

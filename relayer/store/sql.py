@@ -1945,7 +1945,7 @@ class _TargetEvents:
     def _expired(self) -> None:
         after = int(self.cursor[1]) if self.cursor else -1
         rows = self.conn.execute(
-            sa.select(_axp.c.seq, _axp.c.expired_at)
+            sa.select(_axp.c.seq, _axp.c.expired_at, _axp.c.txn_id)
             .where(
                 _axp.c.target_id == self.target_id,
                 _axp.c.seq > after,
@@ -1954,8 +1954,20 @@ class _TargetEvents:
             .order_by(_axp.c.seq)
             .limit(self.limit + 1)
         ).all()
-        for seq, at in rows[: self.limit]:
-            self.found.append((seq, None, 0, None, at))
+        # The abandoned transactions they had been sent in, as event_status reports them.
+        sent = sorted({r.txn_id for r in rows if r.txn_id is not None})
+        tried: dict[int, tuple[int, float | None]] = {}
+        for chunk in range(0, len(sent), _IN_CHUNK):
+            for txn_id, attempts, last in self.conn.execute(
+                sa.select(_ax.c.txn_id, _ax.c.attempts, _ax.c.last_attempt_at).where(
+                    _ax.c.target_id == self.target_id,
+                    _ax.c.txn_id.in_(sent[chunk : chunk + _IN_CHUNK]),
+                )
+            ):
+                tried[txn_id] = (attempts, last)
+        for seq, at, txn_id in rows[: self.limit]:
+            attempts, last = tried.get(txn_id, (0, None)) if txn_id is not None else (0, None)
+            self.found.append((seq, txn_id, attempts, last, at))
         if len(rows) > self.limit:
             self.next = f"x:{rows[self.limit - 1][0]}"
 
