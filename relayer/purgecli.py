@@ -21,8 +21,7 @@ never creates a database and never upgrades a schema: a database of another sche
 refused.
 
 It also refuses a ``--target-keep`` of a target that the database does not know (a typo would
-leave that target to ``--keep``), and a purge without ``--archive`` of a database that holds
-archived events: deleting would take transaction records that archived events still read.
+leave that target to ``--keep``).
 """
 
 from __future__ import annotations
@@ -48,8 +47,8 @@ from relayer.store import PurgeReport, RetentionRule, schema
 EXIT_OK = 0
 #: The database could not be used (missing, unreachable, another schema version), or failed.
 EXIT_FAILED = 1
-#: The command line is not valid, asks for nothing, names a target the database does not know,
-#: or would purge without ``--archive`` beside archived events.
+#: The command line is not valid, asks for nothing, or names a target the database does not
+#: know.
 EXIT_USAGE = 2
 #: The run stopped before the end: on PostgreSQL, another process's retention run was under way.
 EXIT_STOPPED = 3
@@ -207,7 +206,6 @@ class _Found:
 
     version: int
     targets: frozenset[str]
-    archived: bool
 
 
 def _read_only_engine(database: str) -> sa.Engine:
@@ -223,19 +221,15 @@ def _read_only_engine(database: str) -> sa.Engine:
 
 
 def _inspect(database: str) -> _Found:
-    """Read the schema version, the targets and whether anything is archived; change nothing."""
+    """Read the schema version and the targets; change nothing."""
     engine = _read_only_engine(database)
     try:
         with engine.connect() as conn:
             version = schema.read_version(conn)
             if version != schema.SCHEMA_VERSION:
-                return _Found(version, frozenset(), False)
+                return _Found(version, frozenset())
             targets = frozenset(conn.execute(sa.select(schema.targets.c.target_id)).scalars())
-            archived = (
-                conn.execute(sa.select(schema.archived_events.c.first_seq).limit(1)).first()
-                is not None
-            )
-            return _Found(version, targets, archived)
+            return _Found(version, targets)
     finally:
         engine.dispose()
 
@@ -339,13 +333,6 @@ def run(args: argparse.Namespace) -> int:
             return _fail(
                 f"--target-keep names {_plural(len(unknown), 'target')} that {where} does not "
                 f"know: {', '.join(unknown)} (its targets: {_some(found.targets)})",
-                EXIT_USAGE,
-            )
-        if found.archived and not args.archive:
-            return _fail(
-                f"{where} holds archived events: give --archive; a purge that deletes would "
-                "also delete transaction records that archived events still need, and their "
-                "status would read pending (nothing was changed)",
                 EXIT_USAGE,
             )
         return _purge(args, database, where, rule)
