@@ -21,6 +21,10 @@ again, until a run drains the store and exits with 0. Then:
 - no transaction id was ever sent with two different bodies (failed attempts included);
 - no event arrived that was not submitted, and the store is empty.
 
+Every run archives final events as it goes (a retention of 0.05 s, run every 0.25 s, in
+small chunks), so that kills meet retention runs too; the checks read live and archived rows
+alike, through the views.
+
 Every third chunk of a run's events is fanned out: one event for a random set of targets, stored
 once. Some events carry a time to live, and a few a deadline already past when they are
 submitted: those expire whenever a claim reaches them, so every run passes the
@@ -123,6 +127,9 @@ EVENTS_PER_RUN = 60
 CHUNK = 10
 MAX_EVENTS = 8
 BACKOFF = {"initial": 0.02, "maximum": 0.1}
+#: Every run archives its final events as it goes, in small chunks: kills meet retention
+#: runs too, and the checks read live and archived rows alike.
+RETENTION = {"keep": 0.05, "archive": True, "interval": 0.25, "chunk": 16}
 #: A bound on one run, so that a hang shows as a failure rather than a stuck suite.
 RUN_DEADLINE = 60.0
 #: The same for a run sharing PostgreSQL (such a run takes a few seconds).
@@ -461,6 +468,8 @@ class Sequence:
     runs: list[RunResult] = attrs.field(factory=list)
     kills: list[Any] = attrs.field(factory=list)
     launched: int = 0
+    #: How many events the runs archived, as the check found.
+    archived: int = 0
 
     @classmethod
     def make(cls, folder: Path, name: str, seed: int, url: str | None = None) -> Sequence:
@@ -550,6 +559,7 @@ class Sequence:
             "seed": rng.random(),
             "log": str(self.run_log(index)),
             "kill": child_kill,
+            "retention": RETENTION,
         }
         if self.url is not None:
             config.update(
@@ -683,7 +693,9 @@ class Sequence:
         and their deadlines as a JSON list (or none at all).
         """
         found = {}
-        for seqs, block, expires in self.query("SELECT seqs, bodies, expires FROM relayer_events"):
+        for seqs, block, expires in self.query(
+            "SELECT seqs, bodies, expires FROM relayer_all_events"
+        ):
             numbers = _seqs.decode(seqs)
             deadlines = json.loads(expires) if expires else [None] * len(numbers)
             for seq, body, expires_at in zip(
@@ -726,6 +738,8 @@ class Sequence:
 
     def check(self) -> None:
         """Every invariant, once the store is drained."""
+        [(archived,)] = self.query("SELECT coalesce(sum(n_events), 0) FROM relayer_archived_events")
+        self.archived = int(archived)
         acks = Acks.read(self.acks)
         acked = {t: {n for _, n in a} for t, a in acks.events.items()}
         problems: list[str] = []
@@ -734,14 +748,14 @@ class Sequence:
         dead: dict[str, list[int]] = {t: [] for t in TARGETS}
         txn_states: dict[tuple[str, int], str] = {}
         for target_id, txn_id, state, seqs in self.query(
-            "SELECT target_id, txn_id, state, seqs FROM relayer_txns"
+            "SELECT target_id, txn_id, state, seqs FROM relayer_all_txns"
         ):
             txn_states[(target_id, txn_id)] = state
             if state == "dead":
                 dead[target_id] += [number[s] for s in _seqs.decode(seqs)]
         expired: dict[str, dict[int, float]] = {t: {} for t in TARGETS}
         for target_id, seq, expired_at in self.query(
-            "SELECT target_id, seq, expired_at FROM relayer_expired"
+            "SELECT target_id, seq, expired_at FROM relayer_all_expired"
         ):
             n = number[seq]
             expired[target_id][n] = expired_at
@@ -1132,9 +1146,15 @@ async def test_random_kills_lose_nothing(zygotes: list[Zygote], tmp_path: Path) 
     kinds = {
         ("receiver" if "receiver" in k else "after" if "after" in k else "point") for k in kills
     }
-    print(f"seed {SEED}: {len(kills)} kills in {sum(len(s.runs) for s in done)} runs")
+    archived = sum(seq.archived for seq in done)
+    print(
+        f"seed {SEED}: {len(kills)} kills in {sum(len(s.runs) for s in done)} runs; "
+        f"{archived} events archived"
+    )
     assert len(kills) >= 50
     assert kinds == {"receiver", "after", "point"}
+    # Retention ran beside the kills.
+    assert archived > 0
 
 
 #: The random rounds on PostgreSQL: sequences, and the kills of one process in each.
@@ -1164,5 +1184,10 @@ async def test_shared_random_kills_lose_nothing(
         seq.check()
     finally:
         await seq.close()
-    print(f"seed {SEED}/{seed}: plan {plan}, {len(seq.kills)} kills in {len(seq.runs)} runs")
+    print(
+        f"seed {SEED}/{seed}: plan {plan}, {len(seq.kills)} kills in {len(seq.runs)} runs; "
+        f"{seq.archived} events archived"
+    )
     assert seq.kills
+    # Retention ran beside the kills, in the processes sharing the targets.
+    assert seq.archived > 0

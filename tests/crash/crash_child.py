@@ -60,7 +60,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from relayer import DeliveryState, Event, _faults
-from relayer.config import BackoffPolicy, FailurePolicy, TargetConfig
+from relayer.config import BackoffPolicy, FailurePolicy, Retention, TargetConfig
 from relayer.lease import LeaseSettings
 from relayer.scheduler import Scheduler
 from relayer.store.base import IStore, TargetState
@@ -169,6 +169,8 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
         targets,
         random=random.Random(rng.random()).random,
         leases=LeaseSettings(**leases) if leases else None,
+        # Retention archives final events as the run goes, so that kills meet it too.
+        retention=Retention(**config["retention"]) if config.get("retention") else None,
     )
 
     def acked(ids: str | list[str], targets: list[list[str]], numbers: list[int]) -> None:
