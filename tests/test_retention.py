@@ -23,18 +23,12 @@ from relayer import (
     TargetConfig,
 )
 from relayer.testing import FakeTransport, build_scheduler, open_store, step, target
-from tests._support import count_rows
+from tests._support import count_rows, result_of
 
 DAY = 86400.0
 
 
-def result(d: Any) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
+result = result_of
 
 
 def states(h: Any, event_id: str) -> dict[str, DeliveryState] | None:
@@ -423,7 +417,11 @@ class StepPool:
         return d
 
 
-def test_submits_and_deliveries_wait_for_one_chunk_at_most(db_path: Path | str) -> None:
+def delivered_by_steps(
+    db_path: Path | str, n: int
+) -> tuple[Clock, StepPool, FakeTransport, Scheduler]:
+    """A scheduler whose database work runs a unit at a time, with ``n`` events delivered
+    and past their retention, and chunks of 10."""
     clock = Clock()
     pool = StepPool()
     transport = FakeTransport(clock)
@@ -437,14 +435,19 @@ def test_submits_and_deliveries_wait_for_one_chunk_at_most(db_path: Path | str) 
     started = scheduler.start()
     pool.drain()
     assert started.called
-    for i in range(20):
+    for i in range(n // 10):
         scheduler.submit_many([("t", {"n": i, "k": k}) for k in range(10)])
         pool.drain()
         clock.advance(0)
         pool.drain()
-    assert len(transport["t"].events) == 200
+    assert len(transport["t"].events) == n
     clock.advance(120)
     pool.drain()
+    return clock, pool, transport, scheduler
+
+
+def test_submits_and_deliveries_wait_for_one_chunk_at_most(db_path: Path | str) -> None:
+    clock, pool, transport, scheduler = delivered_by_steps(db_path, 200)
     chunks: list[int] = []
     run = scheduler.purge(progress=lambda r: chunks.append(r.chunks))
     pool.run_one()
@@ -503,25 +506,7 @@ def test_a_purge_after_an_archive_keeps_the_records_archived_events_need(
 
 
 def test_a_run_by_hand_stops_after_its_chunk_when_the_scheduler_stops(db_path: Path | str) -> None:
-    clock = Clock()
-    pool = StepPool()
-    scheduler = Scheduler(
-        clock,
-        open_store(clock, db_path, pool=pool),
-        FakeTransport(clock),
-        [target("t", max_events=10)],
-        retention=Retention(keep=60, interval=None, chunk=10),
-    )
-    started = scheduler.start()
-    pool.drain()
-    assert started.called
-    for i in range(10):
-        scheduler.submit_many([("t", {"n": i, "k": k}) for k in range(10)])
-        pool.drain()
-        clock.advance(0)
-        pool.drain()
-    clock.advance(120)
-    pool.drain()
+    clock, pool, _, scheduler = delivered_by_steps(db_path, 100)
     run_over_at_close: list[bool] = []
     store = scheduler._store
     close = store.close

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
 from twisted.internet.task import Clock
@@ -19,16 +18,9 @@ from twisted.internet.task import Clock
 from relayer import DeliveryState
 from relayer.store import schema
 from relayer.testing import FakeTransport, build_scheduler, step
-from tests._support import database_engine
+from tests._support import database_engine, result_of
 
-
-def result(d: Any) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
+result = result_of
 
 
 def write_v4(db_path: Path | str) -> None:
