@@ -15,8 +15,8 @@ the wall clock now (``time.time()``), which is the clock of a scheduler on a rea
 
 The command runs beside the database's schedulers: it does not take their process lock. On
 SQLite each chunk is a write transaction that waits for the scheduler's (the busy timeout);
-on PostgreSQL a chunk takes the advisory lock that lets one retention run go at a time, and
-the command stops, saying so, if a scheduler's run holds that lock when a chunk begins. It
+on PostgreSQL a chunk takes the advisory lock that lets one retention run go at a time in the
+schema, and the command stops, saying so, if another run holds that lock when a chunk begins. It
 never creates a database and never upgrades a schema: a database of another schema version is
 refused.
 

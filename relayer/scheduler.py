@@ -854,7 +854,7 @@ class Scheduler:
             no event with this id.
 
         Raises:
-            NotRunning: The scheduler is not running.
+            NotRunning: The scheduler is neither running nor stopping.
             InvalidEvent: ``event_id`` is not a str.
         """
         self._check_inspectable()
@@ -910,7 +910,7 @@ class Scheduler:
             with_events: Give each entry its event's bytes (:attr:`relayer.EventEntry.event`).
 
         Raises:
-            NotRunning: The scheduler is not running.
+            NotRunning: The scheduler is neither running nor stopping.
             UnknownTarget: ``target_id`` is not a valid target id.
             ConfigurationError: ``state``, ``after``, ``limit``, ``since`` or ``until`` is not
                 valid, or a window is given for pending events or those awaiting
