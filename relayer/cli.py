@@ -73,8 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Progress goes to stderr, one line a chunk; the report to stdout. "
                 "Exit status: 0 done, 1 the database could not be used (no such file, "
                 "unreachable, another schema version) or failed, 2 bad usage (an option, a "
-                "duration, a target the database does not know, a database with archived "
-                "events without --archive) or nothing to do, "
+                "duration, a target the database does not know) or nothing to do, "
                 "3 stopped early because another process's retention run is under way "
                 "(PostgreSQL; run again later), 130 interrupted."
             ),

@@ -370,9 +370,9 @@ def _purge(args: argparse.Namespace, database: str, where: str, rule: RetentionR
         _progress(report)
 
     try:
-        # The schema was checked: this only starts the store (a newer schema written since
-        # fails with SchemaVersionError; it cannot have become older).
-        dbcli.wait(store.open())
+        # The schema was checked; this starts the store, checking it again in a transaction
+        # that only reads (a dry run never waits for a scheduler's write lock).
+        dbcli.wait(store.open(upgrade=False))
         report = dbcli.wait(
             store.purge(
                 rule,

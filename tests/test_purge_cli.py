@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,24 @@ def test_a_dry_run_reports_what_would_go_and_changes_nothing(
     ]
     assert "chunk 1: would purge 6 events so far" in err
     assert statuses_after_restart(populated) == BEFORE
+
+
+@pytest.mark.sqlite_only
+def test_a_dry_run_never_waits_for_a_writers_lock(
+    populated: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A scheduler in the middle of a write holds SQLite's write lock: a dry run only reads.
+    writer = sqlite3.connect(populated.path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        status, out, err = purge(
+            capsys, "--database", str(populated.path), "--keep", "60s", "--dry-run"
+        )
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert status == 0, err
+    assert "would purge 6 events" in out
 
 
 def test_a_purge_deletes_the_final_events_and_keeps_the_others(

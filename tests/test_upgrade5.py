@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from twisted.internet.task import Clock
 
 from relayer import DeliveryState
+from relayer.errors import SchemaVersionError
 from relayer.store import schema
-from relayer.testing import FakeTransport, build_scheduler, step
+from relayer.testing import FakeTransport, build_scheduler, open_store, step
 from tests._support import database_engine, result_of
 
 result = result_of
@@ -139,3 +141,24 @@ def test_a_version_4_database_is_upgraded_and_its_cut_blocks_delivered(
     # New events are numbered after the old ones.
     new = result(h.scheduler.submit("b", {"b": 2}))
     assert int(new.removeprefix("relayer-")) > 7
+
+
+def test_a_store_opened_without_upgrading_refuses_another_version(db_path: Path | str) -> None:
+    write_v4(db_path)
+    store = open_store(Clock(), db_path)
+    with pytest.raises(SchemaVersionError, match="version 4"):
+        result(store.open(upgrade=False))
+    result(store.close())
+    engine = database_engine(db_path)
+    try:
+        with engine.connect() as conn:
+            assert schema.read_version(conn) == 4
+    finally:
+        engine.dispose()
+    # Upgraded, it opens either way.
+    store = open_store(Clock(), db_path)
+    result(store.open())
+    result(store.close())
+    store = open_store(Clock(), db_path)
+    result(store.open(upgrade=False))
+    result(store.close())

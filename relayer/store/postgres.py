@@ -223,13 +223,13 @@ class PostgresStore(SQLStore):
         url = self._engine.url
         return f"{url.host or 'localhost'}:{url.port or 5432}"
 
-    def open(self) -> Deferred[None]:
+    def open(self, *, upgrade: bool = True) -> Deferred[None]:
         async def open_() -> None:
-            if self._schema is not None:
+            if self._schema is not None and upgrade:
                 self._pool.start()
                 await self._run(self._create_schema)
             try:
-                await super(PostgresStore, self).open()
+                await super(PostgresStore, self).open(upgrade=upgrade)
             except StoreUnavailable as e:
                 url = self._engine.url
                 raise StoreUnavailable(

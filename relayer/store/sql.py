@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from relayer import _encoding, _faults
 from relayer.dbpool import DatabasePool
-from relayer.errors import LeaseLost, StoreError, StoreUnavailable
+from relayer.errors import LeaseLost, SchemaVersionError, StoreError, StoreUnavailable
 from relayer.event import GENERATED_ID_PREFIX
 from relayer.store import _retention, _seqs, schema
 from relayer.store.base import (
@@ -344,14 +344,24 @@ class SQLStore:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def open(self) -> Deferred[None]:
+    def open(self, *, upgrade: bool = True) -> Deferred[None]:
+        """
+        Start the store, and create or upgrade its schema.
+
+        Args:
+            upgrade: With False, only check that the schema is this code's version, in a
+                transaction that only reads (so never waiting for a writer's lock), and
+                fail with :class:`relayer.errors.SchemaVersionError` if it is not.
+        """
         self._pool.start()
         if self._lease_pool is not None:
             self._lease_pool.start()
         if self._read_pool is not None:
             self._read_pool.start()
+        if not upgrade:
+            return self._read(_check_version)
 
-        def upgrade(conn: sa.Connection) -> None:
+        def upgrade_(conn: sa.Connection) -> None:
             before, after = schema.upgrade(conn)
             if before != after:
                 self.log.info(
@@ -360,7 +370,7 @@ class SQLStore:
                     after=after,
                 )
 
-        return self._run(upgrade)
+        return self._run(upgrade_)
 
     def hold_process_lock(self, shared: bool) -> Deferred[None]:
         """Hold the process lock: nothing here; the SQLite and PostgreSQL stores take one."""
@@ -1766,6 +1776,15 @@ class SQLStore:
                 )
 
         return self._run(release, pool=self._lease_pool)
+
+
+def _check_version(conn: sa.Connection) -> None:
+    found = schema.read_version(conn)
+    if found != schema.SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the database has relayer schema version {found}, and this relayer reads version "
+            f"{schema.SCHEMA_VERSION} (nothing was changed)"
+        )
 
 
 def _in_transaction(
