@@ -11,12 +11,15 @@ from __future__ import annotations
 import gc
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
+from twisted.logger import ILogObserver, LogEvent, globalLogBeginner
+from zope.interface import provider
 
 DATABASE_URL = os.environ.get("RELAYER_TEST_DATABASE_URL", "")
 POSTGRES = DATABASE_URL.startswith("postgresql")
@@ -28,9 +31,20 @@ def pytest_report_header() -> str:
     return "relayer test database: a SQLite file per test"
 
 
+@provider(ILogObserver)
+def _nowhere(event: LogEvent) -> None:
+    """The test process's primary log observer: the tests that read logs add their own."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only: the test is about SQLite itself")
     config.addinivalue_line("markers", "postgres_only: the test needs PostgreSQL")
+    # Until a process begins logging, Twisted keeps its last 65,536 log events in memory, and
+    # each event its source: a scheduler, its store and the store's database connections, for
+    # tests that have long ended. Begin logging, to nowhere; Python's warnings stay pytest's.
+    showwarning = warnings.showwarning
+    globalLogBeginner.beginLoggingTo([_nowhere], discardBuffer=True, redirectStandardIO=False)
+    warnings.showwarning = showwarning
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
