@@ -47,6 +47,13 @@ def pytest_configure(config: pytest.Config) -> None:
     warnings.showwarning = showwarning
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What the imports and the collection made lives as long as the session: leave it out of
+    # every collection from now on, which then looks at what the tests made (see db_path).
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if POSTGRES and item.get_closest_marker("sqlite_only"):
