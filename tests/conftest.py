@@ -69,6 +69,17 @@ def _admin_engine() -> sa.Engine:
     return sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
 
 
+_admin: sa.Engine | None = None
+
+
+def _shared_admin_engine() -> sa.Engine:
+    """One admin engine for the session's fixtures: each use still opens its own connection."""
+    global _admin
+    if _admin is None:
+        _admin = _admin_engine()
+    return _admin
+
+
 def postgres_schema_url(schema: str) -> str:
     """The test database URL, with ``schema`` as the search path."""
     url = sa.make_url(DATABASE_URL)
@@ -84,7 +95,7 @@ def db_path(tmp_path: Path) -> Iterator[Path | str]:
         yield tmp_path / "relayer.db"
         return
     schema = f"relayer_test_{uuid.uuid4().hex[:12]}"
-    engine = _admin_engine()
+    engine = _shared_admin_engine()
     with engine.connect() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     try:
@@ -114,4 +125,3 @@ def db_path(tmp_path: Path) -> Iterator[Path | str]:
                 {"schema": schema},
             )
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
