@@ -239,6 +239,7 @@ def db_schema(url: str) -> str:
     return options[len("-csearch_path=") :]
 
 
+@pytest.mark.postgres_only
 def test_retention_in_one_schema_does_not_give_way_to_another_schema(db_path: str) -> None:
     """
     Retention gives way to a chunk under way in the same schema only: two deployments in two
