@@ -79,7 +79,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -619,23 +620,55 @@ class Sequence:
         result = await self.run(launcher, None, events=0)
         assert result.code == 0, f"{self.name}: the clean run ended with {result}"
 
-    async def shared(self, launcher: Launcher, kills: dict[str, list[dict[str, Any]]]) -> None:
+    async def shared(
+        self,
+        launcher: Launcher,
+        kills: dict[str, list[dict[str, Any]]],
+        first_alone: bool = False,
+    ) -> None:
         """
         Run every node at once; start again each one that is killed (taking its next kill from
         ``kills``, or none), until each has had a run that drained the store and exited with 0.
+
+        With ``first_alone``, the other nodes start once the first node's first run holds its
+        leases (or has ended): that run owns every target at first, and sheds the others' shares
+        as they come, so that it passes each point as a run owning all the targets does. (Started
+        together, the first node may come last to the leases and get one target, whose events
+        the node before it has mostly sent: too few passes of a point to reach the one armed.)
         """
+        first_leased: Deferred[None] = Deferred()
 
         async def node(name: str) -> None:
+            if first_alone and name != NODES[0]:
+                await first_leased
             left = list(kills.get(name, []))
             events = SHARED_EVENTS
             while True:
-                result = await self.run(launcher, left.pop(0) if left else None, events, name)
+                node_id = f"{name}{self.launched}"
+                run = Deferred.fromCoroutine(
+                    self.run(launcher, left.pop(0) if left else None, events, name)
+                )
+                if first_alone and name == NODES[0] and not first_leased.called:
+                    try:
+                        await self._until_leased(node_id, run)
+                    finally:
+                        first_leased.callback(None)
+                result = await run
                 if result.code == 0:
                     return
                 assert len(self.runs) < MAX_RUNS_PER_SEQUENCE, f"{self.name}: too many runs"
                 events = RESTART_EVENTS
 
         await gather([Deferred.fromCoroutine(node(n)) for n in NODES])
+
+    async def _until_leased(self, node_id: str, run: Deferred[RunResult]) -> None:
+        """Wait until the run of ``node_id`` holds a lease, or has ended."""
+        owned = f"SELECT count(*) FROM relayer_leases WHERE owner = '{node_id}'"
+        while not run.called:
+            [(leases,)] = await deferToThread(self.query, owned)
+            if leases:
+                return
+            await deferLater(reactor_(), 0.02, lambda: None)
 
     def run_log(self, index: int) -> Path:
         return self.folder / f"{self.name}.run{index}.log"
@@ -1084,12 +1117,13 @@ async def test_shared_kill_at_point_loses_nothing(
                 plan[other] = [{"point": point, "at": 1}]
         if point == "lease.acquired":
             plan["c"] = [{"after": 1.0}]
-        await seq.shared(zygotes[0], plan)
+        await seq.shared(zygotes[0], plan, first_alone=True)
         killed = [k for k in seq.kills if k.get("point") == point]
-        # The first kill comes in the first run, which is armed at a pass of the point that it
-        # always reaches. The second comes in the restarted run only if it passes the point
-        # again: only if the leases give it targets, and work for them, before the others have
-        # delivered everything, which a loaded machine does not always do.
+        # The first kill comes in the first run, which owns every target at first and is armed
+        # at a pass of the point that it always reaches then. The second comes in the restarted
+        # run only if it passes the point again: only if the leases give it targets, and work
+        # for them, before the others have delivered everything, which a loaded machine does not
+        # always do.
         least = 1
         assert len(killed) >= least, f"not killed at {point}: {seq.runs}\n{seq.log_tail()}"
         seq.check()
