@@ -80,10 +80,17 @@ _admin: sa.Engine | None = None
 
 
 def _shared_admin_engine() -> sa.Engine:
-    """One admin engine for the session's fixtures: each use still opens its own connection."""
+    """
+    One admin engine for the session's fixtures, which keeps its connection between uses (a
+    new connection is a new server process): checked before each use, and replaced if a test
+    ended it.
+    """
     global _admin
     if _admin is None:
-        _admin = _admin_engine()
+        url = sa.make_url(DATABASE_URL).set(drivername="postgresql+psycopg")
+        _admin = sa.create_engine(
+            url, pool_size=1, max_overflow=2, pool_pre_ping=True, isolation_level="AUTOCOMMIT"
+        )
     return _admin
 
 
