@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +19,7 @@ from twisted.internet.task import Clock
 
 from relayer import DeliveryState
 from relayer.errors import SchemaVersionError
-from relayer.store import schema
+from relayer.store import RetentionRule, schema
 from relayer.testing import FakeTransport, build_scheduler, open_store, step
 from tests._support import database_engine, result_of
 
@@ -162,3 +163,138 @@ def test_a_store_opened_without_upgrading_refuses_another_version(db_path: Path 
     store = open_store(Clock(), db_path)
     result(store.open(upgrade=False))
     result(store.close())
+
+
+def add_v4_history(db_path: Path | str) -> None:
+    """
+    Add to :func:`write_v4`'s database what version 4 left mid-work: a transaction in flight
+    at "c" (sent twice), a dead letter at "d", a delivered event and an expired one at "e",
+    and a transaction awaiting its confirmation at "f".
+    """
+    engine = database_engine(db_path)
+    try:
+        with engine.begin() as conn:
+            v4 = schema.define_tables(sa.MetaData(), 4).tables
+            sets = {"c": 3, "d": 4, "e": 5, "f": 6}
+            last_txn = {"c": 5, "d": 3, "e": 1, "f": 2}
+            for t, set_id in sets.items():
+                conn.execute(
+                    sa.insert(v4["relayer_targets"]).values(
+                        target_id=t,
+                        state="up",
+                        failures=0,
+                        last_txn_id=last_txn[t],
+                        max_span=1 if t == "c" else 0,
+                    )
+                )
+                conn.execute(sa.insert(v4["relayer_target_sets"]).values(set_id=set_id, targets=t))
+            for first, last, set_id, bodies in (
+                (8, 9, 3, [b'{"c":0}', b'{"c":1}']),
+                (10, 10, 4, [b'{"d":0}']),
+                (11, 12, 5, [b'{"e":0}', b'{"e":1}']),
+                (13, 13, 6, [b'{"f":0}']),
+            ):
+                conn.execute(
+                    sa.insert(v4["relayer_events"]).values(
+                        first_seq=first,
+                        last_seq=last,
+                        seqs=f"{first}-{last}" if last > first else str(first),
+                        n_events=len(bodies),
+                        set_id=set_id,
+                        submitted_at=10.0,
+                        bodies=b"\n".join(bodies),
+                        expires=json.dumps([None, 20.0]) if set_id == 5 else None,
+                        ids=None,
+                    )
+                )
+            txn = {
+                "oldest_at": 10.0,
+                "created_at": 11.0,
+                "confirm_by": None,
+                "reason": None,
+                "done_at": None,
+            }
+            for t, txn_id, state, seqs, n, attempts, extra in (
+                ("c", 5, "pending", (8, 9), 2, 2, {}),
+                ("d", 3, "dead", (10, 10), 1, 1, {"reason": "HTTP 400", "done_at": 12.0}),
+                ("e", 1, "delivered", (11, 11), 1, 1, {"done_at": 12.0}),
+                ("f", 2, "awaiting", (13, 13), 1, 1, {"confirm_by": 10_000.0}),
+            ):
+                conn.execute(
+                    sa.insert(v4["relayer_txns"]).values(
+                        **{
+                            **txn,
+                            **extra,
+                            "target_id": t,
+                            "txn_id": txn_id,
+                            "state": state,
+                            "seqs": f"{seqs[0]}-{seqs[1]}" if seqs[1] > seqs[0] else str(seqs[0]),
+                            "first_seq": seqs[0],
+                            "last_seq": seqs[1],
+                            "n_events": n,
+                            "size": 7 * n,
+                            "attempts": attempts,
+                            "last_attempt_at": 11.5,
+                        }
+                    )
+                )
+            conn.execute(
+                sa.insert(v4["relayer_expired"]).values(
+                    target_id="e", seq=12, expired_at=21.0, txn_id=None
+                )
+            )
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT setval('relayer_event_seq', 13)"))
+            else:
+                c = v4["relayer_counters"]
+                conn.execute(sa.update(c).where(c.c.name == "event_seq").values(value=13))
+    finally:
+        engine.dispose()
+
+
+def test_work_in_progress_in_version_4_goes_on_after_the_upgrade(db_path: Path | str) -> None:
+    write_v4(db_path)
+    add_v4_history(db_path)
+    clock = Clock()
+    clock.advance(100)
+    transport = FakeTransport(clock)
+    transport["c"].hold()
+    transport["a"].down()
+    targets = ["a", "b", "c", "d", "e", "f"]
+    h = build_scheduler(targets, path=db_path, clock=clock, transport=transport)
+
+    def state(event_id: str, t: str) -> Any:
+        return result(h.scheduler.event_status(event_id)).deliveries[t]
+
+    # The transaction in flight is sent again first, with its id and its bytes.
+    assert transport["c"].held == 1
+    assert state("relayer-8", "c").attempts == 3
+    transport["c"].release()
+    assert [r.txn_id for r in transport["c"].received] == [5]
+    assert transport["c"].events == [{"c": 0}, {"c": 1}]
+    assert state("relayer-9", "c").state is DeliveryState.DELIVERED
+    # The dead letter is one still, and replays.
+    [letter] = result(h.scheduler.dead_letters("d"))
+    assert (letter.txn_id, letter.reason, letter.event_ids) == (3, "HTTP 400", ("relayer-10",))
+    assert result(h.scheduler.replay("d")) == 1
+    step(h.clock, 5)
+    assert transport["d"].events == [{"d": 0}]
+    # History: delivered and expired as they were.
+    delivered = state("relayer-11", "e")
+    assert (delivered.state, delivered.txn_id, delivered.delivered_at) == (
+        DeliveryState.DELIVERED,
+        1,
+        12.0,
+    )
+    assert state("relayer-12", "e").state is DeliveryState.EXPIRED
+    counts = result(h.scheduler.event_counts("e"))
+    assert (counts.delivered, counts.expired) == (1, 1)
+    # Awaiting its confirmation: confirmed now, delivered.
+    assert state("relayer-13", "f").state is DeliveryState.AWAITING_CONFIRMATION
+    assert result(h.scheduler.confirm("f", 2)) is True
+    assert state("relayer-13", "f").state is DeliveryState.DELIVERED
+    # And retention takes what is final, and nothing else.
+    report = result(h.scheduler._store.purge(RetentionRule(1.0), clock.seconds() + 10))
+    assert report.events >= 4
+    assert result(h.scheduler.event_status("relayer-11")) is None
+    assert result(h.scheduler.event_status("a0")) is not None  # still queued at "a"
