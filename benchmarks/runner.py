@@ -453,7 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         description="relayer's benchmarks: every scenario in a fresh process, against a sink "
         "process on 127.0.0.1, with baselines measured in the same run.",
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, but 1M events for the listing scenario; about two minutes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, but 1M events for the listing scenario; about two minutes",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
     parser.add_argument(
         "--synchronous",
