@@ -1517,9 +1517,9 @@ class SQLStore:
         with_events: bool = False,
     ) -> Deferred[TargetEventsPage]:
         def page(conn: sa.Connection) -> TargetEventsPage:
-            listing = _TargetEvents(self, conn, target_id, state, after, limit, since, until)
-            listing.with_events = with_events
-            return listing.page()
+            return _TargetEvents(
+                self, conn, target_id, state, after, limit, since, until, with_events
+            ).page()
 
         return self._read_snapshot(page)
 
@@ -1528,12 +1528,7 @@ class SQLStore:
     ) -> Deferred[EventCounts]:
         def counts(conn: sa.Connection) -> EventCounts:
             def window(column: Any) -> list[Any]:
-                found = []
-                if since is not None:
-                    found.append(column >= since)
-                if until is not None:
-                    found.append(column < until)
-                return found
+                return _in_window(column, since, until)
 
             queued = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(_r.c.n_events), 0)).where(
@@ -1778,6 +1773,16 @@ class SQLStore:
         return self._run(release, pool=self._lease_pool)
 
 
+def _in_window(column: Any, since: float | None, until: float | None) -> list[Any]:
+    """The conditions that ``column``, a time, is from ``since`` (included) to ``until``."""
+    found = []
+    if since is not None:
+        found.append(column >= since)
+    if until is not None:
+        found.append(column < until)
+    return found
+
+
 def _check_version(conn: sa.Connection) -> None:
     found = schema.read_version(conn)
     if found != schema.SCHEMA_VERSION:
@@ -1910,8 +1915,6 @@ class _TargetEvents:
 
     #: How many transactions or runs one query reads.
     batch = 64
-    #: Whether the entries carry their events' bytes.
-    with_events = False
 
     def __init__(
         self,
@@ -1923,6 +1926,7 @@ class _TargetEvents:
         limit: int,
         since: float | None = None,
         until: float | None = None,
+        with_events: bool = False,
     ) -> None:
         self.store = store
         self.conn = conn
@@ -1931,6 +1935,8 @@ class _TargetEvents:
         self.limit = limit
         self.since = since
         self.until = until
+        #: Whether the entries carry their events' bytes.
+        self.with_events = with_events
         self.cursor = parse_cursor(after)
         # (seq, txn_id, attempts, last_attempt_at, at)
         self.found: list[tuple[int, int | None, int, float | None, float | None]] = []
@@ -1953,13 +1959,7 @@ class _TargetEvents:
         return len(self.found) >= self.limit
 
     def _window(self, column: Any) -> list[Any]:
-        """The conditions of the time window on when the events reached their state."""
-        found = []
-        if self.since is not None:
-            found.append(column >= self.since)
-        if self.until is not None:
-            found.append(column < self.until)
-        return found
+        return _in_window(column, self.since, self.until)
 
     def _expired(self) -> None:
         after = int(self.cursor[1]) if self.cursor else -1
