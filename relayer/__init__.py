@@ -7,7 +7,7 @@ and retries a failing target with backoff until it is back, without holding up t
 """
 
 from relayer._version import __version__
-from relayer.config import BackoffPolicy, FailurePolicy, Retention, TargetConfig
+from relayer.config import BackoffPolicy, DelaySchedule, FailurePolicy, Retention, TargetConfig
 from relayer.controller import TransactionController
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import (
@@ -29,6 +29,8 @@ from relayer.errors import (
 from relayer.event import Event
 from relayer.grouper import EventGrouper
 from relayer.lease import LeaseSettings
+from relayer.observer import DeliveryObserver, IDeliveryObserver
+from relayer.policy import Action, Decision, FailureInfo, GiveUp, IRetryPolicy, RetryPolicy
 from relayer.recoverer import Recoverer
 from relayer.scheduler import Scheduler, TargetStatus
 from relayer.store import DeadLetter, IStore, SQLiteStore, TargetState
@@ -42,17 +44,21 @@ from relayer.store.base import (
     TargetEventsPage,
 )
 from relayer.store.postgres import PostgresStore
-from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
+from relayer.transport.base import FailureClass, ITransport, OutcomeKind, SendOutcome
 from relayer.transport.http import HTTPSendError, HTTPTransport
 
 __all__ = [
+    "Action",
     "BackoffPolicy",
     "Backpressure",
     "ConfigurationError",
     "DatabaseInUse",
     "DatabasePool",
     "DeadLetter",
+    "Decision",
+    "DelaySchedule",
     "Delivery",
+    "DeliveryObserver",
     "DeliveryState",
     "DuplicateTarget",
     "Event",
@@ -61,9 +67,14 @@ __all__ = [
     "EventGrouper",
     "EventStatus",
     "EventTooLarge",
+    "FailureClass",
+    "FailureInfo",
     "FailurePolicy",
+    "GiveUp",
     "HTTPSendError",
     "HTTPTransport",
+    "IDeliveryObserver",
+    "IRetryPolicy",
     "IStore",
     "ITransport",
     "InvalidEvent",
@@ -77,6 +88,7 @@ __all__ = [
     "Recoverer",
     "RelayerError",
     "Retention",
+    "RetryPolicy",
     "SQLiteStore",
     "Scheduler",
     "SchemaVersionError",

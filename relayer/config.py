@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Union
 from urllib.parse import urlsplit
 
 import attrs
@@ -166,6 +167,79 @@ class BackoffPolicy:
         return self.base_delay(failures) * (1.0 - self.jitter * _draw(random))
 
 
+def _check_delays(instance: Any, attribute: Any, value: Any) -> None:
+    if not value:
+        raise ConfigurationError("a delay schedule needs at least one delay")
+    if len(value) > 1000:
+        raise ConfigurationError(f"a delay schedule holds at most 1000 delays, not {len(value)}")
+    for i, delay in enumerate(value):
+        v = _number(ConfigurationError, f"delay {i + 1} of the schedule", delay)
+        if not (0.0 <= v <= _MAX_SECONDS):
+            raise ConfigurationError(
+                f"delay {i + 1} of the schedule must be from 0 to {_MAX_SECONDS:g} seconds, "
+                f"not {v!r}"
+            )
+
+
+def _to_delays(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+@attrs.frozen
+class DelaySchedule:
+    """
+    A fixed list of delays between retries, as webhook senders publish theirs.
+
+    After the ``n``-th consecutive failure the next attempt waits ``delays[n - 1]``; once the
+    list is used up, its last delay repeats. With ``jitter``, each delay is shortened by up to
+    that fraction, as :class:`BackoffPolicy` does. For example, a schedule of 5 seconds, 5
+    minutes, 30 minutes, 2 hours, 5 hours and then 10 hours::
+
+        DelaySchedule((5, 300, 1800, 7200, 18000, 36000))
+
+    Pair it with a :class:`relayer.GiveUp` rule to stop after the last one.
+
+    Attributes:
+        delays: The delays, in seconds, each from 0 to 7 days.
+        jitter: The fraction of each delay that is randomised, from 0 (the default) to below 1.
+    """
+
+    delays: tuple[float, ...] = attrs.field(converter=_to_delays, validator=_check_delays)
+    jitter: float = attrs.field(default=0.0)
+
+    @jitter.validator
+    def _check_jitter(self, attribute: Any, value: Any) -> None:
+        v = _number(ConfigurationError, "schedule jitter", value)
+        if not (0.0 <= v < 1.0):
+            raise ConfigurationError(f"schedule jitter must be from 0 to below 1, not {v!r}")
+
+    @property
+    def initial(self) -> float:
+        """The shortest delay: the least a ``Retry-After`` can make a retry wait."""
+        return float(min(self.delays))
+
+    @property
+    def maximum(self) -> float:
+        """The longest delay: the most a ``Retry-After`` can make a retry wait."""
+        return float(max(self.delays))
+
+    def base_delay(self, failures: int) -> float:
+        """The delay after ``failures`` consecutive failures, before jitter."""
+        if failures < 1:
+            return 0.0
+        return float(self.delays[min(failures, len(self.delays)) - 1])
+
+    def delay(self, failures: int, random: Callable[[], float]) -> float:
+        """The delay after ``failures`` consecutive failures, with jitter."""
+        return self.base_delay(failures) * (1.0 - self.jitter * _draw(random))
+
+
+#: A backoff: exponential, or a fixed schedule.
+Backoff = Union[BackoffPolicy, DelaySchedule]  # noqa: UP007 - a runtime alias
+
+
 def _check_target_id(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, str):
         raise InvalidTarget(f"target_id must be a str, not {type(value).__name__}")
@@ -227,8 +301,10 @@ def _check_timeout(instance: Any, attribute: Any, value: Any) -> None:
 
 
 def _check_backoff(instance: Any, attribute: Any, value: Any) -> None:
-    if not isinstance(value, BackoffPolicy):
-        raise InvalidTarget(f"backoff must be a BackoffPolicy, not {type(value).__name__}")
+    if not isinstance(value, (BackoffPolicy, DelaySchedule)):
+        raise InvalidTarget(
+            f"backoff must be a BackoffPolicy or a DelaySchedule, not {type(value).__name__}"
+        )
 
 
 #: The longest time to live that a target's default may give an event (a year).
@@ -286,6 +362,28 @@ def _check_policy(instance: Any, attribute: Any, value: Any) -> None:
         )
 
 
+def _check_retry_policy(instance: Any, attribute: Any, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not _PLUGIN_NAME.fullmatch(value):
+            raise InvalidTarget(
+                f"retry_policy {value!r} is not a policy name: 1 to 64 of a-z, 0-9, '.', '_', '-'"
+            )
+        return
+    from relayer.policy import IRetryPolicy
+
+    if not IRetryPolicy.providedBy(value):
+        raise InvalidTarget(
+            "retry_policy must be None, the name of a policy, or an object that provides "
+            f"relayer.IRetryPolicy, not {type(value).__name__}"
+        )
+
+
+#: What the names of wire formats and retry policies are made of.
+_PLUGIN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
 @attrs.frozen
 class TargetConfig:
     """
@@ -310,6 +408,12 @@ class TargetConfig:
         confirmation_timeout: Seconds a transaction that the transport reported accepted,
             with its confirmation to come (:meth:`relayer.SendOutcome.accepted`), may wait for
             :meth:`relayer.Scheduler.confirm` before it is sent again. Default 300.
+        retry_policy: What each failed attempt leads to (a retry after a backoff, a dead
+            letter, the target blocked or disabled): an object that provides
+            :class:`relayer.IRetryPolicy` such as a :class:`relayer.RetryPolicy`, or the name of
+            a policy that a plugin provides (see :doc:`plugins`). None (the default) builds one
+            from ``backoff`` and ``failure_policy``, which must then be left at their defaults
+            when a policy is given.
         retention: Seconds the target's final events (delivered, expired or discarded there)
             are kept before retention may purge or archive them; None (the default) for the
             scheduler's :attr:`relayer.Retention.keep`. An event sent to several targets is
@@ -322,7 +426,7 @@ class TargetConfig:
     max_events: int = attrs.field(default=DEFAULT_MAX_EVENTS, validator=_check_max_events)
     max_bytes: int = attrs.field(default=DEFAULT_MAX_BYTES, validator=_check_max_bytes)
     request_timeout: float = attrs.field(default=DEFAULT_REQUEST_TIMEOUT, validator=_check_timeout)
-    backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy, validator=_check_backoff)
+    backoff: Backoff = attrs.field(factory=BackoffPolicy, validator=_check_backoff)
     failure_policy: FailurePolicy = attrs.field(
         default=FailurePolicy.DEAD_LETTER, converter=_to_policy, validator=_check_policy
     )
@@ -331,6 +435,16 @@ class TargetConfig:
         default=DEFAULT_CONFIRMATION_TIMEOUT, validator=_check_confirmation_timeout
     )
     retention: float | None = attrs.field(default=None, validator=_check_target_retention)
+    retry_policy: Any = attrs.field(default=None, validator=_check_retry_policy)
+
+    def __attrs_post_init__(self) -> None:
+        if self.retry_policy is not None and (
+            self.backoff != BackoffPolicy() or self.failure_policy is not FailurePolicy.DEAD_LETTER
+        ):
+            raise InvalidTarget(
+                "give the backoff and what a permanent failure does in the retry_policy, not "
+                "also as backoff= or failure_policy= of the target"
+            )
 
 
 #: How many event numbers one database transaction of a retention run looks at, by default.

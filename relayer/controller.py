@@ -8,10 +8,10 @@ new one formed from the queue, with the next id and the attempt counted durably)
 records the outcome:
 
 - delivered: the transaction is deleted and the next one claimed, in one database transaction;
-- a transient failure: the target is marked DOWN with its backoff state, and its
-  :class:`~relayer.recoverer.Recoverer` schedules the retry;
-- too large (413): a transaction of several events is split in two and the first half sent;
-- a permanent failure: the target's :class:`~relayer.config.FailurePolicy` applies.
+- a failure: the target's retry policy (:class:`relayer.IRetryPolicy`) decides what it leads
+  to (see :mod:`relayer.policy`): a retry, with the target marked DOWN with its backoff state
+  and its :class:`~relayer.recoverer.Recoverer` scheduling the retry; a split, for a
+  transaction too large; a dead letter; the target blocked, or disabled.
 
 When a claim finds nothing left, the store marks the target UP in the same database transaction,
 so the DOWN to UP transition cannot strand an event.
@@ -19,7 +19,7 @@ so the DOWN to UP transition cannot strand an event.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -30,8 +30,17 @@ from twisted.python.failure import Failure
 
 from relayer import _faults
 from relayer._scrub import scrub
-from relayer.config import FailurePolicy, TargetConfig, _draw
+from relayer.config import BackoffPolicy, TargetConfig, _draw
 from relayer.errors import LeaseLost, StoreUnavailable
+from relayer.observer import Observers
+from relayer.policy import (
+    Action,
+    Decision,
+    FailureInfo,
+    IRetryPolicy,
+    RetryPolicy,
+    checked_decision,
+)
 from relayer.recoverer import Recoverer
 from relayer.store.base import (
     Awaiting,
@@ -42,7 +51,7 @@ from relayer.store.base import (
     TargetState,
     Transaction,
 )
-from relayer.transport.base import ITransport, OutcomeKind, SendOutcome, matrix_body
+from relayer.transport.base import FailureClass, ITransport, OutcomeKind, SendOutcome, matrix_body
 
 #: After an unexpected error in a delivery loop (for example the database being unavailable),
 #: the loop is restarted after this many seconds, doubling up to :data:`LOOP_RETRY_MAX`.
@@ -55,25 +64,47 @@ LOOP_RETRY_MAX = 60.0
 DEFAULT_RECOVERY_SPREAD = 30.0
 
 
+def default_policy(config: TargetConfig) -> IRetryPolicy:
+    """The retry policy of a target that names none: its backoff and failure policy."""
+    if config.retry_policy is not None and not isinstance(config.retry_policy, str):
+        policy: IRetryPolicy = config.retry_policy
+        return policy
+    return RetryPolicy(backoff=config.backoff, on_permanent=config.failure_policy)
+
+
 @attrs.frozen
 class _Unrecorded:
     """
     A failed attempt's outcome that is not stored yet, because the store was unavailable.
 
     Attributes:
-        blocked: True for a permanent failure under the block policy, False for a transient
-            failure with a retry at ``next_attempt_at``.
+        state: DOWN for a failure retried at ``next_attempt_at``; BLOCKED or DISABLED for a
+            target held until it is woken.
         txn_id: The transaction that failed.
         failures: The target's consecutive failures, this one included.
-        next_attempt_at: When the transaction is retried (transient failures).
+        next_attempt_at: When the transaction is retried (DOWN).
         reason: What the target answered.
+        down_since: When the target's run of failures began.
+        dead_letter: For DOWN, the reason the transaction is dead-lettered with (a policy gave
+            up on it), or None.
+        n_events: How many events the transaction holds.
+        went_down: Whether the target was not DOWN before this failure.
     """
 
-    blocked: bool
+    state: TargetState
     txn_id: int
     failures: int
     next_attempt_at: float
     reason: str
+    down_since: float | None = None
+    dead_letter: str | None = None
+    n_events: int = 0
+    went_down: bool = False
+
+    @property
+    def held(self) -> bool:
+        """Whether the target is held (BLOCKED or DISABLED) until it is woken."""
+        return self.state is not TargetState.DOWN
 
 
 @attrs.define(eq=False)
@@ -83,7 +114,7 @@ class TargetRuntime:
 
     Attributes:
         config: The target's configuration.
-        state: UP, DOWN or BLOCKED, as last stored.
+        state: UP, DOWN, BLOCKED or DISABLED, as last stored.
         last_success_at: When a transaction was last delivered.
         last_error: A short description of the last failure.
         recoverer: The target's Recoverer while it is DOWN.
@@ -102,6 +133,8 @@ class TargetRuntime:
         awaiting: The transaction awaiting its confirmation, if any: nothing else is sent
             until it is confirmed or its confirmation timeout passes.
         confirm_timer: The delayed call that resends it when its confirmation timeout passes.
+        policy: The target's retry policy.
+        down_since: When the target's current run of failures began, or None.
     """
 
     config: TargetConfig
@@ -121,6 +154,8 @@ class TargetRuntime:
     fence: IDelayedCall | None = None
     awaiting: int | None = None
     confirm_timer: IDelayedCall | None = None
+    policy: IRetryPolicy = attrs.field(factory=RetryPolicy)
+    down_since: float | None = None
 
     @property
     def failures(self) -> int:
@@ -136,7 +171,7 @@ class TargetRuntime:
             return self.recoverer.next_attempt_at
         if self.loop_retry is not None and self.loop_retry.active():
             restart = float(self.loop_retry.getTime())
-            if self.unrecorded is not None and not self.unrecorded.blocked:
+            if self.unrecorded is not None and not self.unrecorded.held:
                 # The restart stores the failure; the retry itself waits for its backoff.
                 return max(restart, self.unrecorded.next_attempt_at)
             return restart
@@ -160,6 +195,11 @@ class TransactionController:
         recovery_spread: The most seconds by which the overdue retries of DOWN targets taken
             in charge together (at start-up, or in a lease takeover) are spread, so that they
             do not all fire at once; each target's share is at most its backoff's maximum.
+        policy_for: Gives a target's retry policy; by default, its ``retry_policy`` object or
+            one built from its backoff and failure policy (see :func:`default_policy`).
+        observers: Told of deliveries, failures and changes of state.
+        failure_thresholds: Counts of consecutive failures at which observers are told (see
+            :meth:`relayer.IDeliveryObserver.failures_crossed`).
     """
 
     log = Logger(namespace="relayer.controller")
@@ -172,7 +212,13 @@ class TransactionController:
         random: Callable[[], float],
         may_send: Callable[[TargetRuntime], bool] | None = None,
         recovery_spread: float = DEFAULT_RECOVERY_SPREAD,
+        policy_for: Callable[[TargetConfig], IRetryPolicy] | None = None,
+        observers: Observers | None = None,
+        failure_thresholds: Sequence[int] = (),
     ) -> None:
+        self._policy_for = policy_for if policy_for is not None else default_policy
+        self._observers = observers if observers is not None else Observers()
+        self._thresholds = frozenset(failure_thresholds)
         self._clock = clock
         self._may_send = may_send if may_send is not None else (lambda t: True)
         self._paused: set[str] = set()
@@ -208,10 +254,15 @@ class TransactionController:
             state=record.state,
             last_success_at=record.last_success_at,
             last_error=record.last_error,
+            policy=self._policy_for(config),
+            down_since=record.down_since,
         )
         if not_before is not None:
             t.not_before = not_before
         self.targets[config.target_id] = t
+        if t.down_since is None and record.state in (TargetState.DOWN, TargetState.DISABLED):
+            # Stored before the time was kept (an upgraded database): count from now.
+            t.down_since = self._clock.seconds()
         if record.state is TargetState.DOWN:
             t.recoverer = self._recoverer(t, record.failures)
             now = self._clock.seconds()
@@ -219,7 +270,7 @@ class TransactionController:
             if when is None or when <= now:
                 # Overdue (after a restart or a takeover): spread such retries over a window,
                 # so that many targets that went down together are not retried as a herd.
-                window = min(self._recovery_spread, config.backoff.maximum)
+                window = min(self._recovery_spread, self._longest_delay(t))
                 when = now + window * _draw(self._random)
             t.recoverer.schedule(when)
         elif record.state is TargetState.UP and record.has_pending:
@@ -260,18 +311,30 @@ class TransactionController:
                 continue
             if t.recoverer is not None and t.recoverer.scheduled:
                 continue
-            if t.state is not TargetState.BLOCKED or t.unrecorded is not None:
+            if t.state not in _HELD or t.unrecorded is not None:
                 self._kick(t)
 
     def _recoverer(self, t: TargetRuntime, failures: int) -> Recoverer:
-        return Recoverer(
-            self._clock,
-            t.config.target_id,
-            t.config.backoff,
-            self._random,
-            lambda: self._kick(t),
-            failures=failures,
-        )
+        return Recoverer(self._clock, t.config.target_id, lambda: self._kick(t), failures=failures)
+
+    def _backoff(self, t: TargetRuntime, failures: int) -> float:
+        """The policy's delay after ``failures`` failures; a safe one if the policy fails."""
+        try:
+            delay = t.policy.backoff_delay(failures, self._random)
+            checked = checked_decision(Decision.retry(delay))
+        except Exception:
+            self.log.failure("The retry policy of {target_id} failed", target_id=t.config.target_id)
+            checked = None
+        if checked is None or checked.delay is None:
+            return _FALLBACK.delay(max(1, failures), self._random)
+        return checked.delay
+
+    def _longest_delay(self, t: TargetRuntime) -> float:
+        try:
+            delay = t.policy.backoff_delay(1_000_000, lambda: 0.0)
+            return float(delay) if 0 <= delay < float("inf") else _FALLBACK.maximum
+        except Exception:
+            return _FALLBACK.maximum
 
     def notify(self, target_ids: Iterable[str]) -> None:
         """Events were stored for these targets: deliver them if the target is UP."""
@@ -310,25 +373,36 @@ class TransactionController:
         t.wake_requested = False
         pending = t.unrecorded
         if pending is not None:
-            if pending.blocked:
+            if pending.held:
                 # The block was never stored: the target is unblocked before it is, and its
                 # head transaction is sent again.
                 t.unrecorded = None
+                if pending.state is TargetState.DISABLED:
+                    self._restart_failures(t)
                 self._set_state(t, TargetState.DOWN)
             else:
                 # The failure is still stored (it is true), with the retry due now.
                 t.unrecorded = attrs.evolve(pending, next_attempt_at=self._clock.seconds())
             self._kick(t)
             return
-        if t.state is TargetState.BLOCKED:
+        if t.state in _HELD:
             # Unblocked now, also in what status() shows, even if its resend has to wait (for
             # a takeover's fence): it is retried like a DOWN target, and blocked again only
-            # if the resend is refused again.
+            # if the resend is refused again. A disabled target starts its count of failures
+            # again, so that its policy does not disable it at the first one.
+            if t.state is TargetState.DISABLED:
+                self._restart_failures(t)
             self._set_state(t, TargetState.DOWN)
         if t.recoverer is not None:
             t.recoverer.wake()
         else:
             self._kick(t)
+
+    @staticmethod
+    def _restart_failures(t: TargetRuntime) -> None:
+        t.down_since = None
+        if t.recoverer is not None:
+            t.recoverer.failures = 0
 
     def idle_targets(self) -> list[str]:
         """
@@ -511,11 +585,13 @@ class TransactionController:
                 t.last_success_at = now
                 t.last_error = None
                 t.wake_requested = False
+                t.down_since = None
                 if t.recoverer is not None:
                     t.recoverer.failures = 0
-                if t.state is TargetState.BLOCKED:
+                if t.state in _HELD:
                     # Unblocked: the rest of the backlog drains as after an outage.
                     self._set_state(t, TargetState.DOWN)
+                sent = txn
                 if outcome.kind is OutcomeKind.ACCEPTED:
                     txn = await store.accepted(
                         target_id,
@@ -527,7 +603,18 @@ class TransactionController:
                     )
                 else:
                     txn = await store.complete(target_id, txn.txn_id, *limits, now, default_ttl=ttl)
-            elif outcome.kind is OutcomeKind.TOO_LARGE and txn.n_events > 1:
+                if self._observers:
+                    self._observers.delivered(
+                        target_id, sent.txn_id, sent.n_events, sent.attempts, now - sent.oldest_at
+                    )
+                continue
+            info, decision = self._decide(t, txn, outcome, now)
+            if self._observers:
+                self._observers.failed(
+                    target_id, txn.txn_id, info.failure, outcome.reason, info.failures
+                )
+            action = decision.action
+            if action is Action.SPLIT and txn.n_events > 1:
                 self.log.info(
                     "{target_id} refused transaction {txn_id} of {n} events as too large "
                     "({reason}); splitting it",
@@ -541,36 +628,115 @@ class TransactionController:
                     txn = await store.claim(target_id, *limits, now, default_ttl=ttl)
                 else:
                     txn = split
-            elif outcome.kind in (OutcomeKind.PERMANENT, OutcomeKind.TOO_LARGE):
-                t.last_error = outcome.reason
-                if config.failure_policy is FailurePolicy.BLOCK:
-                    self.log.warn(
-                        "{target_id} refused transaction {txn_id} permanently ({reason}); "
-                        "the target is BLOCKED until it is woken",
-                        target_id=target_id,
-                        txn_id=txn.txn_id,
-                        reason=outcome.reason,
-                    )
-                    self._set_state(t, TargetState.BLOCKED)
-                    failures = t.recoverer.failures if t.recoverer is not None else 0
-                    t.unrecorded = _Unrecorded(True, txn.txn_id, failures, now, outcome.reason)
-                    await self._record(t)
-                    return
+                continue
+            if action is Action.SPLIT:
+                action = Action.DEAD_LETTER
+            reason = f"{decision.reason} ({outcome.reason})" if decision.reason else outcome.reason
+            if action is Action.BLOCK:
+                t.last_error = reason
+                self.log.warn(
+                    "{target_id} refused transaction {txn_id} permanently ({reason}); "
+                    "the target is BLOCKED until it is woken",
+                    target_id=target_id,
+                    txn_id=txn.txn_id,
+                    reason=reason,
+                )
+                self._set_state(t, TargetState.BLOCKED)
+                t.unrecorded = _Unrecorded(
+                    TargetState.BLOCKED, txn.txn_id, t.failures, now, reason, t.down_since
+                )
+                await self._record(t)
+                return
+            if action is Action.DISABLE:
+                t.last_error = reason
+                if t.down_since is None:
+                    t.down_since = now
+                self.log.warn(
+                    "{target_id} is DISABLED by its retry policy: {reason}; its events are "
+                    "kept, and nothing is sent until it is woken",
+                    target_id=target_id,
+                    reason=reason,
+                )
+                self._set_state(t, TargetState.DISABLED)
+                if t.recoverer is not None:
+                    t.recoverer.cancel()
+                t.unrecorded = _Unrecorded(
+                    TargetState.DISABLED, txn.txn_id, info.failures, now, reason, t.down_since
+                )
+                await self._record(t)
+                return
+            if action is Action.DEAD_LETTER and outcome.kind is not OutcomeKind.RETRY:
+                # The target answered about the content: go on at once with the next one.
                 self.log.warn(
                     "{target_id} refused transaction {txn_id} of {n} events permanently "
                     "({reason}); it is dead-lettered",
                     target_id=target_id,
                     txn_id=txn.txn_id,
                     n=txn.n_events,
-                    reason=outcome.reason,
+                    reason=reason,
                 )
+                t.last_error = reason
+                dead = txn
                 txn = await store.dead_letter(
-                    target_id, txn.txn_id, outcome.reason, *limits, now, default_ttl=ttl
+                    target_id, txn.txn_id, reason, *limits, now, default_ttl=ttl
                 )
+                if self._observers:
+                    self._observers.dead_lettered(target_id, dead.txn_id, dead.n_events, reason)
+                continue
+            if action is Action.DEAD_LETTER:
+                # A policy gave up on a transaction that the target did not answer: it is
+                # dead-lettered, and the target, still failing, waits for its backoff.
+                self.log.warn(
+                    "{target_id}: transaction {txn_id} of {n} events is dead-lettered: {reason}",
+                    target_id=target_id,
+                    txn_id=txn.txn_id,
+                    n=txn.n_events,
+                    reason=reason,
+                )
+                delay = self._backoff(t, info.failures)
+                self._failed(t, txn, outcome, delay, now, dead_letter=reason)
             else:
-                self._failed(t, txn, outcome, now)
-                await self._record(t)
-                return
+                assert decision.delay is not None
+                self._failed(t, txn, outcome, decision.delay, now)
+            await self._record(t)
+            return
+
+    def _decide(
+        self, t: TargetRuntime, txn: Transaction, outcome: SendOutcome, now: float
+    ) -> tuple[FailureInfo, Decision]:
+        """Ask the target's policy what a failed attempt leads to; retry if it cannot say."""
+        info = FailureInfo(
+            target_id=t.config.target_id,
+            txn_id=txn.txn_id,
+            failure=outcome.failure_class or FailureClass.TRANSIENT,
+            reason=outcome.reason,
+            retry_after=outcome.retry_after,
+            attempts=txn.attempts,
+            failures=t.failures + 1,
+            n_events=txn.n_events,
+            oldest_at=txn.oldest_at,
+            down_since=t.down_since if t.down_since is not None else now,
+            now=now,
+        )
+        try:
+            answer = t.policy.decide(info, self._random)
+        except Exception:
+            self.log.failure(
+                "The retry policy of {target_id} failed; the transaction is retried",
+                target_id=info.target_id,
+            )
+            answer = None
+        decision = checked_decision(answer)
+        if decision is None:
+            if answer is not None:
+                self.log.error(
+                    "The retry policy of {target_id} answered {answer!r}, not a valid Decision; "
+                    "the transaction is retried",
+                    target_id=info.target_id,
+                    answer=answer,
+                )
+            decision = Decision.retry(self._backoff(t, info.failures))
+        return info, decision
 
     def _still_down(self, t: TargetRuntime) -> None:
         """Keep a DOWN target DOWN, and schedule its next retry after its current backoff."""
@@ -579,8 +745,7 @@ class TransactionController:
         if t.recoverer is None:
             t.recoverer = self._recoverer(t, 1)
         failures = max(1, t.recoverer.failures)
-        delay = t.config.backoff.delay(failures, self._random)
-        t.recoverer.schedule(self._clock.seconds() + delay)
+        t.recoverer.schedule(self._clock.seconds() + self._backoff(t, failures))
 
     def _await_confirmation(self, t: TargetRuntime, awaiting: Awaiting) -> None:
         """Hold the target until its head transaction is confirmed, or its timeout passes."""
@@ -588,6 +753,9 @@ class TransactionController:
             t.recoverer.cancel()
             t.recoverer = None
         if t.state is not TargetState.UP:
+            t.down_since = None
+            if self._observers:
+                self._observers.target_up(t.config.target_id)
             self._set_state(t, TargetState.UP)
         t.awaiting = awaiting.txn_id
         if t.confirm_timer is not None and t.confirm_timer.active():
@@ -659,16 +827,26 @@ class TransactionController:
         reason = scrub(str(outcome.reason), config.token)
         return outcome if reason == outcome.reason else attrs.evolve(outcome, reason=reason)
 
-    def _failed(self, t: TargetRuntime, txn: Transaction, outcome: SendOutcome, now: float) -> None:
-        """Count a transient failure in memory; :meth:`_record` stores it."""
+    def _failed(
+        self,
+        t: TargetRuntime,
+        txn: Transaction,
+        outcome: SendOutcome,
+        delay: float,
+        now: float,
+        dead_letter: str | None = None,
+    ) -> None:
+        """Count a failure in memory, retried after ``delay``; :meth:`_record` stores it."""
         if t.recoverer is None:
             t.recoverer = self._recoverer(t, 0)
         recoverer = t.recoverer
-        next_at = recoverer.failed(outcome.retry_after)
+        next_at = recoverer.failed(delay)
         if t.wake_requested:
             t.wake_requested = False
             next_at = recoverer.next_attempt_at = now
-        t.last_error = outcome.reason
+        t.last_error = dead_letter if dead_letter is not None else outcome.reason
+        if t.down_since is None:
+            t.down_since = now
         was = t.state
         self._set_state(t, TargetState.DOWN)
         if was is not TargetState.DOWN:
@@ -690,7 +868,17 @@ class TransactionController:
                 failures=recoverer.failures,
                 delay=next_at - now,
             )
-        t.unrecorded = _Unrecorded(False, txn.txn_id, recoverer.failures, next_at, outcome.reason)
+        t.unrecorded = _Unrecorded(
+            TargetState.DOWN,
+            txn.txn_id,
+            recoverer.failures,
+            next_at,
+            t.last_error,
+            t.down_since,
+            dead_letter,
+            txn.n_events,
+            was is not TargetState.DOWN,
+        )
 
     async def _record(self, t: TargetRuntime) -> None:
         """
@@ -699,14 +887,20 @@ class TransactionController:
         If the store fails, the outcome stays unrecorded and the loop ends on the error: it is
         restarted after the loop-error delay and stores the outcome first, without sending.
         The in-memory failure count therefore never runs ahead of the stored one by more than
-        the outcome in hand, and a retry never comes earlier than its backoff.
+        the outcome in hand, and a retry never comes earlier than its backoff. Observers are
+        told once it is stored.
         """
         pending = t.unrecorded
         assert pending is not None
         target_id = t.config.target_id
         now = self._clock.seconds()
-        if pending.blocked:
+        since = pending.down_since if pending.down_since is not None else now
+        if pending.state is TargetState.BLOCKED:
             await self._store.block(target_id, pending.txn_id, pending.reason, now)
+        elif pending.state is TargetState.DISABLED:
+            await self._store.disable(
+                target_id, pending.txn_id, pending.reason, pending.failures, since, now
+            )
         else:
             await self._store.fail(
                 target_id,
@@ -715,20 +909,44 @@ class TransactionController:
                 pending.next_attempt_at,
                 pending.reason,
                 now,
+                down_since=since,
+                dead_letter=pending.dead_letter,
             )
         if t.unrecorded is pending:
             t.unrecorded = None
-        if self._stopping or t.removed or pending.blocked:
+        if self._observers:
+            self._observed(pending, target_id)
+        if self._stopping or t.removed or pending.held:
             return
         if t.recoverer is None:
             t.recoverer = self._recoverer(t, pending.failures)
         t.recoverer.schedule(pending.next_attempt_at)
 
+    def _observed(self, pending: _Unrecorded, target_id: str) -> None:
+        """Tell the observers of a stored failure's consequences."""
+        observers = self._observers
+        if pending.state is TargetState.BLOCKED:
+            observers.target_blocked(target_id, pending.txn_id, pending.reason)
+            return
+        if pending.dead_letter is not None:
+            observers.dead_lettered(
+                target_id, pending.txn_id, pending.n_events, pending.dead_letter
+            )
+        if pending.state is TargetState.DISABLED:
+            observers.target_disabled(target_id, pending.reason)
+        elif pending.went_down:
+            observers.target_down(target_id, pending.reason)
+        if pending.failures in self._thresholds:
+            observers.failures_crossed(target_id, pending.failures, pending.failures)
+
     def _now_up(self, t: TargetRuntime) -> None:
+        t.down_since = None
         if t.state is not TargetState.UP:
             self.log.info(
                 "{target_id} is UP: its backlog is delivered", target_id=t.config.target_id
             )
+            if self._observers:
+                self._observers.target_up(t.config.target_id)
         self._set_state(t, TargetState.UP)
         if t.recoverer is not None:
             t.recoverer.cancel()
@@ -755,6 +973,13 @@ class TransactionController:
         for t in self.targets.values():
             if t.in_flight is not None:
                 t.in_flight.cancel()
+
+
+#: The states of a target held until it is woken.
+_HELD = (TargetState.BLOCKED, TargetState.DISABLED)
+
+#: The backoff used when a target's policy cannot give one.
+_FALLBACK = BackoffPolicy()
 
 
 def _scheduled(call: IDelayedCall | None) -> bool:

@@ -3,8 +3,8 @@ The Recoverer: brings one DOWN target back.
 
 While a target is DOWN, its Recoverer holds its backoff: how many consecutive attempts have
 failed and when the next one is due. When that time comes, or when the target is woken, it asks
-the controller to retry, which sends the target's oldest pending transaction first. Each
-failure makes the next wait longer, up to the policy's cap; a success resets the count, and the
+the controller to retry, which sends the target's oldest pending transaction first. The
+target's retry policy sets each wait from the failure count; a success resets the count, and the
 controller goes straight on with the next transaction until the target has nothing left and is
 marked UP.
 """
@@ -15,18 +15,17 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from relayer.config import BackoffPolicy
-
 
 class Recoverer:
     """
-    The retry timer and backoff state of one DOWN target.
+    The retry timer and failure count of one DOWN target.
+
+    The target's retry policy (:class:`relayer.IRetryPolicy`) decides each delay; the
+    Recoverer counts the failures and keeps the timer.
 
     Args:
         clock: Schedules the retries.
         target_id: The target it recovers.
-        policy: The target's backoff policy.
-        random: The jitter source, returning floats in ``[0, 1)``.
         retry: Called when a retry is due.
         failures: Consecutive failures so far (restored from the store after a restart).
     """
@@ -35,8 +34,6 @@ class Recoverer:
         self,
         clock: IReactorTime,
         target_id: str,
-        policy: BackoffPolicy,
-        random: Callable[[], float],
         retry: Callable[[], None],
         failures: int = 0,
     ) -> None:
@@ -44,8 +41,6 @@ class Recoverer:
         self.failures = failures
         self.next_attempt_at: float | None = None
         self._clock = clock
-        self._policy = policy
-        self._random = random
         self._retry = retry
         self._call: IDelayedCall | None = None
 
@@ -60,20 +55,12 @@ class Recoverer:
         """Whether a retry is scheduled."""
         return self._call is not None and self._call.active()
 
-    def failed(self, retry_after: float | None = None) -> float:
+    def failed(self, delay: float) -> float:
         """
-        Count one more failure and return the time of the next attempt.
-
-        The delay is the policy's backoff for the new failure count or, if the target asked for
-        one (``Retry-After``), that delay, at least the policy's initial delay (so that
-        ``Retry-After: 0`` cannot make a busy loop) and at most its maximum. Call
-        :meth:`schedule` with the result once it is stored.
+        Count one more failure and return the time of the next attempt, ``delay`` seconds from
+        now. Call :meth:`schedule` with the result once it is stored.
         """
         self.failures += 1
-        if retry_after is not None:
-            delay = min(max(retry_after, self._policy.initial), self._policy.maximum)
-        else:
-            delay = self._policy.delay(self.failures, self._random)
         self.next_attempt_at = self._clock.seconds() + delay
         return self.next_attempt_at
 

@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReac
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayer import _encoding
+from relayer import _encoding, plugins
 from relayer.config import Retention, TargetConfig, _check_target_id
 from relayer.controller import (
     DEFAULT_RECOVERY_SPREAD,
@@ -30,6 +30,7 @@ from relayer.controller import (
     LOOP_RETRY_MAX,
     TargetRuntime,
     TransactionController,
+    default_policy,
 )
 from relayer.errors import (
     Backpressure,
@@ -44,6 +45,8 @@ from relayer.errors import (
 from relayer.event import Event, check_event_id, deadline_of
 from relayer.grouper import DEFAULT_STORE_RETRY_TIMEOUT, EventGrouper
 from relayer.lease import LeaseManager, LeaseSettings
+from relayer.observer import IDeliveryObserver, Observers
+from relayer.policy import IRetryPolicy
 from relayer.reconciler import DEFAULT_SWEEP_INTERVAL, Reconciler
 from relayer.store._retention import RetentionRule
 from relayer.store.base import (
@@ -65,6 +68,8 @@ from relayer.transport.base import ITransport
 DEFAULT_STOP_TIMEOUT = 10.0
 #: How many submitted events may wait to be stored, by default, before submits are refused.
 DEFAULT_MAX_WAITING_EVENTS = 100_000
+#: The counts of consecutive failures at which observers are told, by default.
+DEFAULT_FAILURE_THRESHOLDS = (10, 100)
 
 
 #: What iterates or unpacks, but not as pairs: characters, or a mapping's or a set's keys.
@@ -94,7 +99,7 @@ class TargetStatus:
 
     Attributes:
         target_id: The target's id.
-        state: UP, DOWN or BLOCKED.
+        state: UP, DOWN, BLOCKED or DISABLED.
         registered: False for a target that has data in the store but is not registered with
             this scheduler (its events wait until it is registered again).
         in_flight: Whether a transaction is being sent to it now.
@@ -106,6 +111,8 @@ class TargetStatus:
         next_retry_at: When a DOWN target is next retried (clock seconds), or None.
         last_error: A short description of the last failure, or None.
         dead_letters: Transactions dead-lettered and not replayed.
+        down_since: When the target's current run of failures began (clock seconds), or None
+            while it is UP.
     """
 
     target_id: str
@@ -120,6 +127,7 @@ class TargetStatus:
     next_retry_at: float | None
     last_error: str | None
     dead_letters: int
+    down_since: float | None = None
 
 
 class _Lifecycle:
@@ -168,6 +176,14 @@ class Scheduler:
             the scheduler runs retention every ``retention.interval`` seconds (see
             :class:`relayer.Retention` and :meth:`purge`). None (the default) keeps every
             event.
+        policies: Retry policies by name, for targets whose ``retry_policy`` names one; a name
+            not found here is looked up among the plugins' (see :doc:`plugins`).
+        observers: Objects that provide :class:`relayer.IDeliveryObserver`, told of
+            deliveries, failures and changes of a target's state. Their failures never hold
+            delivery up (see :mod:`relayer.observer`).
+        failure_thresholds: Counts of consecutive failures at which the observers'
+            ``failures_crossed`` is called, each time a target's count reaches one. Default 10
+            and 100.
 
     Example::
 
@@ -195,6 +211,9 @@ class Scheduler:
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
         max_waiting_events: int = DEFAULT_MAX_WAITING_EVENTS,
         retention: Retention | None = None,
+        policies: Mapping[str, IRetryPolicy] | None = None,
+        observers: Iterable[IDeliveryObserver] = (),
+        failure_thresholds: Iterable[int] = DEFAULT_FAILURE_THRESHOLDS,
     ) -> None:
         _check_seconds("stop_timeout", stop_timeout)
         _check_seconds("store_retry_timeout", store_retry_timeout)
@@ -220,6 +239,9 @@ class Scheduler:
                 f"retention must be a Retention or None, not {type(retention).__name__}"
             )
         self._retention = retention
+        self._policies = _check_policies(policies)
+        thresholds = _check_thresholds(failure_thresholds)
+        self._observers = Observers(observers)
         self._clock = clock
         self._store = store
         self._stop_timeout = float(stop_timeout)
@@ -247,7 +269,13 @@ class Scheduler:
             random,
             may_send=self._may_send if self._leases is not None else None,
             recovery_spread=float(recovery_spread),
+            policy_for=self._policy_for,
+            observers=self._observers,
+            failure_thresholds=thresholds,
         )
+        listen_expired = getattr(store, "set_expired_listener", None)
+        if self._observers and listen_expired is not None:
+            listen_expired(self._observers.expired)
         # The sweeps are staggered by a source of their own, seeded by the node id, so that
         # processes sharing a database sweep at different times while each one's schedule (and
         # the backoff jitter drawn from ``random``) stays reproducible.
@@ -440,6 +468,8 @@ class Scheduler:
             DuplicateTarget: A target with the same id is registered already, or one with the
                 same base URL and token: one target is one registration with its receiver,
                 since the receiver tells transactions apart by id alone.
+            InvalidTarget: The target names a retry policy that neither ``policies`` nor a
+                plugin provides.
         """
         if not isinstance(config, TargetConfig):
             raise InvalidTarget(f"add_target takes a TargetConfig, not {type(config).__name__}")
@@ -456,6 +486,7 @@ class Scheduler:
                 "the receiver would drop events as repeats. One target is one "
                 "registration: send every event for it through one target"
             )
+        self._policy_for(config)  # an unknown policy name is refused here
         self._receivers[receiver] = config.target_id
         self._configs[config.target_id] = config
         if self._lifecycle == _Lifecycle.RUNNING:
@@ -467,6 +498,16 @@ class Scheduler:
     def targets(self) -> dict[str, TargetConfig]:
         """The registered targets' configurations, by id."""
         return dict(self._configs)
+
+    def _policy_for(self, config: TargetConfig) -> IRetryPolicy:
+        """The target's retry policy: its own object, a named one, or its default."""
+        name = config.retry_policy
+        if not isinstance(name, str):
+            return default_policy(config)
+        found = self._policies.get(name)
+        if found is not None:
+            return found
+        return plugins.retry_policy(name)
 
     def _limits(self, target_id: str) -> tuple[int, int]:
         config = self._configs[target_id]
@@ -1054,7 +1095,8 @@ class Scheduler:
         Retry a target now.
 
         A DOWN target's backoff is cut short and its oldest transaction sent at once; a BLOCKED
-        target is unblocked and its head transaction sent again. If a send to the target is in
+        target is unblocked and its head transaction sent again; a DISABLED one likewise, with
+        its count of failures started again. If a send to the target is in
         flight, no second one starts: if that send fails, the retry follows at once. Waking an UP
         target makes it look for pending work.
 
@@ -1141,6 +1183,7 @@ class Scheduler:
                 if t is not None:
                     state, failures, next_retry = t.state, t.failures, t.next_attempt_at
                     last_success, last_error = t.last_success_at, t.last_error
+                    down_since = t.down_since
                 else:
                     r = records.get(target_id)
                     state = r.state if r is not None else TargetState.UP
@@ -1148,6 +1191,7 @@ class Scheduler:
                     next_retry = r.next_attempt_at if r is not None else None
                     last_success = r.last_success_at if r is not None else None
                     last_error = r.last_error if r is not None else None
+                    down_since = r.down_since if r is not None else None
                 result.append(
                     TargetStatus(
                         target_id=target_id,
@@ -1162,6 +1206,7 @@ class Scheduler:
                         next_retry_at=next_retry,
                         last_error=last_error,
                         dead_letters=c.dead_letters,
+                        down_since=down_since,
                     )
                 )
             return result
@@ -1345,6 +1390,35 @@ class Scheduler:
                 )
 
         return Deferred.fromCoroutine(run())
+
+
+def _check_policies(policies: Any) -> dict[str, IRetryPolicy]:
+    if policies is None:
+        return {}
+    if not isinstance(policies, Mapping):
+        raise ConfigurationError(
+            f"policies must map names to retry policies, not {type(policies).__name__}"
+        )
+    checked = {}
+    for name, policy in policies.items():
+        if not isinstance(name, str) or not IRetryPolicy.providedBy(policy):
+            raise ConfigurationError(
+                f"policies: {name!r} must be a name mapped to an object that provides "
+                f"relayer.IRetryPolicy, not {type(policy).__name__}"
+            )
+        checked[name] = policy
+    return checked
+
+
+def _check_thresholds(thresholds: Any) -> tuple[int, ...]:
+    try:
+        values = tuple(thresholds)
+    except TypeError:
+        raise ConfigurationError("failure_thresholds must be counts of failures") from None
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(f"failure_thresholds must be ints >= 1, not {value!r}")
+    return values
 
 
 def _check_seconds(name: str, value: Any, positive: bool = False) -> None:

@@ -13,8 +13,9 @@ A store holds events and each target's queue durably:
   events' history;
 - *dead letters*: transactions that failed permanently under the dead-letter policy;
 - *expired events*: the events that passed their deadline at a target before they were sent;
-- each target's *delivery state*: UP, DOWN or BLOCKED, its consecutive failures, the time of its
-  next attempt, and the last transaction id it allocated.
+- each target's *delivery state*: UP, DOWN, BLOCKED or DISABLED, its consecutive failures, since
+  when it has been failing, the time of its next attempt, and the last transaction id it
+  allocated.
 
 The store knows nothing of any wire format: the transport frames a transaction's events.
 
@@ -43,6 +44,9 @@ class TargetState(enum.Enum):
     #: A transaction failed permanently under :attr:`relayer.FailurePolicy.BLOCK`; nothing is
     #: sent until the target is woken.
     BLOCKED = "blocked"
+    #: The target's retry policy gave up on it (:class:`relayer.GiveUp` with ``then="disable"``):
+    #: its events are still accepted and stored, and nothing is sent until it is woken.
+    DISABLED = "disabled"
 
 
 def _framed(events: Sequence[bytes]) -> bytes:
@@ -362,13 +366,14 @@ class TargetRecord:
 
     Attributes:
         target_id: The target's id.
-        state: UP, DOWN or BLOCKED.
+        state: UP, DOWN, BLOCKED or DISABLED.
         failures: Consecutive failed attempts since the last success.
         next_attempt_at: When a DOWN target is next retried, or None.
         last_success_at: When a transaction was last delivered, or None.
         last_txn_id: The highest transaction id allocated so far (0 for none).
         last_error: A short description of the last failure, or None.
         has_pending: Whether the target has queued events or transactions.
+        down_since: When the target's current run of failures began, or None.
     """
 
     target_id: str
@@ -379,6 +384,7 @@ class TargetRecord:
     last_txn_id: int
     last_error: str | None
     has_pending: bool
+    down_since: float | None = None
 
 
 @attrs.frozen
@@ -650,12 +656,35 @@ class IStore(Interface):
         """
 
     def fail(
-        target_id: str, txn_id: int, failures: int, next_attempt_at: float, error: str, now: float
+        target_id: str,
+        txn_id: int,
+        failures: int,
+        next_attempt_at: float,
+        error: str,
+        now: float,
+        *,
+        down_since: float | None = None,
+        dead_letter: str | None = None,
     ) -> Deferred[None]:
-        """Record a failed attempt: the target is DOWN, with its backoff state."""
+        """
+        Record a failed attempt: the target is DOWN, with its backoff state.
+
+        Args:
+            down_since: When the target's run of failures began (``now`` if None).
+            dead_letter: If given, the transaction is moved to the dead letters with this
+                reason, in the same database transaction (a retry policy gave up on it).
+        """
 
     def block(target_id: str, txn_id: int, error: str, now: float) -> Deferred[None]:
         """Record a permanent failure under the block policy: the target is BLOCKED."""
+
+    def disable(
+        target_id: str, txn_id: int, error: str, failures: int, down_since: float, now: float
+    ) -> Deferred[None]:
+        """
+        Record that the target's retry policy gave up on it: the target is DISABLED, its
+        transaction stays at the head of its queue, and new events are still stored.
+        """
 
     def dead_letter(
         target_id: str,

@@ -25,6 +25,9 @@ Version history:
    transaction may be ``discarded`` (a dead letter given up), and ``relayer_txns_done`` indexes
    done transactions by time. A version 4 block whose numbers were not consecutive (two
    PostgreSQL writers at once) is cut into blocks that are.
+6. ``relayer_targets.down_since``: when a target's current run of failures began (for retry
+   policies that disable a target failing for too long, and for status). A target's state may
+   now also be ``disabled``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import sqlalchemy as sa
 from relayer.errors import SchemaVersionError
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The PostgreSQL advisory lock taken while upgrading: an arbitrary constant of relayer's.
 _UPGRADE_LOCK = 0x72656C61796572
@@ -70,6 +73,8 @@ def define_tables(m: sa.MetaData, version: int) -> sa.MetaData:
         # The widest span of sequence numbers of any of the target's transactions: bounds the
         # search for the transaction that carries an event (see the store's event_status).
         target_columns.append(sa.Column("max_span", sa.BigInteger, nullable=False, default=0))
+    if version >= 6:
+        target_columns.append(sa.Column("down_since", sa.Float, nullable=True))
     sa.Table("relayer_targets", m, *target_columns)
     if version < 4:
         _define_v3_queue(m)
@@ -431,6 +436,12 @@ def _cut_blocks(conn: sa.Connection) -> None:
             last = row.first_seq
 
 
+def _v6(conn: sa.Connection) -> None:
+    # A target DOWN at the upgrade gets no time: its failures count from when a scheduler next
+    # takes it in charge, so that no policy disables it for an outage it cannot date.
+    conn.execute(sa.text("ALTER TABLE relayer_targets ADD COLUMN down_since FLOAT"))
+
+
 #: ``MIGRATIONS[v]`` moves a database from version ``v - 1`` to version ``v``.
 MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
     1: _v1,
@@ -438,6 +449,7 @@ MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
     3: _v3,
     4: _v4,
     5: _v5,
+    6: _v6,
 }
 
 

@@ -82,6 +82,8 @@ _axp = schema.all_expired
 _PENDING = schema.TXN_PENDING
 _AWAITING = schema.TXN_AWAITING
 _DELIVERED_STATE = schema.TXN_DELIVERED
+# Where a claim's unit of work counts the events it found expired (see _run_claim).
+_EXPIRED_KEY = "relayer.expired"
 _DEAD = schema.TXN_DEAD
 _DISCARDED = schema.TXN_DISCARDED
 # Written out, not bound: the partial indexes on open and dead transactions serve only queries
@@ -153,7 +155,7 @@ _WIDEN_SPAN = (
 _MARK_UP = (
     sa.update(_t)
     .where(_t.c.target_id == sa.bindparam("p_target"), _t.c.state != TargetState.UP.value)
-    .values(state=TargetState.UP.value, failures=0, next_attempt_at=None)
+    .values(state=TargetState.UP.value, failures=0, next_attempt_at=None, down_since=None)
 )
 _FINISH_TXN = (
     sa.update(_x)
@@ -181,10 +183,15 @@ _DELIVERED = (
         failures=0,
         next_attempt_at=None,
         last_error=None,
-        # A woken BLOCKED target that delivers its head transaction is draining: DOWN, like
-        # a recovering target, so a restart goes on with the drain instead of waiting.
+        down_since=None,
+        # A woken BLOCKED or DISABLED target that delivers its head transaction is draining:
+        # DOWN, like a recovering target, so a restart goes on with the drain instead of
+        # waiting.
         state=sa.case(
-            (_t.c.state == TargetState.BLOCKED.value, TargetState.DOWN.value),
+            (
+                _t.c.state.in_([TargetState.BLOCKED.value, TargetState.DISABLED.value]),
+                TargetState.DOWN.value,
+            ),
             else_=_t.c.state,
         ),
     )
@@ -288,6 +295,7 @@ class SQLStore:
     ) -> None:
         self._engine = engine
         self._pool = pool
+        self._expired_listener: Callable[[str, int], None] | None = None
         # Lease rounds must not queue behind a backlog of other work, or leases would lapse
         # under load: a backend with several connections gives them a thread of their own.
         self._lease_pool = lease_pool
@@ -310,6 +318,35 @@ class SQLStore:
         self, f: Callable[..., T], *args: Any, pool: DatabasePool | None = None
     ) -> Deferred[T]:
         return _in_transaction(self._engine, pool or self._pool, f, *args)
+
+    def set_expired_listener(self, listener: Callable[[str, int], None] | None) -> None:
+        """
+        Have ``listener(target_id, count)`` called, on the reactor thread, once the events
+        that a claim found past their deadline are stored as expired.
+        """
+        self._expired_listener = listener
+
+    def _run_claim(self, target_id: str, f: Callable[[sa.Connection], T]) -> Deferred[T]:
+        """Run a unit of work that claims the target's next transaction, counting expiries."""
+
+        def unit(conn: sa.Connection) -> tuple[T, int]:
+            counter = conn.info[_EXPIRED_KEY] = [0]
+            try:
+                return f(conn), counter[0]
+            finally:
+                conn.info.pop(_EXPIRED_KEY, None)
+
+        def committed(result: tuple[T, int]) -> T:
+            claim, expired = result
+            listener = self._expired_listener
+            if expired and listener is not None:
+                try:
+                    listener(target_id, expired)
+                except Exception:
+                    self.log.failure("The listener of expired events failed")
+            return claim
+
+        return self._run(unit).addCallback(committed)
 
     def _read(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         """
@@ -891,6 +928,9 @@ class SQLStore:
                 live.append(row)
         if dead:
             conn.execute(self._insert_ignoring_conflicts(_xp), dead)
+            counter = conn.info.get(_EXPIRED_KEY)
+            if counter is not None:
+                counter[0] += len(dead)
             _faults.checkpoint("event.expired")
         return live
 
@@ -1032,7 +1072,7 @@ class SQLStore:
                 conn, target_id, max_events, max_bytes, default_ttl, now, hold_down=True
             )
 
-        return self._run(claim)
+        return self._run_claim(target_id, claim)
 
     def complete(
         self,
@@ -1050,7 +1090,7 @@ class SQLStore:
             conn.execute(_DELIVERED, {"p_target": target_id, "p_now": now})
             return self._claim(conn, target_id, max_events, max_bytes, default_ttl, now)
 
-        return self._run(complete)
+        return self._run_claim(target_id, complete)
 
     def accepted(
         self,
@@ -1074,7 +1114,7 @@ class SQLStore:
             # Confirmed already, before the target's answer came back: go on.
             return self._claim(conn, target_id, max_events, max_bytes, default_ttl, now)
 
-        return self._run(accepted)
+        return self._run_claim(target_id, accepted)
 
     def confirm(self, target_id: str, txn_id: int, now: float) -> Deferred[bool]:
         def confirm(conn: sa.Connection) -> bool:
@@ -1110,9 +1150,18 @@ class SQLStore:
         next_attempt_at: float,
         error: str,
         now: float,
+        *,
+        down_since: float | None = None,
+        dead_letter: str | None = None,
     ) -> Deferred[None]:
         def fail(conn: sa.Connection) -> None:
             self._check_lease(conn, target_id, now)
+            if dead_letter is not None:
+                conn.execute(
+                    sa.update(_x)
+                    .where(_x.c.target_id == target_id, _x.c.txn_id == txn_id, _OPEN)
+                    .values(state=_DEAD, done_at=now, confirm_by=None, reason=dead_letter[:500])
+                )
             conn.execute(
                 sa.update(_t)
                 .where(_t.c.target_id == target_id)
@@ -1121,11 +1170,31 @@ class SQLStore:
                     failures=failures,
                     next_attempt_at=next_attempt_at,
                     last_error=error[:500],
+                    down_since=now if down_since is None else down_since,
                 )
             )
             _faults.checkpoint("backoff.write")
 
         return self._run(fail)
+
+    def disable(
+        self, target_id: str, txn_id: int, error: str, failures: int, down_since: float, now: float
+    ) -> Deferred[None]:
+        def disable(conn: sa.Connection) -> None:
+            self._check_lease(conn, target_id, now)
+            conn.execute(
+                sa.update(_t)
+                .where(_t.c.target_id == target_id)
+                .values(
+                    state=TargetState.DISABLED.value,
+                    failures=failures,
+                    next_attempt_at=None,
+                    last_error=error[:500],
+                    down_since=down_since,
+                )
+            )
+
+        return self._run(disable)
 
     def block(self, target_id: str, txn_id: int, error: str, now: float) -> Deferred[None]:
         def block(conn: sa.Connection) -> None:
@@ -1163,7 +1232,7 @@ class SQLStore:
             )
             return self._claim(conn, target_id, max_events, max_bytes, default_ttl, now)
 
-        return self._run(dead_letter)
+        return self._run_claim(target_id, dead_letter)
 
     def split(
         self, target_id: str, txn_id: int, now: float, *, default_ttl: float | None = None
@@ -1190,7 +1259,7 @@ class SQLStore:
             self._requeue_head(conn, target_id, second, row.oldest_at)
             return self._new_txn(conn, target_id, first, default_ttl, now)
 
-        return self._run(split)
+        return self._run_claim(target_id, split)
 
     # -- inspection -----------------------------------------------------------------------------
 
@@ -1824,6 +1893,7 @@ def _record(row: Any, has_pending: bool) -> TargetRecord:
         last_txn_id=row.last_txn_id,
         last_error=row.last_error,
         has_pending=has_pending,
+        down_since=row.down_since,
     )
 
 

@@ -34,6 +34,43 @@ class OutcomeKind(enum.Enum):
     PERMANENT = "permanent"
 
 
+class FailureClass(enum.Enum):
+    """
+    What kind of failure an attempt met: what a :class:`relayer.IRetryPolicy` decides on, and
+    what observers and metrics count by. The values are stable names, fit for a metric's label.
+    """
+
+    #: No response within the target's request timeout.
+    TIMEOUT = "timeout"
+    #: No response: the connection was refused, reset or lost, a name did not resolve, TLS failed.
+    CONNECTION = "connection"
+    #: 429 Too Many Requests, or 503 Service Unavailable (both honour ``Retry-After``).
+    RATE_LIMITED = "rate_limited"
+    #: Another 5xx.
+    SERVER_ERROR = "server_error"
+    #: 401 or 403: the target refused the token or the signature.
+    UNAUTHORIZED = "unauthorized"
+    #: 404: the target has no such endpoint.
+    NOT_FOUND = "not_found"
+    #: 413: the target refused the transaction as too large.
+    TOO_LARGE = "too_large"
+    #: 400 or 422: the target refused the content for good.
+    REJECTED = "rejected"
+    #: Any other answer that is not a success: another 4xx, a 1xx or a 3xx.
+    CLIENT_ERROR = "client_error"
+    #: A transient failure that the transport did not classify further.
+    TRANSIENT = "transient"
+    #: A permanent failure that the transport did not classify further.
+    PERMANENT = "permanent"
+
+
+_DEFAULT_CLASSES = {
+    "retry": FailureClass.TRANSIENT,
+    "too_large": FailureClass.TOO_LARGE,
+    "permanent": FailureClass.PERMANENT,
+}
+
+
 @attrs.frozen
 class SendOutcome:
     """
@@ -47,11 +84,24 @@ class SendOutcome:
         kind: How it ended.
         reason: A short description for logs and status, such as ``HTTP 503``; never a secret.
         retry_after: For RETRY, the delay in seconds the target asked for, or None.
+        failure: For a failure, its class, or None to have it derived from ``kind``
+            (see :attr:`failure_class`).
     """
 
     kind: OutcomeKind
     reason: str = ""
     retry_after: float | None = None
+    failure: FailureClass | None = None
+
+    @property
+    def failure_class(self) -> FailureClass | None:
+        """
+        The class of a failure: ``failure`` if given, else TRANSIENT for RETRY, TOO_LARGE for
+        TOO_LARGE and PERMANENT for PERMANENT; None for a success.
+        """
+        if self.failure is not None:
+            return self.failure
+        return _DEFAULT_CLASSES.get(self.kind.value)
 
     @classmethod
     def delivered(cls, reason: str = "") -> SendOutcome:
@@ -172,13 +222,22 @@ def classify_status(status: int, retry_after: str | None = None, now: float = 0.
     if 200 <= status < 300:
         return SendOutcome.delivered(reason)
     if status in (429, 503):
-        return SendOutcome.retry(reason, parse_retry_after(retry_after, now))
+        delay = parse_retry_after(retry_after, now)
+        return SendOutcome(OutcomeKind.RETRY, reason, delay, FailureClass.RATE_LIMITED)
     if status == 413:
-        return SendOutcome.too_large(reason)
+        return SendOutcome(OutcomeKind.TOO_LARGE, reason, failure=FailureClass.TOO_LARGE)
     if status in PERMANENT_STATUSES:
-        return SendOutcome.permanent(reason)
+        return SendOutcome(OutcomeKind.PERMANENT, reason, failure=FailureClass.REJECTED)
     hint = _CONFIGURATION_HINTS.get(status)
-    return SendOutcome.retry(f"{reason} ({hint})" if hint else reason)
+    if status in (401, 403):
+        failure = FailureClass.UNAUTHORIZED
+    elif status == 404:
+        failure = FailureClass.NOT_FOUND
+    elif 500 <= status < 600:
+        failure = FailureClass.SERVER_ERROR
+    else:
+        failure = FailureClass.CLIENT_ERROR
+    return SendOutcome(OutcomeKind.RETRY, f"{reason} ({hint})" if hint else reason, None, failure)
 
 
 #: The statuses that refuse a transaction's content for good: the failure policy applies.
