@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -275,6 +276,9 @@ class TransactionController:
             t.recoverer.schedule(when)
         elif record.state is TargetState.UP and record.has_pending:
             self._kick(t)
+        elif record.state is TargetState.DISABLED:
+            # Held until woken; its count of failures is kept for status.
+            t.recoverer = self._recoverer(t, record.failures)
         return t
 
     def remove(self, target_ids: Iterable[str], cancel: bool = False) -> Deferred[None]:
@@ -658,8 +662,10 @@ class TransactionController:
                     reason=reason,
                 )
                 self._set_state(t, TargetState.DISABLED)
-                if t.recoverer is not None:
-                    t.recoverer.cancel()
+                if t.recoverer is None:
+                    t.recoverer = self._recoverer(t, info.failures)
+                t.recoverer.cancel()
+                t.recoverer.failures = info.failures
                 t.unrecorded = _Unrecorded(
                     TargetState.DISABLED, txn.txn_id, info.failures, now, reason, t.down_since
                 )
@@ -813,12 +819,16 @@ class TransactionController:
                     deadline.cancel()
         except CancelledError:
             if expired:
-                return SendOutcome.retry(f"no response within the request timeout of {timeout:g}s")
+                return SendOutcome(
+                    OutcomeKind.RETRY,
+                    f"no response within the request timeout of {timeout:g}s",
+                    failure=FailureClass.TIMEOUT,
+                )
             if self._stopping or t.removed:
                 return None
             return SendOutcome.retry("the request was cancelled")
         except Exception as e:  # noqa: BLE001 - every send error is a transient failure
-            return SendOutcome.retry(_describe(e, config))
+            return SendOutcome(OutcomeKind.RETRY, _describe(e, config), failure=_failure_class(e))
         if not isinstance(outcome, SendOutcome):
             return SendOutcome.retry(
                 f"the transport answered {type(outcome).__name__}, not a SendOutcome"
@@ -1004,6 +1014,18 @@ async def _wait_all(loops: list[Deferred[None]]) -> None:
             await loop
         except Exception:
             pass  # the loop's own error handling has logged it
+
+
+def _failure_class(e: BaseException) -> FailureClass:
+    """The class of a send that failed with an exception: a timeout, or no connection."""
+    timed_out = getattr(e, "timed_out", None)  # relayer.HTTPSendError says which it was
+    if timed_out is True or isinstance(e, (ierror.TimeoutError, ierror.TCPTimedOutError)):
+        return FailureClass.TIMEOUT
+    if timed_out is False or isinstance(
+        e, (ierror.ConnectError, ierror.ConnectionLost, ierror.DNSLookupError)
+    ):
+        return FailureClass.CONNECTION
+    return FailureClass.TRANSIENT
 
 
 def _describe(e: BaseException, config: TargetConfig) -> str:

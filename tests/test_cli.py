@@ -85,9 +85,7 @@ def test_verify_compares_events_by_value() -> None:
 
 def test_summary_lists_a_few_examples() -> None:
     report = verify_delivery([{"seq": i} for i in range(10)], [])
-    assert report.summary(limit=2) == (
-        '0/10 received; 10 missing (e.g. {"seq":0}, {"seq":1}, ...)'
-    )
+    assert report.summary(limit=2) == ('0/10 received; 10 missing (e.g. {"seq":0}, {"seq":1}, ...)')
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -169,9 +167,7 @@ def test_demo_shows_a_fan_out_event_per_target(
         assert re.search(rf"^{name} +delivered +[\d.]+s +\d+ +\d+ +yes$", out, re.MULTILINE), out
     # Sent (and refused) before its deadline, in a transaction that was then abandoned: the
     # table shows that transaction and its attempts, or dashes if it was never sent.
-    expired = re.search(
-        r"^outage +expired +([\d.]+)s +(?:\d+ +\d+|- +-) +no$", out, re.MULTILINE
-    )
+    expired = re.search(r"^outage +expired +([\d.]+)s +(?:\d+ +\d+|- +-) +no$", out, re.MULTILINE)
     assert expired, out
     assert float(expired[1]) >= expires
     # The target where it expired goes on with the events submitted after it.

@@ -334,11 +334,11 @@ edgy_values = st.recursive(
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.sampled_from([SAFE, SAFE + 1, -SAFE, -SAFE - 1, 10**15, 10**16])
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(alphabet="0123456789-,{\"tfn", max_size=20),
+    | st.text(alphabet='0123456789-,{"tfn', max_size=20),
     lambda children: (
         st.lists(children, max_size=4)
         | st.dictionaries(
-            st.text(alphabet="0123456789-tfn\"", max_size=6)
+            st.text(alphabet='0123456789-tfn"', max_size=6)
             | st.integers(min_value=-(2**60), max_value=2**60)
             | st.floats(allow_nan=False, allow_infinity=False)
             | st.sampled_from([True, False, None, "true", "false", "null", "1st"]),

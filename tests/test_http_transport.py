@@ -195,9 +195,7 @@ def test_classify_status(status: int, kind: OutcomeKind) -> None:
     assert outcome.retry_after is None
 
 
-@pytest.mark.parametrize(
-    ("status", "says"), [(401, "token"), (403, "token"), (404, "base URL")]
-)
+@pytest.mark.parametrize(("status", "says"), [(401, "token"), (403, "token"), (404, "base URL")])
 def test_classify_status_names_a_registration_fault(status: int, says: str) -> None:
     outcome = classify_status(status)
     assert outcome.kind is OutcomeKind.RETRY
@@ -355,9 +353,7 @@ async def test_timeout() -> None:
     silent = Silent()
     h = Harness(reactor_(), silent)
     try:
-        failure = await failure_of(
-            h.send(h.target(request_timeout=0.2), 1, b'{"events":[]}')
-        )
+        failure = await failure_of(h.send(h.target(request_timeout=0.2), 1, b'{"events":[]}'))
         assert failure.check(HTTPSendError)
         assert failure.value.timed_out
         assert "timeout" in str(failure.value)

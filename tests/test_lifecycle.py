@@ -35,9 +35,7 @@ def make(
     clock = clock if clock is not None else Clock()
     store = wrap(open_store(clock, db_path))
     transport = transport if transport is not None else FakeTransport(clock)
-    configs = [
-        target(t, request_timeout=1.0, backoff=BackoffPolicy.constant(5.0)) for t in targets
-    ]
+    configs = [target(t, request_timeout=1.0, backoff=BackoffPolicy.constant(5.0)) for t in targets]
     leases = LeaseSettings(node_id=node, **LEASES) if node is not None else None  # type: ignore[arg-type]
     scheduler = Scheduler(clock, store, transport, configs, random=lambda: 0.0, leases=leases)
     return scheduler, store, transport, clock
@@ -208,8 +206,10 @@ def test_overdue_retries_are_spread_at_start_up(tmp_path: Path) -> None:
     clock.advance(1000.0)
     transport.clock = clock
     draws = random.Random(7)
-    configs = [target(t, request_timeout=1.0, backoff=BackoffPolicy(initial=5.0, maximum=60.0))
-               for t in ids]
+    configs = [
+        target(t, request_timeout=1.0, backoff=BackoffPolicy(initial=5.0, maximum=60.0))
+        for t in ids
+    ]
     scheduler = Scheduler(clock, open_store(clock, path), transport, configs, random=draws.random)
     assert scheduler.start().called
     due = sorted(s.next_retry_at - 1000.0 for s in scheduler.status().result)  # type: ignore[attr-defined]
@@ -252,9 +252,7 @@ def test_a_submit_made_as_the_last_one_is_stored_is_not_refused(db_path: Path) -
     """The back-pressure count drops before the submits' Deferreds fire, not after."""
     clock = Clock()
     store = GatedStore(open_store(clock, db_path))
-    scheduler = Scheduler(
-        clock, store, FakeTransport(clock), [target("t")], max_waiting_events=10
-    )
+    scheduler = Scheduler(clock, store, FakeTransport(clock), [target("t")], max_waiting_events=10)
     assert scheduler.start().called
     store.hold_calls("add_events")
     outcomes: list[Any] = []

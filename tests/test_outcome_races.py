@@ -18,9 +18,7 @@ from relayer.errors import StoreUnavailable
 from relayer.testing import FakeTransport, open_store, target
 
 
-def start(
-    db_path: Path, **settings: object
-) -> tuple[Scheduler, GatedStore, FakeTransport, Clock]:
+def start(db_path: Path, **settings: object) -> tuple[Scheduler, GatedStore, FakeTransport, Clock]:
     clock = Clock()
     store = GatedStore(open_store(clock, db_path))
     transport = FakeTransport(clock)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,7 @@ class Harness:
         targets: The targets' configurations.
         random: The jitter source.
         retention: The scheduler's retention, or None.
+        options: The other arguments the scheduler was made with.
     """
 
     scheduler: Scheduler
@@ -107,6 +108,7 @@ class Harness:
     targets: list[TargetConfig]
     random: Callable[[], float]
     retention: Retention | None = None
+    options: dict[str, Any] = attrs.field(factory=dict)
 
     def restart(self, *, stop: bool = True) -> Harness:
         """
@@ -143,7 +145,15 @@ class Harness:
             self.transport.clock = clock
             for target_id in {t.target_id for t in self.targets}:
                 self.transport[target_id].drop()
-        return _start(self.path, clock, self.transport, self.targets, self.random, self.retention)
+        return _start(
+            self.path,
+            clock,
+            self.transport,
+            self.targets,
+            self.random,
+            self.retention,
+            self.options,
+        )
 
 
 def release_process_lock(scheduler: Scheduler) -> None:
@@ -168,6 +178,7 @@ def build_scheduler(
     transport: FakeTransport | None = None,
     random: Callable[[], float] = lambda: 0.0,
     retention: Retention | None = None,
+    options: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> Harness:
     """
@@ -186,6 +197,8 @@ def build_scheduler(
         transport: The transport; by default a new :class:`FakeTransport`.
         random: The jitter source; by default always 0, which makes backoff exact.
         retention: The scheduler's :class:`~relayer.Retention`; by default none.
+        options: Other arguments of :class:`~relayer.Scheduler`, by name, such as
+            ``{"observers": [observer]}``; kept for :meth:`Harness.restart`.
         settings: Settings for targets given by id, such as ``max_events=10``.
     """
     clock = clock if clock is not None else Clock()
@@ -195,7 +208,7 @@ def build_scheduler(
         path = Path(tempfile.mkdtemp(prefix="relayer-test-")) / "relayer.db"
     if not (isinstance(path, str) and "://" in path):
         path = Path(path)
-    return _start(path, clock, transport, configs, random, retention)
+    return _start(path, clock, transport, configs, random, retention, dict(options or {}))
 
 
 def open_store(
@@ -229,13 +242,17 @@ def _start(
     targets: list[TargetConfig],
     random: Callable[[], float],
     retention: Retention | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Harness:
     store = open_store(clock, path)
-    scheduler = Scheduler(clock, store, transport, targets, random=random, retention=retention)
+    options = options or {}
+    scheduler = Scheduler(
+        clock, store, transport, targets, random=random, retention=retention, **options
+    )
     started = scheduler.start()
     failures: list[Any] = []
     started.addErrback(failures.append)
     if failures:
         failures[0].raiseException()
     transport.confirmer = scheduler.confirm
-    return Harness(scheduler, clock, transport, path, targets, random, retention)
+    return Harness(scheduler, clock, transport, path, targets, random, retention, options)
