@@ -22,7 +22,7 @@ from relayer import (
     RetryPolicy,
 )
 from relayer.errors import ConfigurationError
-from relayer.testing import Harness, build_scheduler, step, target
+from relayer.testing import build_scheduler, step, target
 from tests._support import database_engine, result_of
 
 result = result_of
