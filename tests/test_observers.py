@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -44,8 +45,9 @@ class Recorder(DeliveryObserver):
         engine = database_engine(self.db_path)
         try:
             with engine.connect() as conn:
-                row = conn.exec_driver_sql(
-                    "SELECT state FROM relayer_targets WHERE target_id = ?", (target_id,)
+                row = conn.execute(
+                    sa.text("SELECT state FROM relayer_targets WHERE target_id = :t"),
+                    {"t": target_id},
                 ).first()
         finally:
             engine.dispose()
