@@ -1,0 +1,1 @@
+"""An example plugin of relayer's: a retry policy and a wire format."""

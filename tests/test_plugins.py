@@ -1,0 +1,127 @@
+"""
+Plugins through entry points: a small distribution in tests/plugin_dist is installed with pip
+into a folder put on the path, as an application's environment would have it, and used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relayer import TargetState, plugins
+from relayer.errors import InvalidTarget
+from relayer.testing import build_scheduler, step, target
+from tests._support import result_of
+
+result = result_of
+
+PLUGIN = Path(__file__).resolve().parent / "plugin_dist"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The example plugin, installed with pip into a folder on sys.path."""
+    where = tmp_path_factory.mktemp("plugins")
+    build = tmp_path_factory.mktemp("plugin-build")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--target",
+            str(where),
+            str(PLUGIN),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=build,
+        env={"PIP_NO_CACHE_DIR": "1", "PATH": "/usr/bin:/bin", "HOME": str(build)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (where / "relayer_example_plugin-1.0.dist-info" / "entry_points.txt").exists()
+    sys.path.insert(0, str(where))
+    importlib.invalidate_caches()
+    plugins.forget()
+    try:
+        yield where
+    finally:
+        sys.path.remove(str(where))
+        for name in [m for m in sys.modules if m.startswith("relayer_example_plugin")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        plugins.forget()
+
+
+def test_without_the_plugin_its_name_is_unknown(db_path: Any) -> None:
+    # This runs before the module's fixture installs the plugin.
+    plugins.forget()
+    assert "patient" not in plugins.available(plugins.POLICIES_GROUP)
+    h = build_scheduler(["other"], path=db_path)
+    with pytest.raises(InvalidTarget, match="unknown retry policy 'patient'"):
+        h.scheduler.add_target(target("t", retry_policy="patient"))
+
+
+def test_the_installed_plugin_s_policies_are_listed(installed: Path) -> None:
+    found = plugins.available(plugins.POLICIES_GROUP)
+    assert found["patient"] == (
+        "relayer-example-plugin: relayer_example_plugin.policies:PatientPolicy"
+    )
+
+
+def test_a_target_uses_a_policy_from_a_plugin(installed: Path, db_path: Any) -> None:
+    h = build_scheduler([target("t", retry_policy="patient")], path=db_path)
+    h.transport["t"].fail_with(500)
+    h.scheduler.submit("t", {"n": 0})
+    step(h.clock, 60)
+    # The plugin's policy: a retry every 7 seconds, disabled at the third failure.
+    assert h.transport["t"].times == [0.0, 7.0, 14.0]
+    [status] = result(h.scheduler.status())
+    assert status.state is TargetState.DISABLED
+    assert status.last_error == "patient: 3 failures in a row (HTTP 500)"
+    h.transport["t"].up()
+    h.scheduler.wake("t")
+    step(h.clock, 0)
+    assert h.transport["t"].events == [{"n": 0}]
+    # Loaded once, and kept.
+    from relayer_example_plugin.policies import PatientPolicy  # type: ignore[import-not-found]
+
+    assert isinstance(plugins.retry_policy("patient"), PatientPolicy)
+    assert plugins.retry_policy("patient") is plugins.retry_policy("patient")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "broken",
+            "the retry policy 'broken' of the plugin relayer-example-plugin "
+            "(relayer_example_plugin.missing:Nothing) failed to load: ModuleNotFoundError",
+        ),
+        (
+            "not-a-policy",
+            "the retry policy 'not-a-policy' of the plugin relayer-example-plugin "
+            "(relayer_example_plugin.policies:NOT_A_POLICY) does not provide "
+            "relayer.policy.IRetryPolicy",
+        ),
+        ("absent", "unknown retry policy 'absent': no plugin provides one by that name"),
+    ],
+)
+def test_a_plugin_that_is_broken_or_absent_is_refused_with_a_message(
+    installed: Path, db_path: Any, name: str, message: str
+) -> None:
+    h = build_scheduler(["other"], path=db_path)
+    with pytest.raises(InvalidTarget) as caught:
+        h.scheduler.add_target(target("t", retry_policy=name))
+    assert message in str(caught.value)
+    assert "t" not in h.scheduler.targets
