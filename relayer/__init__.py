@@ -17,6 +17,7 @@ from relayer.errors import (
     DuplicateTarget,
     EventTooLarge,
     InvalidEvent,
+    InvalidSignature,
     InvalidTarget,
     LeaseLost,
     NotRunning,
@@ -27,6 +28,14 @@ from relayer.errors import (
     UnknownTarget,
 )
 from relayer.event import Event
+from relayer.formats import (
+    MATRIX,
+    STANDARD_WEBHOOKS,
+    IWireFormat,
+    MatrixFormat,
+    StandardWebhooksFormat,
+    WireRequest,
+)
 from relayer.grouper import EventGrouper
 from relayer.lease import LeaseSettings
 from relayer.recoverer import Recoverer
@@ -42,7 +51,7 @@ from relayer.store.base import (
     TargetEventsPage,
 )
 from relayer.store.postgres import PostgresStore
-from relayer.transport.base import ITransport, OutcomeKind, SendOutcome
+from relayer.transport.base import IRequestTransport, ITransport, OutcomeKind, SendOutcome
 from relayer.transport.http import HTTPSendError, HTTPTransport
 
 __all__ = [
@@ -64,12 +73,17 @@ __all__ = [
     "FailurePolicy",
     "HTTPSendError",
     "HTTPTransport",
+    "IRequestTransport",
     "IStore",
     "ITransport",
+    "IWireFormat",
     "InvalidEvent",
+    "InvalidSignature",
     "InvalidTarget",
     "LeaseLost",
     "LeaseSettings",
+    "MATRIX",
+    "MatrixFormat",
     "NotRunning",
     "OutcomeKind",
     "PostgresStore",
@@ -78,9 +92,11 @@ __all__ = [
     "RelayerError",
     "Retention",
     "SQLiteStore",
+    "STANDARD_WEBHOOKS",
     "Scheduler",
     "SchemaVersionError",
     "SendOutcome",
+    "StandardWebhooksFormat",
     "StoreError",
     "StoreUnavailable",
     "TargetConfig",
@@ -90,5 +106,6 @@ __all__ = [
     "ThreadedDatabasePool",
     "TransactionController",
     "UnknownTarget",
+    "WireRequest",
     "__version__",
 ]
