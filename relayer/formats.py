@@ -408,7 +408,6 @@ __all__ = [
     "MATRIX",
     "MatrixFormat",
     "STANDARD_WEBHOOKS",
-    "SECRET_PREFIX",
     "StandardWebhooksFormat",
     "USER_AGENT",
     "WireRequest",
