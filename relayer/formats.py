@@ -31,7 +31,7 @@ import attrs
 from zope.interface import Attribute, Interface, implementer
 
 from relayer._version import __version__
-from relayer.config import SECRET_PREFIX, TargetConfig, secret_key
+from relayer.config import TargetConfig, secret_key
 from relayer.errors import InvalidSignature, InvalidTarget
 from relayer.store.base import Transaction
 from relayer.transport.base import SendOutcome, classify_status, matrix_body
