@@ -91,6 +91,8 @@ PUBLIC_MODULES = [
     "relayer.testing",
     "relayer.errors",
     "relayer.config",
+    "relayer.formats",
+    "relayer.plugins",
 ]
 
 

@@ -17,6 +17,7 @@ from relayer.errors import (
     DuplicateTarget,
     EventTooLarge,
     InvalidEvent,
+    InvalidSignature,
     InvalidTarget,
     LeaseLost,
     NotRunning,
@@ -27,6 +28,14 @@ from relayer.errors import (
     UnknownTarget,
 )
 from relayer.event import Event
+from relayer.formats import (
+    MATRIX,
+    STANDARD_WEBHOOKS,
+    IWireFormat,
+    MatrixFormat,
+    StandardWebhooksFormat,
+    WireRequest,
+)
 from relayer.grouper import EventGrouper
 from relayer.lease import LeaseSettings
 from relayer.observer import DeliveryObserver, IDeliveryObserver
@@ -44,7 +53,13 @@ from relayer.store.base import (
     TargetEventsPage,
 )
 from relayer.store.postgres import PostgresStore
-from relayer.transport.base import FailureClass, ITransport, OutcomeKind, SendOutcome
+from relayer.transport.base import (
+    FailureClass,
+    IRequestTransport,
+    ITransport,
+    OutcomeKind,
+    SendOutcome,
+)
 from relayer.transport.http import HTTPSendError, HTTPTransport
 
 __all__ = [
@@ -74,13 +89,18 @@ __all__ = [
     "HTTPSendError",
     "HTTPTransport",
     "IDeliveryObserver",
+    "IRequestTransport",
     "IRetryPolicy",
     "IStore",
     "ITransport",
+    "IWireFormat",
     "InvalidEvent",
+    "InvalidSignature",
     "InvalidTarget",
     "LeaseLost",
     "LeaseSettings",
+    "MATRIX",
+    "MatrixFormat",
     "NotRunning",
     "OutcomeKind",
     "PostgresStore",
@@ -90,9 +110,11 @@ __all__ = [
     "Retention",
     "RetryPolicy",
     "SQLiteStore",
+    "STANDARD_WEBHOOKS",
     "Scheduler",
     "SchemaVersionError",
     "SendOutcome",
+    "StandardWebhooksFormat",
     "StoreError",
     "StoreUnavailable",
     "TargetConfig",
@@ -102,5 +124,6 @@ __all__ = [
     "ThreadedDatabasePool",
     "TransactionController",
     "UnknownTarget",
+    "WireRequest",
     "__version__",
 ]

@@ -1,12 +1,17 @@
 """
-Keeping a target's token out of texts that relayer keeps or logs.
+Keeping a target's token and secrets out of texts that relayer keeps or logs.
 
 A text that relayer did not write itself (an exception's message, a response body, a plugin
-transport's reason) may hold the target's token; before it reaches ``last_error``, a dead
-letter or a log line, the token is removed and the text's length is capped.
+transport's reason) may hold the target's token or a webhook secret; before it reaches
+``last_error``, a dead letter or a log line, they are removed and the text's length is capped.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relayer.config import TargetConfig
 
 #: What stands for the token in a scrubbed text.
 REDACTED = "[REDACTED]"
@@ -34,3 +39,18 @@ def without_token_start(text: str, token: str) -> str:
         if text.endswith(token[:n]):
             return text[:-n]
     return text
+
+
+def hidden_values(target: TargetConfig) -> list[str]:
+    """What never appears in a text about the target: its token, its secrets and their keys."""
+    hidden = [target.token] if target.token else []
+    for secret in target.secrets:
+        hidden += [secret, secret.partition("_")[2]]
+    return [h for h in hidden if h]
+
+
+def scrub_target(text: str, target: TargetConfig, limit: int = 300) -> str:
+    """Remove the target's token and secrets from a text, and cap its length."""
+    for value in hidden_values(target):
+        text = text.replace(value, REDACTED)
+    return scrub(text, "", limit)

@@ -8,6 +8,8 @@ All configuration objects are frozen attrs classes whose validators raise
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import math
 import re
@@ -277,15 +279,85 @@ def _check_base_url(instance: Any, attribute: Any, value: Any) -> None:
 
 
 def _check_token(instance: Any, attribute: Any, value: Any) -> None:
-    # The token itself never appears in a message.
+    # The token itself never appears in a message. An empty one is refused in
+    # __attrs_post_init__, for the Matrix format only.
     if not isinstance(value, str):
         raise InvalidTarget(f"token must be a str, not {type(value).__name__}")
-    if not value:
-        raise InvalidTarget("token must not be empty: every target needs its access token")
     if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value):
         raise InvalidTarget(
             "token must be printable ASCII without white space (it is sent in an HTTP header)"
         )
+
+
+_FORMAT_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def _check_format(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, str):
+        raise InvalidTarget(f"format must be a str, not {type(value).__name__}")
+    if not 1 <= len(value) <= 64 or not set(value) <= _FORMAT_CHARACTERS:
+        raise InvalidTarget(
+            f"format must be 1 to 64 characters of a-z, 0-9, '.', '_' and '-', not {value!r}"
+        )
+
+
+def _to_secrets(value: Any) -> Any:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+def _check_secrets(instance: Any, attribute: Any, value: Any) -> None:
+    # A secret never appears in a message: only its position does.
+    if not isinstance(value, tuple):
+        raise InvalidTarget(
+            f"secrets must be a list or tuple of str (or one str), not {type(value).__name__}"
+        )
+    for i, secret in enumerate(value):
+        try:
+            secret_key(secret)
+        except InvalidTarget as e:
+            raise InvalidTarget(f"secrets[{i}] is not valid: {e}") from None
+    if len(set(value)) != len(value):
+        raise InvalidTarget("secrets holds the same secret twice")
+
+
+#: What a Standard Webhooks secret starts with; the rest is its key, in standard base64.
+SECRET_PREFIX = "whsec_"
+#: The shortest and the longest key of a Standard Webhooks secret, in bytes.
+MIN_SECRET_BYTES = 24
+MAX_SECRET_BYTES = 64
+
+
+def secret_key(secret: str) -> bytes:
+    """
+    The key of a Standard Webhooks secret: the base64 after ``whsec_``, decoded.
+
+    Padding may be left out. The message of the error never shows the secret.
+
+    Raises:
+        relayer.errors.InvalidTarget: It is not ``whsec_`` and the standard base64 of 24 to
+            64 bytes.
+    """
+    if not isinstance(secret, str):
+        raise InvalidTarget(f"a secret must be a str, not {type(secret).__name__}")
+    if not secret.startswith(SECRET_PREFIX):
+        raise InvalidTarget(f"a secret must start with {SECRET_PREFIX!r}")
+    encoded = secret[len(SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidTarget(
+            f"a secret must be {SECRET_PREFIX!r} followed by standard base64 (A-Z, a-z, 0-9, "
+            "+ and /)"
+        ) from None
+    if not MIN_SECRET_BYTES <= len(key) <= MAX_SECRET_BYTES:
+        raise InvalidTarget(
+            f"a secret's key must be {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes, not {len(key)}"
+        )
+    return key
 
 
 def _check_max_events(instance: Any, attribute: Any, value: Any) -> None:
@@ -395,7 +467,8 @@ class TargetConfig:
         base_url: The target's base URL, ``http://`` or ``https://``. The default HTTP transport
             sends to ``{base_url}/_matrix/app/v1/transactions/{txn_id}``.
         token: The access token sent as ``Authorization: Bearer {token}``. It never appears in a
-            repr, a log line or an exception.
+            repr, a log line or an exception. Required by the Matrix format; other formats
+            send it if it is given (the default is ``""``, none).
         max_events: The cap on the number of events in one transaction. Default 100.
         max_bytes: The cap on the encoded size of one transaction's body. Default 1 MiB.
         request_timeout: Seconds one request may take before it fails as a timeout. Default 30.
@@ -418,11 +491,20 @@ class TargetConfig:
             are kept before retention may purge or archive them; None (the default) for the
             scheduler's :attr:`relayer.Retention.keep`. An event sent to several targets is
             kept until it has passed the retention of each.
+        format: The target's wire format, by name (see :mod:`relayer.formats`):
+            ``"matrix"`` (the default), ``"standard-webhooks"``, or one given to the
+            :class:`~relayer.Scheduler` in ``formats``. The scheduler refuses, at
+            registration, a format it does not know or a target that lacks what its format
+            needs.
+        secrets: The Standard Webhooks secrets that sign each request, each ``whsec_``
+            followed by the standard base64 of a key of 24 to 64 bytes; a lone str is one
+            secret. With several (during a rotation), the request carries one signature per
+            secret, in order. They never appear in a repr, a log line or an exception.
     """
 
     target_id: str = attrs.field(validator=_check_target_id)
     base_url: str = attrs.field(validator=_check_base_url)
-    token: str = attrs.field(validator=_check_token, repr=False)
+    token: str = attrs.field(default="", validator=_check_token, repr=False)
     max_events: int = attrs.field(default=DEFAULT_MAX_EVENTS, validator=_check_max_events)
     max_bytes: int = attrs.field(default=DEFAULT_MAX_BYTES, validator=_check_max_bytes)
     request_timeout: float = attrs.field(default=DEFAULT_REQUEST_TIMEOUT, validator=_check_timeout)
@@ -436,8 +518,14 @@ class TargetConfig:
     )
     retention: float | None = attrs.field(default=None, validator=_check_target_retention)
     retry_policy: Any = attrs.field(default=None, validator=_check_retry_policy)
+    format: str = attrs.field(default="matrix", validator=_check_format)
+    secrets: tuple[str, ...] = attrs.field(
+        default=(), converter=_to_secrets, validator=_check_secrets, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
+        if self.format == "matrix" and not self.token:
+            raise InvalidTarget("token must not be empty: every target needs its access token")
         if self.retry_policy is not None and (
             self.backoff != BackoffPolicy() or self.failure_policy is not FailurePolicy.DEAD_LETTER
         ):

@@ -30,9 +30,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayer import _faults
-from relayer._scrub import scrub
+from relayer._scrub import scrub_target
 from relayer.config import BackoffPolicy, TargetConfig, _draw
-from relayer.errors import LeaseLost, StoreUnavailable
+from relayer.errors import ConfigurationError, LeaseLost, StoreUnavailable
+from relayer.formats import MATRIX, IWireFormat, claim_limits
 from relayer.observer import Observers
 from relayer.policy import (
     Action,
@@ -52,7 +53,14 @@ from relayer.store.base import (
     TargetState,
     Transaction,
 )
-from relayer.transport.base import FailureClass, ITransport, OutcomeKind, SendOutcome, matrix_body
+from relayer.transport.base import (
+    FailureClass,
+    IRequestTransport,
+    ITransport,
+    OutcomeKind,
+    SendOutcome,
+    matrix_body,
+)
 
 #: After an unexpected error in a delivery loop (for example the database being unavailable),
 #: the loop is restarted after this many seconds, doubling up to :data:`LOOP_RETRY_MAX`.
@@ -136,6 +144,7 @@ class TargetRuntime:
         confirm_timer: The delayed call that resends it when its confirmation timeout passes.
         policy: The target's retry policy.
         down_since: When the target's current run of failures began, or None.
+        wire: The target's wire format.
     """
 
     config: TargetConfig
@@ -157,6 +166,7 @@ class TargetRuntime:
     confirm_timer: IDelayedCall | None = None
     policy: IRetryPolicy = attrs.field(factory=RetryPolicy)
     down_since: float | None = None
+    wire: IWireFormat = MATRIX
 
     @property
     def failures(self) -> int:
@@ -234,7 +244,11 @@ class TransactionController:
     # -- targets --------------------------------------------------------------------------------
 
     def add(
-        self, config: TargetConfig, record: TargetRecord, not_before: float | None = None
+        self,
+        config: TargetConfig,
+        record: TargetRecord,
+        not_before: float | None = None,
+        wire: IWireFormat = MATRIX,
     ) -> TargetRuntime | None:
         """
         Take charge of a target, in the state the store holds for it, and resume its work.
@@ -243,6 +257,8 @@ class TransactionController:
             config: The target's configuration.
             record: Its stored state.
             not_before: No send to it starts before this time (after a lease takeover).
+            wire: Its wire format, resolved from ``config.format``; the Matrix format by
+                default.
 
         Returns:
             The target's runtime state; None if the controller is stopping (nothing is
@@ -257,6 +273,7 @@ class TransactionController:
             last_error=record.last_error,
             policy=self._policy_for(config),
             down_since=record.down_since,
+            wire=wire,
         )
         if not_before is not None:
             t.not_before = not_before
@@ -536,7 +553,7 @@ class TransactionController:
         config = t.config
         target_id = config.target_id
         store = self._store
-        limits = (config.max_events, config.max_bytes)
+        limits = claim_limits(config, t.wire)
         ttl = config.default_ttl
         if not self._may_send(t):
             self._paused.add(target_id)
@@ -804,9 +821,25 @@ class TransactionController:
             expired = True
             waiting.cancel()
 
+        wire = t.wire
+        if wire.max_events is not None and txn.n_events > wire.max_events:
+            # Formed before the target took this format: split until each part fits.
+            return SendOutcome.too_large(
+                f"{txn.n_events} events are more than one request of the {wire.name!r} wire "
+                f"format carries ({wire.max_events})"
+            )
         waiting: Deferred[SendOutcome] = Deferred(cancel_send)
         try:
-            sending = self._transport.send(config, txn.txn_id, matrix_body(txn.events))
+            if IRequestTransport.providedBy(self._transport):
+                request = wire.request(config, txn, self._clock.seconds())
+                sending = self._transport.send_request(config, request, wire)
+            elif wire is MATRIX:
+                sending = self._transport.send(config, txn.txn_id, matrix_body(txn.events))
+            else:
+                raise ConfigurationError(
+                    f"the wire format {wire.name!r} needs a transport that provides "
+                    "IRequestTransport"
+                )
             sending.addBoth(forward)
             deadline = self._clock.callLater(timeout, expire)
             t.in_flight = waiting
@@ -833,8 +866,8 @@ class TransactionController:
             return SendOutcome.retry(
                 f"the transport answered {type(outcome).__name__}, not a SendOutcome"
             )
-        # A plugin transport's reason is not under our control: keep the token out of it.
-        reason = scrub(str(outcome.reason), config.token)
+        # A plugin transport's reason is not under our control: keep the secrets out of it.
+        reason = scrub_target(str(outcome.reason), config)
         return outcome if reason == outcome.reason else attrs.evolve(outcome, reason=reason)
 
     def _failed(
@@ -1029,7 +1062,7 @@ def _failure_class(e: BaseException) -> FailureClass:
 
 
 def _describe(e: BaseException, config: TargetConfig) -> str:
-    """A short description of a send error, for status and logs, without the target's token."""
+    """A short description of a send error, for status and logs, without the target's secrets."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     name = type(e).__name__
-    return scrub(f"{name}: {text}" if text else name, config.token, 200)
+    return scrub_target(f"{name}: {text}" if text else name, config, 200)

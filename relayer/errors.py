@@ -25,6 +25,13 @@ class DuplicateTarget(ConfigurationError):
     """A target with the same id is already registered with this scheduler."""
 
 
+class InvalidSignature(RelayerError, ValueError):
+    """
+    A webhook's signature does not verify: a header is missing, its timestamp is out of the
+    tolerance, or no signature matches (see :func:`relayer.formats.verify`).
+    """
+
+
 class UnknownTarget(RelayerError, KeyError):
     """An operation names a target that is not registered with the scheduler."""
 

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
 
 from relayer.errors import InvalidTarget
+from relayer.formats import BUILTIN_FORMATS, IWireFormat
 from relayer.policy import IRetryPolicy
 
 #: The entry point group of wire formats.
@@ -80,7 +82,7 @@ def load(group: str, name: str, interface: InterfaceClass, what: str) -> Any:
         if not matches:
             known = sorted(available(group))
             listed = ", ".join(repr(k) for k in known) if known else "none is installed"
-            raise InvalidTarget(
+            raise _Unknown(
                 f"unknown {what} {name!r}: no plugin provides one by that name in the entry "
                 f"point group {group!r} (installed: {listed})"
             )
@@ -113,6 +115,28 @@ def load(group: str, name: str, interface: InterfaceClass, what: str) -> Any:
         return obj
 
 
+def wire_format(name: str, extra: Mapping[str, IWireFormat] | None = None) -> IWireFormat:
+    """
+    The wire format of this name: among ``extra`` (the scheduler's ``formats``), then the
+    built-in ones, then the plugins'.
+
+    Raises:
+        InvalidTarget: No format has this name (the message lists the known ones), or its
+            plugin is broken (see :func:`load`).
+    """
+    if extra is not None and name in extra:
+        return extra[name]
+    builtin = BUILTIN_FORMATS.get(name)
+    if builtin is not None:
+        return builtin
+    try:
+        found: IWireFormat = load(FORMATS_GROUP, name, IWireFormat, "wire format")
+    except _Unknown:
+        known = sorted({*BUILTIN_FORMATS, *(extra or {}), *available(FORMATS_GROUP)})
+        raise InvalidTarget(f"unknown wire format {name!r}; known: {', '.join(known)}") from None
+    return found
+
+
 def retry_policy(name: str) -> IRetryPolicy:
     """
     The retry policy that a plugin provides under ``name``.
@@ -124,6 +148,10 @@ def retry_policy(name: str) -> IRetryPolicy:
     return policy
 
 
+class _Unknown(InvalidTarget):
+    """No plugin provides the name."""
+
+
 def forget() -> None:
     """Forget the plugins loaded so far, so that the next use finds them again."""
     with _lock:
@@ -133,3 +161,6 @@ def forget() -> None:
 def _distribution(ep: importlib.metadata.EntryPoint) -> str:
     dist = getattr(ep, "dist", None)
     return dist.name if dist is not None else "(unknown distribution)"
+
+
+__all__ = ["available", "forget", "load", "retry_policy", "wire_format"]

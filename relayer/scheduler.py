@@ -43,6 +43,7 @@ from relayer.errors import (
     UnknownTarget,
 )
 from relayer.event import Event, check_event_id, deadline_of
+from relayer.formats import MATRIX, IWireFormat, claim_limits
 from relayer.grouper import DEFAULT_STORE_RETRY_TIMEOUT, EventGrouper
 from relayer.lease import LeaseManager, LeaseSettings
 from relayer.observer import IDeliveryObserver, Observers
@@ -62,7 +63,7 @@ from relayer.store.base import (
     TargetState,
 )
 from relayer.store.sql import parse_cursor
-from relayer.transport.base import ITransport
+from relayer.transport.base import IRequestTransport, ITransport
 
 #: How long :meth:`Scheduler.stop` lets sends in flight finish before it abandons them.
 DEFAULT_STOP_TIMEOUT = 10.0
@@ -184,6 +185,11 @@ class Scheduler:
         failure_thresholds: Counts of consecutive failures at which the observers'
             ``failures_crossed`` is called, each time a target's count reaches one. Default 10
             and 100.
+        formats: Wire formats by name, for targets whose :attr:`~relayer.TargetConfig.format`
+            names one of them; the built-in ``"matrix"`` and ``"standard-webhooks"`` need not
+            be given (see :mod:`relayer.formats`). A target of a format other than Matrix
+            needs a transport that provides :class:`relayer.transport.IRequestTransport`, as
+            :class:`relayer.HTTPTransport` does.
 
     Example::
 
@@ -214,6 +220,7 @@ class Scheduler:
         policies: Mapping[str, IRetryPolicy] | None = None,
         observers: Iterable[IDeliveryObserver] = (),
         failure_thresholds: Iterable[int] = DEFAULT_FAILURE_THRESHOLDS,
+        formats: Mapping[str, IWireFormat] | None = None,
     ) -> None:
         _check_seconds("stop_timeout", stop_timeout)
         _check_seconds("store_retry_timeout", store_retry_timeout)
@@ -242,6 +249,10 @@ class Scheduler:
         self._policies = _check_policies(policies)
         thresholds = _check_thresholds(failure_thresholds)
         self._observers = Observers(observers)
+        self._formats = _check_formats(formats)
+        #: Each registered target's wire format.
+        self._wire: dict[str, IWireFormat] = {}
+        self._transport = transport
         self._clock = clock
         self._store = store
         self._stop_timeout = float(stop_timeout)
@@ -349,7 +360,9 @@ class Scheduler:
             if not self._should_deliver(target_id):
                 continue
             fence = self._fences.pop(target_id, None)
-            self._controller.add(self._configs[target_id], record, fence)
+            self._controller.add(
+                self._configs[target_id], record, fence, wire=self._wire[target_id]
+            )
             # It may have events that arrived while another process owned it.
             self._controller.notify([target_id])
         if unknown:
@@ -464,7 +477,10 @@ class Scheduler:
         scheduler runs is resumed at once (its stored backlog, if any, is delivered).
 
         Raises:
-            InvalidTarget: ``config`` is not a :class:`TargetConfig`.
+            InvalidTarget: ``config`` is not a :class:`TargetConfig`, its ``format`` names no
+                known wire format, or it lacks what its format needs (secrets, a token).
+            ConfigurationError: Its format needs a transport that provides
+                :class:`relayer.transport.IRequestTransport`, and the scheduler's does not.
             DuplicateTarget: A target with the same id is registered already, or one with the
                 same base URL and token: one target is one registration with its receiver,
                 since the receiver tells transactions apart by id alone.
@@ -475,6 +491,7 @@ class Scheduler:
             raise InvalidTarget(f"add_target takes a TargetConfig, not {type(config).__name__}")
         if config.target_id in self._configs:
             raise DuplicateTarget(f"target {config.target_id!r} is registered already")
+        wire = self._wire_format(config)
         receiver = _receiver_key(config)
         other = self._receivers.get(receiver)
         if other is not None:
@@ -489,6 +506,7 @@ class Scheduler:
         self._policy_for(config)  # an unknown policy name is refused here
         self._receivers[receiver] = config.target_id
         self._configs[config.target_id] = config
+        self._wire[config.target_id] = wire
         if self._lifecycle == _Lifecycle.RUNNING:
             self._until_done(
                 f"Registering target {config.target_id!r}", lambda: self._register([config])
@@ -509,9 +527,20 @@ class Scheduler:
             return found
         return plugins.retry_policy(name)
 
+    def _wire_format(self, config: TargetConfig) -> IWireFormat:
+        """The target's wire format, once it is checked that the target can use it."""
+        wire = plugins.wire_format(config.format, self._formats)
+        wire.check(config)
+        if wire is not MATRIX and not IRequestTransport.providedBy(self._transport):
+            raise ConfigurationError(
+                f"target {config.target_id!r} uses the wire format {config.format!r}, which "
+                f"needs a transport that provides IRequestTransport; {self._transport!r} "
+                "does not"
+            )
+        return wire
+
     def _limits(self, target_id: str) -> tuple[int, int]:
-        config = self._configs[target_id]
-        return config.max_events, config.max_bytes
+        return claim_limits(self._configs[target_id], self._wire[target_id])
 
     async def _register(self, configs: Sequence[TargetConfig]) -> None:
         records = await self._store.register_targets([c.target_id for c in configs])
@@ -523,7 +552,9 @@ class Scheduler:
         for config in configs:
             if not self._should_deliver(config.target_id):
                 continue
-            self._controller.add(config, records[config.target_id])
+            self._controller.add(
+                config, records[config.target_id], wire=self._wire[config.target_id]
+            )
         if self._lifecycle == _Lifecycle.RUNNING:
             # Events may have been stored for these targets while they were registering.
             self._controller.notify(c.target_id for c in configs)
@@ -1419,6 +1450,32 @@ def _check_thresholds(thresholds: Any) -> tuple[int, ...]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigurationError(f"failure_thresholds must be ints >= 1, not {value!r}")
     return values
+
+
+def _check_formats(formats: Any) -> dict[str, IWireFormat]:
+    """The scheduler's ``formats``, checked: names of targets' formats to formats."""
+    if formats is None:
+        return {}
+    if not isinstance(formats, Mapping):
+        raise ConfigurationError(
+            f"formats must be a mapping of names to wire formats, not {type(formats).__name__}"
+        )
+    checked: dict[str, IWireFormat] = {}
+    for name, wire in formats.items():
+        if not isinstance(name, str):
+            raise ConfigurationError(f"formats' names must be str, not {type(name).__name__}")
+        if not IWireFormat.providedBy(wire):
+            raise ConfigurationError(
+                f"formats[{name!r}] must provide relayer.formats.IWireFormat, "
+                f"not {type(wire).__name__}"
+            )
+        most = wire.max_events
+        if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+            raise ConfigurationError(
+                f"formats[{name!r}].max_events must be None or an int >= 1, not {most!r}"
+            )
+        checked[name] = wire
+    return checked
 
 
 def _check_seconds(name: str, value: Any, positive: bool = False) -> None:

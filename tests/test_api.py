@@ -65,3 +65,37 @@ def test_target_config_repr_hides_the_token() -> None:
     # The other fields are shown, so the repr is still useful.
     assert "bridge" in repr(config)
     assert "https://bridge.example" in repr(config)
+
+
+def test_the_wire_format_names_are_exported() -> None:
+    # The wire formats and the request transport interface are public, from relayer itself.
+    for name in (
+        "IRequestTransport",
+        "IWireFormat",
+        "InvalidSignature",
+        "MATRIX",
+        "MatrixFormat",
+        "STANDARD_WEBHOOKS",
+        "StandardWebhooksFormat",
+        "WireRequest",
+    ):
+        assert name in relayer.__all__
+    assert "ReceivedWebhook" in relayer.testing.__all__
+    assert relayer.MATRIX.name == "matrix"
+    assert relayer.STANDARD_WEBHOOKS.name == "standard-webhooks"
+
+
+def test_http_and_fake_transports_provide_irequesttransport() -> None:
+    assert verifyObject(relayer.IRequestTransport, HTTPTransport(MemoryReactorClock()))
+    assert verifyObject(relayer.IRequestTransport, FakeTransport())
+
+
+def test_target_config_repr_hides_the_webhook_secrets() -> None:
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    config = TargetConfig(
+        "hook", "https://h.example/in", format="standard-webhooks", secrets=secret
+    )
+    assert config.secrets == (secret,)
+    assert secret not in repr(config)
+    assert secret[len("whsec_") :] not in repr(config)
+    assert "standard-webhooks" in repr(config)

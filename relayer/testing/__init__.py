@@ -46,6 +46,7 @@ from relayer.testing._fakes import FakeTarget, FakeTransport, InlineDatabasePool
 from relayer.testing._receiver import (
     DeliveryReport,
     ReceivedTransaction,
+    ReceivedWebhook,
     Receiver,
     ReceiverServer,
     listen_receiver,
@@ -60,6 +61,7 @@ __all__ = [
     "InlineDatabasePool",
     "Received",
     "ReceivedTransaction",
+    "ReceivedWebhook",
     "Receiver",
     "ReceiverServer",
     "build_scheduler",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -18,7 +18,14 @@ from zope.interface import implementer
 
 from relayer._encoding import events_of_body
 from relayer.config import TargetConfig
-from relayer.transport.base import ITransport, OutcomeKind, SendOutcome, classify_status
+from relayer.formats import MATRIX, IWireFormat, WireRequest
+from relayer.transport.base import (
+    IRequestTransport,
+    ITransport,
+    OutcomeKind,
+    SendOutcome,
+    classify_status,
+)
 
 T = TypeVar("T")
 
@@ -58,13 +65,17 @@ class Received:
 
     Attributes:
         txn_id: Its id.
-        events: Its decoded events.
+        events: Its decoded events: for a request of a wire format other than Matrix (a
+            webhook), the one event that is its body.
         body: Its bytes, as sent.
+        headers: For a request of a wire format other than Matrix, its headers by lower-case
+            name, as sent the first time it was accepted; empty for a Matrix transaction.
     """
 
     txn_id: int
     events: list[Any]
     body: bytes = attrs.field(repr=False)
+    headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.define(eq=False)
@@ -73,6 +84,7 @@ class _Held:
     body: bytes
     result: Deferred[SendOutcome]
     timer: IDelayedCall | None = None
+    headers: Mapping[str, str] | None = None
 
 
 @attrs.define(eq=False)
@@ -136,11 +148,14 @@ class FakeTarget:
             answered.
         in_flight: How many requests are in flight now.
         max_in_flight: The most requests ever in flight at once.
+        wire_requests: Every request of a wire format other than Matrix, as the format built
+            it (method, URL, headers, body), duplicates included, in the order they came.
     """
 
     def __init__(self, target_id: str, transport: FakeTransport) -> None:
         self.target_id = target_id
         self.requests: list[tuple[int, bytes]] = []
+        self.wire_requests: list[WireRequest] = []
         self.times: list[float] = []
         self.received: list[Received] = []
         self.events: list[Any] = []
@@ -336,16 +351,22 @@ class FakeTarget:
         clock = self._transport.clock
         return clock.seconds() if clock is not None else 0.0
 
-    def _receive(self, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
+    def _receive(
+        self, txn_id: int, body: bytes, request: WireRequest | None = None
+    ) -> Deferred[SendOutcome]:
         self.requests.append((txn_id, body))
         self.times.append(self._now())
+        headers = None
+        if request is not None:
+            self.wire_requests.append(request)
+            headers = {name.lower(): value for name, value in request.headers}
         if self.in_flight:
             self.violations.append(f"transaction {txn_id} sent while another was in flight")
         if self._refuse:
             return fail(ConnectionRefusedError("connection refused (FakeTarget is down)"))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        held = _Held(txn_id, body, Deferred(lambda d: self._cancel(held)))
+        held = _Held(txn_id, body, Deferred(lambda d: self._cancel(held)), headers=headers)
         if self._hold:
             self._held.append(held)
         elif self._delay and self._transport.clock is not None:
@@ -378,15 +399,29 @@ class FakeTarget:
         else:
             outcome = self._mode()
         if outcome is None or outcome.kind is OutcomeKind.DELIVERED:
-            outcome = self._accept(held.txn_id, held.body, outcome)
+            if held.headers is None:
+                # As before there were webhooks: subclasses may override _accept so.
+                outcome = self._accept(held.txn_id, held.body, outcome)
+            else:
+                outcome = self._accept(held.txn_id, held.body, outcome, held.headers)
             if self._lose:
                 self._lose -= 1
                 held.result.errback(ConnectionLost("the answer was lost (lose_responses)"))
                 return
         held.result.callback(outcome)
 
-    def _accept(self, txn_id: int, body: bytes, answer: SendOutcome | None = None) -> SendOutcome:
-        """Accept a transaction; return the answer (``answer``, a scripted 2xx, by default)."""
+    def _accept(
+        self,
+        txn_id: int,
+        body: bytes,
+        answer: SendOutcome | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> SendOutcome:
+        """
+        Accept a transaction; return the answer (``answer``, a scripted 2xx, by default).
+
+        With ``headers`` (a request of a format other than Matrix), the body is one event.
+        """
         seen = self._bodies.get(txn_id)
         if seen is not None:
             if seen != body:
@@ -403,8 +438,12 @@ class FakeTarget:
         if self.received and txn_id <= self.received[-1].txn_id:
             self.violations.append(f"transaction {txn_id} arrived after {self.received[-1].txn_id}")
         self._bodies[txn_id] = body
-        events = [json.loads(e) for e in events_of_body(body)]
-        self.received.append(Received(txn_id, events, body))
+        if headers is None:
+            events = [json.loads(e) for e in events_of_body(body)]
+            self.received.append(Received(txn_id, events, body))
+        else:
+            events = [json.loads(body)]
+            self.received.append(Received(txn_id, events, body, headers))
         self.events.extend(events)
         if self._confirm_after is not None:
             self._await(txn_id, self._confirm_after)
@@ -471,10 +510,15 @@ class FakeTarget:
         return confirming
 
 
-@implementer(ITransport)
+@implementer(ITransport, IRequestTransport)
 class FakeTransport:
     """
     An in-memory transport: each target is a scriptable :class:`FakeTarget`.
+
+    It serves targets of every wire format. A Matrix transaction goes to :meth:`send`; a
+    request of another format (a webhook) is taken as one event, its body, and recorded with
+    its headers (:attr:`Received.headers`, and every attempt in
+    :attr:`FakeTarget.wire_requests`), under the id of the transaction it is an attempt of.
 
     Args:
         clock: The clock for :meth:`FakeTarget.slow`, confirmations and ``Retry-After`` dates.
@@ -524,4 +568,24 @@ class FakeTransport:
         return target
 
     def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
+        """Send a Matrix transaction to the fake target of that id."""
         return self[target.target_id]._receive(txn_id, body)
+
+    def send_request(
+        self, target: TargetConfig, request: WireRequest, wire_format: IWireFormat
+    ) -> Deferred[SendOutcome]:
+        """
+        Send a wire format's request to the fake target of that id.
+
+        A Matrix request goes through :meth:`send`, as it did before there were other
+        formats. Scripted statuses are classified as relayer's HTTP transport classifies them,
+        whatever the format.
+
+        Raises:
+            ValueError: The request does not say which transaction it is an attempt of.
+        """
+        if request.txn_id is None:
+            raise ValueError("FakeTransport needs requests that carry their txn_id")
+        if wire_format is MATRIX:
+            return self.send(target, request.txn_id, request.body)
+        return self[target.target_id]._receive(request.txn_id, request.body, request)

@@ -14,6 +14,11 @@ what a correct sender must get right, and records what it received:
 - concurrency: two requests in flight at once is a violation. A request is in flight from its
   arrival until its answer, so this is only observable while answers are delayed (:meth:`slow`).
 
+Given ``webhook_secrets``, it plays a Standard Webhooks receiver instead: it accepts ``POST``
+to where it is mounted, verifies each signature with :func:`relayer.formats.verify` (and the
+timestamp, with a ``clock``), refuses a bad one with 401, deduplicates by ``webhook-id`` and
+checks the order of the events in the same way.
+
 It can be scripted to fail (:meth:`Receiver.fail_with`, :meth:`Receiver.fail_randomly`,
 :meth:`Receiver.fail_next`), to answer slowly (:meth:`Receiver.slow`), to lose its answers
 (:meth:`Receiver.lose_responses`), to refuse large bodies with 413 (:meth:`Receiver.limit_body`),
@@ -54,6 +59,9 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from relayer.errors import InvalidSignature
+from relayer.formats import DEFAULT_TOLERANCE, verify
 
 _PATH = [b"_matrix", b"app", b"v1", b"transactions"]
 
@@ -184,6 +192,24 @@ class ReceivedTransaction:
     size: int
 
 
+@attrs.frozen
+class ReceivedWebhook:
+    """
+    A webhook the receiver accepted and recorded (its first delivery).
+
+    Attributes:
+        webhook_id: Its ``webhook-id``.
+        timestamp: Its ``webhook-timestamp``, in seconds.
+        event: Its event, its body decoded from JSON.
+        size: The size of the body, in bytes.
+    """
+
+    webhook_id: str
+    timestamp: int
+    event: Any
+    size: int
+
+
 @attrs.define
 class _Failing:
     status: int
@@ -201,12 +227,20 @@ class Receiver(Resource):
     ``PUT _matrix/app/v1/transactions/{txn_id}`` relative to where it is mounted.
 
     Args:
-        token: The token the sender must send as ``Authorization: Bearer {token}``.
+        token: The token the sender must send as ``Authorization: Bearer {token}``; for a
+            webhook receiver, ``""`` (the default) for none.
         order_key: If given, each event is expected to be a JSON object holding a number under
             this key that grows from one event to the next; an event whose number does not is a
             violation.
         check_txn_order: Whether a new transaction id lower than one already seen is a
             violation. Default True.
+        webhook_secrets: Play a Standard Webhooks receiver that accepts a message signed with
+            any of these secrets (``whsec_...``), rather than a Matrix one.
+        clock: For a webhook receiver: the clock a message's timestamp must be within
+            ``tolerance`` seconds of (the sender's clock, in a test); without one, timestamps
+            are not checked.
+        tolerance: How far a webhook's timestamp may be from ``clock``; five minutes by default,
+            as in the specification.
 
     Attributes:
         events: The events received, in order, each transaction counted once.
@@ -220,14 +254,37 @@ class Receiver(Resource):
         rejected: How many requests were refused as malformed (bad path, token or body).
         in_flight: How many requests are in flight now.
         max_in_flight: The most requests that were in flight at once.
+        webhooks: The webhooks accepted, in order, each counted once.
+        webhook_attempts: The ``(webhook-id, webhook-timestamp)`` of every webhook whose
+            signature verified, duplicates and scripted failures included, in order.
+        bad_signatures: How many webhooks were refused with 401 for their signature or
+            timestamp.
     """
 
     isLeaf = True
 
     def __init__(
-        self, token: str, *, order_key: str | None = None, check_txn_order: bool = True
+        self,
+        token: str = "",
+        *,
+        order_key: str | None = None,
+        check_txn_order: bool = True,
+        webhook_secrets: Sequence[str] | None = None,
+        clock: IReactorTime | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
     ) -> None:
         super().__init__()
+        if webhook_secrets is not None:
+            webhook_secrets = tuple(webhook_secrets)
+            if not webhook_secrets:
+                raise ValueError("webhook_secrets must hold at least one secret")
+        self._secrets = webhook_secrets
+        self._webhook_clock = clock
+        self._tolerance = tolerance
+        self.webhooks: list[ReceivedWebhook] = []
+        self.webhook_attempts: list[tuple[str, int]] = []
+        self.bad_signatures = 0
+        self._seen_ids: dict[str, bytes] = {}
         self._token = token.encode("utf-8")
         self._order_key = order_key
         self._check_txn_order = check_txn_order
@@ -367,6 +424,17 @@ class Receiver(Resource):
     # -- serving -------------------------------------------------------------------------------
 
     def render_PUT(self, request: Request) -> bytes | int:
+        if self._secrets is not None:
+            self.requests += 1
+            return self._refuse(request, 405, "M_UNRECOGNIZED", "webhooks are sent with POST")
+        return self._serve(request, self._answer)
+
+    def render_POST(self, request: Request) -> bytes | int:
+        if self._secrets is None:
+            return self.render_GET(request)
+        return self._serve(request, self._answer_webhook)
+
+    def _serve(self, request: Request, answer_of: Callable[[Request], bytes | None]) -> bytes | int:
         self.requests += 1
         self.in_flight += 1
         if self.in_flight > 1:
@@ -376,7 +444,7 @@ class Receiver(Resource):
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         if self._delay is None or self._delay[0] == 0:
             try:
-                answer = self._answer(request)
+                answer = answer_of(request)
             finally:
                 self.in_flight -= 1
             return self._hang_up(request) if answer is None else answer
@@ -387,7 +455,7 @@ class Receiver(Resource):
             if call is not None:
                 self._pending_answers.discard(call)
             self.in_flight -= 1
-            answer = self._answer(request)
+            answer = answer_of(request)
             if answer is None:
                 self._hang_up(request)
             else:
@@ -415,7 +483,80 @@ class Receiver(Resource):
         self.requests += 1
         return self._refuse(request, 405, "M_UNRECOGNIZED", "transactions are sent with PUT")
 
-    render_POST = render_GET
+    def _answer_webhook(self, request: Request) -> bytes | None:
+        """Process a webhook; return the answer's body, or None to hang up without one."""
+        assert self._secrets is not None
+        path = request.postpath or []
+        if path not in ([], [b""]):
+            shown = b"/".join(path).decode("utf-8", "replace")
+            self.violations.append(f"webhook to an unexpected path: /{shown}")
+            return self._refuse(request, 404, "M_UNRECOGNIZED", "not the webhook URL")
+        if self._token:
+            auth = request.getHeader(b"authorization")
+            if auth is None or not hmac.compare_digest(auth, b"Bearer " + self._token):
+                self.violations.append("a webhook has a missing or wrong Authorization header")
+                return self._refuse(request, 403, "M_FORBIDDEN", "wrong access token")
+
+        def header(name: bytes) -> str | None:
+            value = request.getHeader(name)
+            return value.decode("latin-1") if value is not None else None
+
+        assert request.content is not None
+        body = request.content.read()
+        msg_id = header(b"webhook-id")
+        timestamp = header(b"webhook-timestamp")
+        clock = self._webhook_clock
+        try:
+            verify(
+                self._secrets,
+                msg_id,
+                timestamp,
+                body,
+                header(b"webhook-signature"),
+                now=clock.seconds() if clock is not None else None,
+                tolerance=self._tolerance,
+            )
+        except InvalidSignature as e:
+            self.bad_signatures += 1
+            self.violations.append(f"webhook {msg_id!r} does not verify: {e}")
+            return self._refuse(request, 401, "M_UNAUTHORIZED", "bad webhook signature")
+        assert msg_id is not None and timestamp is not None
+        self.webhook_attempts.append((msg_id, int(timestamp)))
+        if self._max_body is not None and len(body) > self._max_body:
+            self.too_large += 1
+            request.setResponseCode(413)
+            return self._json(request, {"errcode": "M_TOO_LARGE", "error": "body too large"})
+        try:
+            event = json.loads(body)
+        except ValueError:
+            self.violations.append(f"webhook {msg_id!r} is not JSON")
+            return self._refuse(request, 400, "M_NOT_JSON", "expected JSON")
+
+        failing = self._failing
+        if failing is not None and self._should_fail(failing):
+            self.failed += 1
+            request.setResponseCode(failing.status)
+            if failing.retry_after is not None:
+                request.setHeader(b"Retry-After", failing.retry_after.encode("ascii"))
+            return self._json(request, {"errcode": "M_UNKNOWN", "error": "scripted failure"})
+
+        digest = hashlib.sha256(body).digest()
+        seen = self._seen_ids.get(msg_id)
+        if seen is not None:
+            self.duplicates += 1
+            if seen != digest:
+                self.violations.append(f"webhook {msg_id!r} was sent again with different content")
+            return self._json(request, {})
+        self._seen_ids[msg_id] = digest
+        self._check_order(f"webhook {msg_id!r}", [event])
+        self.webhooks.append(ReceivedWebhook(msg_id, int(timestamp), event, len(body)))
+        self.events.append(event)
+        self._notify()
+        if self._lose > 0:
+            self._lose -= 1
+            self.lost += 1
+            return None
+        return self._json(request, {})
 
     def _answer(self, request: Request) -> bytes | None:
         """Process a request; return the answer's body, or None to hang up without one."""
@@ -477,7 +618,7 @@ class Receiver(Resource):
         self._highest_txn = txn_id if self._highest_txn is None else max(self._highest_txn, txn_id)
         self._seen[txn_id] = digest
         events: list[Any] = document["events"]
-        self._check_order(txn_id, events)
+        self._check_order(f"transaction {txn_id}", events)
         self.transactions.append(ReceivedTransaction(txn_id, events, len(body)))
         self.events.extend(events)
         self._notify()
@@ -498,19 +639,18 @@ class Receiver(Resource):
             return True
         return failing.random() < failing.rate
 
-    def _check_order(self, txn_id: int, events: Iterable[Any]) -> None:
+    def _check_order(self, what: str, events: Iterable[Any]) -> None:
         key = self._order_key
         if key is None:
             return
         for event in events:
             value = event.get(key) if isinstance(event, dict) else None
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                self.violations.append(f"transaction {txn_id} has an event without {key!r}")
+                self.violations.append(f"{what} has an event without {key!r}")
                 continue
             if self._last_order is not None and value <= self._last_order:
                 self.violations.append(
-                    f"transaction {txn_id}: event {key}={value!r} came after "
-                    f"{key}={self._last_order!r}"
+                    f"{what}: event {key}={value!r} came after {key}={self._last_order!r}"
                 )
             self._last_order = value
 
@@ -674,6 +814,7 @@ def listen_receiver(
 __all__ = [
     "DeliveryReport",
     "ReceivedTransaction",
+    "ReceivedWebhook",
     "Receiver",
     "ReceiverServer",
     "listen_receiver",

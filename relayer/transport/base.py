@@ -8,6 +8,7 @@ import enum
 import math
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -15,6 +16,9 @@ from zope.interface import Interface
 
 from relayer import _encoding
 from relayer.config import TargetConfig
+
+if TYPE_CHECKING:
+    from relayer.formats import IWireFormat, WireRequest
 
 
 class OutcomeKind(enum.Enum):
@@ -148,6 +152,37 @@ class ITransport(Interface):
             txn_id: The transaction's id, unique per target.
             body: The transaction's wire bytes, the JSON document ``{"events": [...]}``
                 (see :func:`matrix_body`).
+
+        Returns:
+            A Deferred that fires with the attempt's :class:`SendOutcome`, or fails with the
+            exception that stopped it, which counts as a transient failure. Cancelling the
+            Deferred abandons the attempt.
+        """
+
+
+class IRequestTransport(Interface):
+    """
+    Sends the request that a target's wire format built (see :mod:`relayer.formats`).
+
+    A transport that provides it serves targets of every wire format; one that provides only
+    :class:`ITransport` serves targets of the Matrix format only, and the scheduler refuses
+    a target of another format with it. When a transport provides both, the scheduler sends
+    with :meth:`send_request`, for every format. As with :class:`ITransport`, only one
+    request is in flight per target at a time.
+    """
+
+    def send_request(
+        target: TargetConfig, request: WireRequest, wire_format: IWireFormat
+    ) -> Deferred[SendOutcome]:
+        """
+        Send one request, as it is given.
+
+        Args:
+            target: The target's configuration (its request timeout, and its token and
+                secrets, which the transport keeps out of every message).
+            request: The request: method, URL, headers and body.
+            wire_format: The format that built it, whose
+                :meth:`~relayer.formats.IWireFormat.classify` classifies the answer.
 
         Returns:
             A Deferred that fires with the attempt's :class:`SendOutcome`, or fails with the

@@ -1,7 +1,8 @@
 """
-The default transport: the Matrix application-service API over HTTP, on treq.
+The default transport: HTTP on treq, for every wire format.
 
-A transaction is sent as::
+It sends the requests that a target's wire format builds (:mod:`relayer.formats`). For the
+Matrix application-service API, the default, a transaction is sent as::
 
     PUT {base_url}/_matrix/app/v1/transactions/{txn_id}
     Authorization: Bearer {token}
@@ -10,18 +11,18 @@ A transaction is sent as::
     {"events":[...]}
 
 The body is sent exactly as stored, so a retry of a transaction carries the same bytes as its
-first attempt. The response's status decides the outcome (see
+first attempt. The response's status decides the outcome, as the format classifies it (see
 :func:`relayer.transport.classify_status`); its body is read only up to a limit, and only so
 that the connection can be reused and a short snippet can be shown in the outcome's reason.
 
 An attempt that ends without a response (connection refused, a reset, a timeout, an invalid
-response) fails with :class:`HTTPSendError`, whose message never holds the target's token.
+response) fails with :class:`HTTPSendError`, whose message never holds the target's token or
+secrets.
 """
 
 from __future__ import annotations
 
-from typing import Any
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from treq.client import HTTPClient
@@ -41,11 +42,16 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from relayer._scrub import REDACTED, scrub, without_token_start
-from relayer._version import __version__
+if TYPE_CHECKING:
+    from relayer.formats import IWireFormat, WireRequest
+
+# relayer.formats imports relayer.transport.base, and so this package: it is imported as a
+# module, whose names are looked up when they are used.
+from relayer import formats as _formats
+from relayer._scrub import REDACTED, hidden_values, scrub_target, without_token_start
 from relayer.config import TargetConfig
 from relayer.errors import ConfigurationError, RelayerError
-from relayer.transport.base import ITransport, SendOutcome, classify_status
+from relayer.transport.base import IRequestTransport, ITransport, SendOutcome
 
 #: The default cap on how much of a response body is read, in bytes (64 KiB).
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024
@@ -57,9 +63,6 @@ SNIPPET_BYTES = 200
 #: own default is 2). Targets that share a host each have a request in flight at a time, and
 #: without enough kept connections most requests would open a new one.
 DEFAULT_PERSISTENT_PER_HOST = 100
-
-_TRANSACTIONS_PATH = "/_matrix/app/v1/transactions/"
-_USER_AGENT = f"relayer/{__version__}".encode("ascii")
 
 
 class IHTTPReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
@@ -77,38 +80,22 @@ class HTTPSendError(RelayerError):
     An attempt to send a transaction ended without an HTTP response.
 
     The scheduler treats it as a transient failure and retries the transaction. The message
-    says what went wrong and where (the method and URL); it never holds the target's token, nor
-    the underlying exception, which is not chained to it for that reason.
+    says what went wrong and where (the method and URL); it never holds the target's token or
+    secrets, nor the underlying exception, which is not chained to it for that reason.
 
     Attributes:
         url: The URL of the request.
         reason: A short description, such as ``connection refused``.
         timed_out: True if the attempt took longer than the target's ``request_timeout``.
+        method: The method of the request, such as ``PUT``.
     """
 
-    def __init__(self, url: str, reason: str, timed_out: bool = False) -> None:
-        super().__init__(f"PUT {url} failed: {reason}")
+    def __init__(self, url: str, reason: str, timed_out: bool = False, method: str = "PUT") -> None:
+        super().__init__(f"{method} {url} failed: {reason}")
         self.url = url
         self.reason = reason
         self.timed_out = timed_out
-
-
-def transaction_url(base_url: str, txn_id: int) -> str:
-    """
-    The URL a transaction is sent to.
-
-    Args:
-        base_url: The target's base URL; a trailing slash is ignored.
-        txn_id: The transaction's id.
-
-    Returns:
-        ``{base_url}/_matrix/app/v1/transactions/{txn_id}``, with the id percent-encoded.
-
-    Example:
-        >>> transaction_url("https://as.example.org/hooks/", 42)
-        'https://as.example.org/hooks/_matrix/app/v1/transactions/42'
-    """
-    return base_url.rstrip("/") + _TRANSACTIONS_PATH + quote(str(txn_id), safe="")
+        self.method = method
 
 
 @implementer(IBodyProducer)
@@ -268,10 +255,11 @@ def _outcome_or_failure(result: SendOutcome | HTTPSendError) -> SendOutcome | Fa
     return result
 
 
-@implementer(ITransport)
+@implementer(ITransport, IRequestTransport)
 class HTTPTransport:
     """
-    Sends transactions with ``PUT`` requests, as the Matrix application-service API does.
+    Sends the requests of targets' wire formats over HTTP (:mod:`relayer.formats`): for the
+    Matrix application-service API, the default, a ``PUT`` per transaction.
 
     One instance serves every target; connections are kept alive and reused, per host, by the
     client's connection pool. TLS certificates are verified, by the default agent's policy.
@@ -342,7 +330,10 @@ class HTTPTransport:
 
     def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
         """
-        Send one transaction to a target.
+        Send one transaction to a target, in the Matrix format.
+
+        The same as :meth:`send_request` with the Matrix request of the transaction
+        (:class:`relayer.formats.MatrixFormat`).
 
         Args:
             target: The target: its base URL, token and request timeout.
@@ -361,8 +352,35 @@ class HTTPTransport:
             raise TypeError(f"txn_id must be an int, not {type(txn_id).__name__}")
         if not isinstance(body, bytes):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
+        matrix = _formats.MATRIX
+        return self.send_request(target, matrix.request_of(target, txn_id, body), matrix)
+
+    def send_request(
+        self, target: TargetConfig, request: WireRequest, wire_format: IWireFormat
+    ) -> Deferred[SendOutcome]:
+        """
+        Send one request, as it is given, and classify the answer with its wire format.
+
+        Redirects are not followed: a 3xx is an answer, classified as any other.
+
+        Args:
+            target: The target: its request timeout, and the token and secrets kept out of
+                every message.
+            request: The request.
+            wire_format: The format that built it.
+
+        Returns:
+            A Deferred that fires with the :class:`~relayer.transport.SendOutcome` that
+            ``wire_format.classify`` gives the response, or fails with :class:`HTTPSendError`
+            if there was no response in time. Cancelling it abandons the request.
+
+        Raises:
+            TypeError: ``request`` is not a :class:`~relayer.formats.WireRequest`.
+        """
+        if not isinstance(request, _formats.WireRequest):
+            raise TypeError(f"request must be a WireRequest, not {type(request).__name__}")
         attempt = _Attempt()
-        d = Deferred.fromCoroutine(self._send(target, txn_id, body, attempt)).addCallback(
+        d = Deferred.fromCoroutine(self._send(target, request, wire_format, attempt)).addCallback(
             _outcome_or_failure
         )
         if d.called:
@@ -382,23 +400,24 @@ class HTTPTransport:
         d.cancel()
 
     async def _send(
-        self, target: TargetConfig, txn_id: int, body: bytes, attempt: _Attempt
+        self,
+        target: TargetConfig,
+        request: WireRequest,
+        wire_format: IWireFormat,
+        attempt: _Attempt,
     ) -> SendOutcome | HTTPSendError:
-        url = transaction_url(target.base_url, txn_id)
-        headers = Headers(
-            {
-                b"Authorization": [b"Bearer " + target.token.encode("ascii")],
-                b"Content-Type": [b"application/json"],
-                b"User-Agent": [_USER_AGENT],
-            }
-        )
+        url = request.url
+        method = request.method
+        headers = Headers()
+        for name, value in request.headers:
+            headers.addRawHeader(name.encode("ascii"), value.encode("latin-1"))
         failure: HTTPSendError | None = None
         try:
             response = await self._client.request(
-                "PUT",
+                method,
                 url,
                 headers=headers,
-                data=_BytesProducer(body),
+                data=_BytesProducer(request.body),
                 # A redirect would carry the token to another URL: a 3xx is an answer.
                 allow_redirects=False,
                 unbuffered=True,
@@ -406,12 +425,12 @@ class HTTPTransport:
             )
         except Exception as e:
             if attempt.timed_out:
-                failure = self._timeout(target, url)
+                failure = self._timeout(target, url, method)
             elif _cancelled(e):
                 # The caller cancelled the attempt: that goes on up as a cancellation.
                 raise CancelledError() from None
             else:
-                failure = HTTPSendError(url, scrub(_describe(e), target.token))
+                failure = HTTPSendError(url, scrub_target(_describe(e), target), method=method)
         if failure is not None:
             # Returned rather than raised, so that the original exception, whose text is not
             # under our control, is not chained to it as its __context__.
@@ -419,14 +438,16 @@ class HTTPTransport:
 
         status = response.code
         retry_after = response.headers.getRawHeaders(b"Retry-After")
-        outcome = classify_status(
+        outcome = wire_format.classify(
             status,
             retry_after[0].decode("latin-1") if retry_after else None,
             self._reactor.seconds(),
         )
-        # A token's length more than the snippet is kept, so that a token the snippet's end
-        # would cut in two is whole, and scrubbed.
-        body_d = _read_body(response, self._max_response_bytes, SNIPPET_BYTES + len(target.token))
+        hidden = hidden_values(target)
+        # The longest secret's length more than the snippet is kept, so that a secret the
+        # snippet's end would cut in two is whole, and scrubbed.
+        longest = max((len(h) for h in hidden), default=0)
+        body_d = _read_body(response, self._max_response_bytes, SNIPPET_BYTES + longest)
         read: _Body | None = None
         try:
             read = await body_d
@@ -436,25 +457,32 @@ class HTTPTransport:
             if not attempt.timed_out:
                 raise
         self.log.debug(
-            "PUT {url} -> {status} ({size} body bytes read)",
+            "{method} {url} -> {status} ({size} body bytes read)",
+            method=method,
             url=url,
             status=status,
             size=read.size if read is not None else 0,
         )
         if outcome.reason and read is not None and read.snippet and not 200 <= status < 300:
-            text = _printable(read.snippet).replace(target.token, REDACTED)
+            text = _printable(read.snippet)
+            for value in hidden:
+                text = text.replace(value, REDACTED)
             if read.size > len(read.snippet):
-                # The kept bytes may end in the first part of a token: drop it.
-                text = without_token_start(text, target.token)
-            snippet = scrub(text, target.token, SNIPPET_BYTES)
+                # The kept bytes may end in the first part of a secret: drop it.
+                for value in hidden:
+                    text = without_token_start(text, value)
+            snippet = scrub_target(text, target, SNIPPET_BYTES)
             if snippet:
                 outcome = attrs.evolve(outcome, reason=f"{outcome.reason}: {snippet}")
         return outcome
 
     @staticmethod
-    def _timeout(target: TargetConfig, url: str) -> HTTPSendError:
+    def _timeout(target: TargetConfig, url: str, method: str) -> HTTPSendError:
         return HTTPSendError(
-            url, f"no response within the request timeout of {target.request_timeout:g}s", True
+            url,
+            f"no response within the request timeout of {target.request_timeout:g}s",
+            True,
+            method,
         )
 
     def close(self) -> Deferred[None]:
@@ -468,6 +496,11 @@ class HTTPTransport:
             return succeed(None)
         d: Deferred[None] = self._pool.closeCachedConnections()
         return d
+
+
+def transaction_url(base_url: str, txn_id: int) -> str:
+    """The URL a Matrix transaction is sent to: see :func:`relayer.formats.transaction_url`."""
+    return _formats.transaction_url(base_url, txn_id)
 
 
 __all__ = [
