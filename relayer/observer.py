@@ -4,7 +4,9 @@ Observers: what the scheduler tells the application about its deliveries.
 An observer provides :class:`IDeliveryObserver` (subclassing :class:`DeliveryObserver` gives a
 no-op for each method, so that one only writes what one needs, and keeps working when methods
 are added). The scheduler calls its observers on the reactor thread, after what they are told of
-is stored: an observer told that a transaction was delivered can rely on it.
+is stored: an observer told that a transaction was delivered can rely on it. ``failed`` is the
+exception: it is called as soon as an attempt has failed, before what the failure leads to (a
+retry, a dead letter, the target blocked or disabled) is stored and told.
 
 Observers never hold delivery up, and never lose an event: an observer that raises, or returns a
 Deferred that fails, is logged, and delivery goes on as if it had not been called. A Deferred
@@ -48,7 +50,8 @@ class IDeliveryObserver(Interface):
         target_id: str, txn_id: int, failure: FailureClass, reason: str, failures: int
     ) -> None:
         """
-        An attempt failed.
+        An attempt failed. It is called as soon as the attempt's answer is in, before what it
+        leads to is stored; the other methods tell of that once it is.
 
         Args:
             failure: The failure's class.
@@ -72,7 +75,10 @@ class IDeliveryObserver(Interface):
         """The target refused a transaction for good and is BLOCKED until it is woken."""
 
     def target_disabled(target_id: str, reason: str) -> None:
-        """The target was disabled by its policy's give-up rule: nothing is sent until a wake."""
+        """
+        The target was disabled by its retry policy (a give-up rule, an action for a failure
+        class, or a policy's own decision): nothing is sent until it is woken.
+        """
 
     def failures_crossed(target_id: str, failures: int, threshold: int) -> None:
         """The target's consecutive failures reached ``threshold`` (one of the scheduler's)."""

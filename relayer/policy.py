@@ -159,8 +159,10 @@ class IRetryPolicy(Interface):
         """
         The delay, in seconds, before the next attempt after ``failures`` consecutive failures.
 
-        It is also used where no attempt was made to decide on: a retry that found nothing to
-        send, and the spread of overdue retries after a restart.
+        It is also used where no decision gives a delay: the next transaction's wait after a
+        transaction was given up on (dead-lettered after a transient failure), a retry after
+        :meth:`decide` failed, a retry that found nothing to send, and the spread of overdue
+        retries after a restart.
         """
 
 

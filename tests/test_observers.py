@@ -290,3 +290,38 @@ def test_something_that_is_not_an_observer_is_refused(db_path: Any) -> None:
         build_scheduler(["t"], path=db_path, options={"observers": [object()]})
     with pytest.raises(ConfigurationError, match="failure_thresholds"):
         build_scheduler(["t"], path=db_path, options={"failure_thresholds": (0,)})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a woken BLOCKED or DISABLED target is set DOWN in memory by the wake, so a failed "
+    "resend is not seen as going DOWN and target_down is never called",
+)
+@pytest.mark.parametrize("held", ["blocked", "disabled"])
+def test_a_woken_held_target_whose_resend_fails_is_observed_going_down(
+    db_path: Any, held: str
+) -> None:
+    recorder = Recorder()
+    if held == "blocked":
+        config = target("t", backoff=BackoffPolicy.constant(10.0), failure_policy="block")
+    else:
+        policy = RetryPolicy(
+            backoff=BackoffPolicy.constant(10.0), give_up=GiveUp(attempts=2, then="disable")
+        )
+        config = target("t", retry_policy=policy)
+    h = build_scheduler(
+        [config], path=db_path, options={"observers": [recorder], "failure_thresholds": ()}
+    )
+    if held == "blocked":
+        h.transport["t"].respond(400)
+    h.transport["t"].fail_with(500)
+    h.scheduler.submit("t", {"n": 0})
+    step(h.clock, 10)
+    assert recorder.kinds()[-1] == f"target_{held}"
+    h.scheduler.wake("t")
+    step(h.clock, 0)
+    [status] = result(h.scheduler.status())
+    # The resend failed with a 500: the target is DOWN, retried with backoff, and observers,
+    # told last that it was blocked or disabled, should be told that it is DOWN now.
+    assert status.state.name == "DOWN"
+    assert recorder.kinds()[-2:] == ["failed", "target_down"]
