@@ -144,6 +144,8 @@ class TargetRuntime:
         confirm_timer: The delayed call that resends it when its confirmation timeout passes.
         policy: The target's retry policy.
         down_since: When the target's current run of failures began, or None.
+        unheld: The target was BLOCKED or DISABLED, and woken: it shows DOWN, but a failure
+            of its resend is its first failure since, and is observed as it going DOWN.
         wire: The target's wire format.
     """
 
@@ -166,6 +168,7 @@ class TargetRuntime:
     confirm_timer: IDelayedCall | None = None
     policy: IRetryPolicy = attrs.field(factory=RetryPolicy)
     down_since: float | None = None
+    unheld: bool = False
     wire: IWireFormat = MATRIX
 
     @property
@@ -401,6 +404,7 @@ class TransactionController:
                 if pending.state is TargetState.DISABLED:
                     self._restart_failures(t)
                 self._set_state(t, TargetState.DOWN)
+                t.unheld = True
             else:
                 # The failure is still stored (it is true), with the retry due now.
                 t.unrecorded = attrs.evolve(pending, next_attempt_at=self._clock.seconds())
@@ -414,6 +418,7 @@ class TransactionController:
             if t.state is TargetState.DISABLED:
                 self._restart_failures(t)
             self._set_state(t, TargetState.DOWN)
+            t.unheld = True
         if t.recoverer is not None:
             t.recoverer.wake()
         else:
@@ -607,6 +612,7 @@ class TransactionController:
                 t.last_error = None
                 t.wake_requested = False
                 t.down_since = None
+                t.unheld = False
                 if t.recoverer is not None:
                     t.recoverer.failures = 0
                 if t.state in _HELD:
@@ -890,9 +896,10 @@ class TransactionController:
         t.last_error = dead_letter if dead_letter is not None else outcome.reason
         if t.down_since is None:
             t.down_since = now
-        was = t.state
+        went_down = t.state is not TargetState.DOWN or t.unheld
+        t.unheld = False
         self._set_state(t, TargetState.DOWN)
-        if was is not TargetState.DOWN:
+        if went_down:
             self.log.warn(
                 "{target_id} is DOWN: transaction {txn_id} failed ({reason}); "
                 "retrying in {delay:.1f}s",
@@ -920,7 +927,7 @@ class TransactionController:
             t.down_since,
             dead_letter,
             txn.n_events,
-            was is not TargetState.DOWN,
+            went_down,
         )
 
     async def _record(self, t: TargetRuntime) -> None:

@@ -63,10 +63,10 @@ PLUGINS = ROOT / "docs" / "plugins.md"
 PLUGIN_EXAMPLES = _doc_examples(PLUGINS)
 
 
-def test_the_plugin_guide_has_examples_for_policies_and_observers() -> None:
+def test_the_plugin_guide_has_examples_for_each_extension_point() -> None:
     assert PLUGIN_EXAMPLES, "docs/plugins.md has no example that defines a test"
     sections = [section for section, _ in PLUGIN_EXAMPLES]
-    for wanted in ("Retry policies", "Observers", "Transports", "Stores"):
+    for wanted in ("Wire formats", "Retry policies", "Observers", "Transports", "Stores"):
         assert wanted in sections, f"docs/plugins.md has no test example under {wanted!r}"
 
 

@@ -292,11 +292,6 @@ def test_something_that_is_not_an_observer_is_refused(db_path: Any) -> None:
         build_scheduler(["t"], path=db_path, options={"failure_thresholds": (0,)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a woken BLOCKED or DISABLED target is set DOWN in memory by the wake, so a failed "
-    "resend is not seen as going DOWN and target_down is never called",
-)
 @pytest.mark.parametrize("held", ["blocked", "disabled"])
 def test_a_woken_held_target_whose_resend_fails_is_observed_going_down(
     db_path: Any, held: str

@@ -1,6 +1,7 @@
 """
-Plugins through entry points: a small distribution in tests/plugin_dist is installed with pip
-into a folder put on the path, as an application's environment would have it, and used.
+Plugins through entry points: a small distribution in tests/plugin_dist (a retry policy, a wire
+format, and two broken entry points) is installed with pip into a folder put on the path, as an
+application's environment would have it, and used.
 """
 
 from __future__ import annotations
@@ -8,13 +9,18 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
+from twisted.internet.task import deferLater
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
-from relayer import TargetState, plugins
+from relayer import HTTPTransport, Scheduler, SQLiteStore, TargetConfig, TargetState, plugins
 from relayer.errors import InvalidTarget
 from relayer.testing import build_scheduler, step, target
 from tests._support import result_of
@@ -125,3 +131,75 @@ def test_a_plugin_that_is_broken_or_absent_is_refused_with_a_message(
         h.scheduler.add_target(target("t", retry_policy=name))
     assert message in str(caught.value)
     assert "t" not in h.scheduler.targets
+
+
+class _Endpoint(Resource):
+    """A receiver of the example format: records each POST, answers 410 to one event."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[tuple[str | None, bytes]] = []
+
+    def render_POST(self, request: Any) -> bytes:
+        event_id = request.getHeader("x-example-event")
+        self.received.append((event_id, request.content.read()))
+        request.setResponseCode(410 if event_id == "gone" else 200)
+        return b""
+
+
+def test_the_installed_plugin_s_format_is_listed(installed: Path) -> None:
+    found = plugins.available(plugins.FORMATS_GROUP)
+    assert found["example-json"] == (
+        "relayer-example-plugin: relayer_example_plugin.formats:ExampleJSON"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_uses_a_wire_format_from_a_plugin_over_http(
+    installed: Path, tmp_path: Path
+) -> None:
+    from twisted.internet import reactor
+
+    endpoint = _Endpoint()
+    site = Site(endpoint)
+    site.noisy = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}/in"
+    transport = HTTPTransport(reactor)
+    scheduler = Scheduler(
+        reactor,
+        SQLiteStore.open_path(reactor, tmp_path / "relayer.db"),
+        transport,
+        [TargetConfig("crm", url, "tok", format="example-json")],
+    )
+    await scheduler.start()
+    try:
+        for event_id in ("a", "gone", "b"):
+            await scheduler.submit("crm", {"id": event_id}, event_id=event_id)
+        deadline = time.monotonic() + 20
+        while len(endpoint.received) < 3 or (await scheduler.status())[0].pending_events:
+            assert time.monotonic() < deadline, endpoint.received
+            await deferLater(reactor, 0.02, lambda: None)
+        # One POST per event, in order, each with its id in the format's header.
+        assert endpoint.received == [
+            ("a", b'{"id":"a"}'),
+            ("gone", b'{"id":"gone"}'),
+            ("b", b'{"id":"b"}'),
+        ]
+        # The format's own reading of 410: a refusal for good, dead-lettered.
+        [letter] = await scheduler.dead_letters("crm")
+        assert (letter.event_ids, letter.reason) == (("gone",), "HTTP 410 (gone)")
+    finally:
+        await scheduler.stop()
+        await transport.close()
+        await port.stopListening()
+
+
+def test_a_plugin_format_is_checked_against_its_target(installed: Path, db_path: Any) -> None:
+    h = build_scheduler(["other"], path=db_path)
+    with pytest.raises(InvalidTarget, match="of example-json needs a token"):
+        h.scheduler.add_target(target("t", format="example-json", token=""))
+    with pytest.raises(InvalidTarget, match="unknown wire format 'nowhere'; known: .*example-json"):
+        h.scheduler.add_target(target("u", format="nowhere"))
