@@ -307,12 +307,14 @@ def verify(
 def webhook_id(event_id: str) -> str:
     """
     The ``webhook-id`` of an event: its id, percent-encoded if it is not 1 to 255 characters
-    of printable ASCII without space or comma.
+    of printable ASCII without space, comma or ``%`` (so that no two ids are sent alike).
 
     An encoded id longer than 255 characters is replaced by ``relayer-sha256-`` and the hex
     SHA-256 of the id. Either way the same event always gets the same webhook id.
     """
-    if 1 <= len(event_id) <= _MAX_ID_LENGTH and all(" " < c <= "~" and c != "," for c in event_id):
+    if 1 <= len(event_id) <= _MAX_ID_LENGTH and all(
+        " " < c <= "~" and c not in ",%" for c in event_id
+    ):
         return event_id
     encoded = quote(event_id, safe=_ID_SAFE)
     if len(encoded) > _MAX_ID_LENGTH:

@@ -166,7 +166,7 @@ def test_the_webhook_id_is_the_applications_event_id() -> None:
     ("event_id", "sent"),
     [
         ("evt_1", "evt_1"),
-        ("a%b", "a%b"),
+        ("a%b", "a%25b"),
         ("a b,c", "a%20b%2Cc"),
         ("caf\u00e9%", "caf%C3%A9%25"),
     ],
@@ -175,6 +175,13 @@ def test_a_webhook_id_that_is_not_printable_ascii_is_percent_encoded(
     event_id: str, sent: str
 ) -> None:
     assert webhook_id(event_id) == sent
+
+
+def test_two_events_never_share_a_webhook_id() -> None:
+    """An id that reads like another's encoding is encoded too: receivers drop repeats by id."""
+    assert webhook_id("a b") != webhook_id("a%20b")
+    assert webhook_id("a%20b") == "a%2520b"
+    assert webhook_id("100%") == "100%25"
 
 
 def test_a_webhook_id_too_long_once_encoded_is_a_digest() -> None:
