@@ -43,6 +43,7 @@ from relayer.config import (
     DelaySchedule,
     FailurePolicy,
     _number,
+    _to_policy,
 )
 from relayer.errors import ConfigurationError
 from relayer.transport.base import FailureClass
@@ -258,15 +259,6 @@ def _check_policy_backoff(instance: Any, attribute: Any, value: Any) -> None:
         )
 
 
-def _to_permanent(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return FailurePolicy(value)
-        except ValueError:
-            pass
-    return value
-
-
 def _check_permanent(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, FailurePolicy):
         raise ConfigurationError(
@@ -340,7 +332,7 @@ class RetryPolicy:
 
     backoff: Backoff = attrs.field(factory=BackoffPolicy, validator=_check_policy_backoff)
     on_permanent: FailurePolicy = attrs.field(
-        default=FailurePolicy.DEAD_LETTER, converter=_to_permanent, validator=_check_permanent
+        default=FailurePolicy.DEAD_LETTER, converter=_to_policy, validator=_check_permanent
     )
     give_up: tuple[GiveUp, ...] = attrs.field(
         default=(), converter=_to_rules, validator=_check_rules

@@ -532,13 +532,9 @@ class Receiver(Resource):
             self.violations.append(f"webhook {msg_id!r} is not JSON")
             return self._refuse(request, 400, "M_NOT_JSON", "expected JSON")
 
-        failing = self._failing
-        if failing is not None and self._should_fail(failing):
-            self.failed += 1
-            request.setResponseCode(failing.status)
-            if failing.retry_after is not None:
-                request.setHeader(b"Retry-After", failing.retry_after.encode("ascii"))
-            return self._json(request, {"errcode": "M_UNKNOWN", "error": "scripted failure"})
+        scripted = self._scripted_failure(request)
+        if scripted is not None:
+            return scripted
 
         digest = hashlib.sha256(body).digest()
         seen = self._seen_ids.get(msg_id)
@@ -593,13 +589,9 @@ class Receiver(Resource):
             self.violations.append(f'transaction {txn_id} is not JSON {{"events": [...]}}')
             return self._refuse(request, 400, "M_NOT_JSON", 'expected {"events": [...]}')
 
-        failing = self._failing
-        if failing is not None and self._should_fail(failing):
-            self.failed += 1
-            request.setResponseCode(failing.status)
-            if failing.retry_after is not None:
-                request.setHeader(b"Retry-After", failing.retry_after.encode("ascii"))
-            return self._json(request, {"errcode": "M_UNKNOWN", "error": "scripted failure"})
+        scripted = self._scripted_failure(request)
+        if scripted is not None:
+            return scripted
 
         digest = hashlib.sha256(body).digest()
         seen = self._seen.get(txn_id)
@@ -627,6 +619,17 @@ class Receiver(Resource):
             self.lost += 1
             return None
         return self._json(request, {})
+
+    def _scripted_failure(self, request: Request) -> bytes | None:
+        """The answer of a scripted failure, if this request is to fail; else None."""
+        failing = self._failing
+        if failing is None or not self._should_fail(failing):
+            return None
+        self.failed += 1
+        request.setResponseCode(failing.status)
+        if failing.retry_after is not None:
+            request.setHeader(b"Retry-After", failing.retry_after.encode("ascii"))
+        return self._json(request, {"errcode": "M_UNKNOWN", "error": "scripted failure"})
 
     def _should_fail(self, failing: _Failing) -> bool:
         if failing.remaining is not None:
