@@ -7,6 +7,7 @@ application's environment would have it, and used.
 from __future__ import annotations
 
 import importlib
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The example plugin, installed with pip into a folder on sys.path."""
     where = tmp_path_factory.mktemp("plugins")
     build = tmp_path_factory.mktemp("plugin-build")
+    # Built from a copy, so that the build leaves nothing in the checkout.
+    source = build / "plugin_dist"
+    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     done = subprocess.run(
         [
             sys.executable,
@@ -47,7 +51,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "--no-build-isolation",
             "--target",
             str(where),
-            str(PLUGIN),
+            str(source),
         ],
         capture_output=True,
         text=True,
