@@ -61,12 +61,13 @@ from zope.interface import implementer
 
 from relayer import DeliveryState, Event, _faults
 from relayer.config import BackoffPolicy, FailurePolicy, Retention, TargetConfig
+from relayer.formats import IWireFormat, WireRequest
 from relayer.lease import LeaseSettings
 from relayer.scheduler import Scheduler
 from relayer.store.base import IStore, TargetState
 from relayer.store.postgres import PostgresStore
 from relayer.store.sqlite import SQLiteStore
-from relayer.transport.base import ITransport, SendOutcome
+from relayer.transport.base import IRequestTransport, ITransport, SendOutcome
 from relayer.transport.http import HTTPTransport
 
 EXIT_OK = 0
@@ -112,7 +113,15 @@ def deadline(rng: random.Random, config: dict[str, Any], now: float) -> dict[str
     return {}
 
 
-@implementer(ITransport)
+def numbers_of(body: bytes) -> str:
+    """The ``n`` of each event of a request's body: a Matrix transaction's, or a webhook's one."""
+    document = json.loads(body)
+    if "events" in document:
+        return ",".join(str(e["n"]) for e in document["events"])
+    return str(document["n"])
+
+
+@implementer(ITransport, IRequestTransport)
 class LoggingTransport:
     """A transport that appends each send's start to a file, then hands it to another."""
 
@@ -121,11 +130,19 @@ class LoggingTransport:
         self._transport = transport
         self._fd = fd
 
-    def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
-        numbers = ",".join(str(e["n"]) for e in json.loads(body)["events"])
-        line = f"{target.target_id} {txn_id} {self._clock.seconds()!r} {numbers}\n"
+    def _log(self, target: TargetConfig, txn_id: int | None, body: bytes) -> None:
+        line = f"{target.target_id} {txn_id} {self._clock.seconds()!r} {numbers_of(body)}\n"
         os.write(self._fd, line.encode())
+
+    def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
+        self._log(target, txn_id, body)
         return self._transport.send(target, txn_id, body)
+
+    def send_request(
+        self, target: TargetConfig, request: WireRequest, wire_format: IWireFormat
+    ) -> Deferred[SendOutcome]:
+        self._log(target, request.txn_id, request.body)
+        return self._transport.send_request(target, request, wire_format)
 
     def close(self) -> Deferred[None]:
         return self._transport.close()
@@ -153,6 +170,8 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             backoff=backoff,
             request_timeout=config.get("request_timeout", 10.0),
             failure_policy=FailurePolicy(t.get("policy", "dead_letter")),
+            format=t.get("format", "matrix"),
+            secrets=t.get("secrets", ()),
         )
         for t in config["targets"]
     ]
@@ -190,6 +209,8 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
     first, events, chunk = config["first"], config["events"], config["chunk"]
     run_index = config.get("run", 0)
     ids = [t.target_id for t in targets]
+    matrix = [t.target_id for t in targets if t.format == "matrix"]
+    webhooks = [t.target_id for t in targets if t.format == "standard-webhooks"]
     # A shorter run (a restarted one) replays sooner, so that every run that submits replays.
     chunks = -(-events // chunk) if chunk else 0
     replay_at = first + chunk * min(config.get("replay_after_chunks", 3), max(0, chunks - 1))
@@ -211,7 +232,13 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             # for the same target loses events; the state machine's tests show it).
             items: list[tuple[str | list[str], Event]] = []
             for n in numbers:
-                fan = sorted(rng.sample(ids, rng.randint(2, len(ids))), key=ids.index)
+                fan = rng.sample(ids, rng.randint(2, len(ids)))
+                if n % 2 == 0 and matrix and webhooks:
+                    # Every other one goes to targets of both wire formats at least.
+                    fan += [
+                        rng.choice(kind) for kind in (matrix, webhooks) if not set(kind) & set(fan)
+                    ]
+                fan = sorted(set(fan), key=ids.index)
                 groups = [fan] + [[t] for t in ids if t not in fan]
                 for group in groups:
                     options = deadline(rng, config, reactor.seconds())
