@@ -208,9 +208,14 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
     await scheduler.start()
     first, events, chunk = config["first"], config["events"], config["chunk"]
     run_index = config.get("run", 0)
-    ids = [t.target_id for t in targets]
+    every = {t["id"]: t.get("every", 1) for t in config["targets"]}
     matrix = [t.target_id for t in targets if t.format == "matrix"]
-    webhooks = [t.target_id for t in targets if t.format == "standard-webhooks"]
+    webhooks = [t.target_id for t in targets if t.format != "matrix"]
+
+    def ids_of(n: int) -> list[str]:
+        """The targets that take the events numbered ``n``: each ``every``th number's."""
+        return [t.target_id for t in targets if n % every[t.target_id] == 0]
+
     # A shorter run (a restarted one) replays sooner, so that every run that submits replays.
     chunks = -(-events // chunk) if chunk else 0
     replay_at = first + chunk * min(config.get("replay_after_chunks", 3), max(0, chunks - 1))
@@ -222,7 +227,7 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
         mode = (start // chunk) % 3
         if mode == 2:
             # Plain events, one per target and number, in one submit_many.
-            pairs = [(t, event(rng, t, n, run_index)) for n in numbers for t in ids]
+            pairs = [(t, event(rng, t, n, run_index)) for n in numbers for t in ids_of(n)]
             d = scheduler.submit_many(pairs)
             d.addCallback(acked, [[t] for t, _ in pairs], [e["n"] for _, e in pairs])
             pending.append(d)
@@ -232,13 +237,14 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             # for the same target loses events; the state machine's tests show it).
             items: list[tuple[str | list[str], Event]] = []
             for n in numbers:
+                ids = ids_of(n)
                 fan = rng.sample(ids, rng.randint(2, len(ids)))
-                if n % 2 == 0 and matrix and webhooks:
-                    # Every other one goes to targets of both wire formats at least.
-                    fan += [
-                        rng.choice(kind) for kind in (matrix, webhooks) if not set(kind) & set(fan)
-                    ]
-                fan = sorted(set(fan), key=ids.index)
+                if n % 2 == 0 and set(webhooks) & set(ids):
+                    # Every other one goes to targets of both wire formats, at least one of each.
+                    for kind in (matrix, [t for t in webhooks if t in ids]):
+                        if not set(kind) & set(fan):
+                            fan.append(rng.choice(kind))
+                fan = sorted(fan, key=ids.index)
                 groups = [fan] + [[t] for t in ids if t not in fan]
                 for group in groups:
                     options = deadline(rng, config, reactor.seconds())
@@ -250,7 +256,7 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             pending.append(d.addCallback(acked, groups_of, [e.body["n"] for _, e in items]))
         else:
             for n in numbers:
-                for t in ids:
+                for t in ids_of(n):
                     options = deadline(rng, config, reactor.seconds())
                     d = scheduler.submit(t, event(rng, t, n, run_index), **options)
                     pending.append(d.addCallback(acked, [[t]], [n]))
@@ -307,8 +313,10 @@ def run(config: dict[str, Any]) -> int:
     ``config`` holds: ``store`` (``"sqlite"``, the default, or ``"postgres"``), ``db`` (the
     SQLite file or the PostgreSQL URL), ``leases`` (:class:`relayer.lease.LeaseSettings`
     arguments, or null to deliver to every target), ``targets`` (``id``, ``base_url``, ``token``
-    each, and optionally ``policy``, a :class:`relayer.FailurePolicy` value, and ``replay``,
-    true to replay its dead letters), ``max_events``, ``backoff`` (:class:`relayer.BackoffPolicy`
+    each, and optionally ``policy``, a :class:`relayer.FailurePolicy` value, ``replay``,
+    true to replay its dead letters, ``format`` and ``secrets``, its wire format and the
+    secrets a webhook target signs with, and ``every``: the target takes only the events whose
+    ``n`` is a multiple of it), ``max_events``, ``backoff`` (:class:`relayer.BackoffPolicy`
     arguments), ``request_timeout``, ``first``, ``events`` and ``chunk`` (the events to submit,
     per target, and how many per target are submitted at once), ``run`` (the run's index),
     ``replay_after_chunks`` (when to replay: after that many chunks, or at once in a run that
