@@ -3,7 +3,8 @@ Crash tests: nothing acknowledged is lost when the process dies with SIGKILL.
 
 A scheduler runs in a child process (``tests/crash/crash_child.py``: the real reactor, a SQLite
 file on the threaded database pool, the HTTP transport) and delivers to receivers served by this
-process over loopback HTTP. The child kills itself with SIGKILL at a chosen checkpoint of
+process over loopback HTTP: Matrix application services and Standard Webhooks endpoints at
+once. The child kills itself with SIGKILL at a chosen checkpoint of
 :mod:`relayer._faults` (or after a delay, or this process kills it when a receiver accepts a
 transaction, before the answer goes out). It is then started again on the same database, and
 again, until a run drains the store and exits with 0. Then:
@@ -50,6 +51,23 @@ each run come in that run's submit order.
 The receivers live in this process, so what they recorded survives the child's death. They are
 scripted so that every run meets the DOWN paths: one target fails its first requests, one fails
 at random, one loses an answer after accepting, and one answers 413 to large bodies.
+
+Two targets, ``w0`` and ``w1``, use the Standard Webhooks format (one ``POST`` per event,
+signed): ``w0`` signs with two secrets, as during a rotation, and its receiver knows only the
+second; ``w1`` sends a token too. They take every third event number (a request per event would
+make each run much longer), and every other event fanned out goes to targets of both formats.
+``w0`` loses an answer each run, and ``w1`` fails a fifth of its requests. Every webhook is
+verified twice: by :class:`relayer.testing.Receiver` with relayer's own code, and by the
+reference ``standardwebhooks`` package once with each secret the target signs with, on the wall
+clock (the child's real reactor signs with it); one that does not verify fails the test. A
+webhook carries no transaction id: the receiver deduplicates by ``webhook-id``, and the checks
+find each webhook's transaction in the store. What Standard Webhooks promises is checked as
+stated: delivery at least once (every acknowledged event arrived, or expired), one event per
+request and in one transaction, the same ``webhook-id`` (the event's id) and the same bytes on
+every request of an event, retries and restarts included, a repeat only as a retry of its
+transaction (the child logged that many sends of it), and each target's events in submit order,
+counting each where it first arrived. The checks above hold for the webhook targets as they do
+for the Matrix ones, each webhook standing for a transaction of one event.
 
 The child runs are forked from a "zygote" that has imported relayer once (see the child's
 docstring); each run is still its own process with its own reactor, database connections and

@@ -3,7 +3,8 @@ The child process of the crash tests: a real scheduler that may be killed with S
 
 One *run* starts a :class:`relayer.Scheduler` on the global reactor, with a SQLite file on a
 :class:`relayer.ThreadedDatabasePool` (or a PostgreSQL database, shared through leases with other
-runs going on at the same time) and the HTTP transport, submits events to its targets, waits
+runs going on at the same time) and the HTTP transport, submits events to its targets (Matrix
+application services and Standard Webhooks endpoints, each target in its wire format), waits
 until the store has nothing pending, stops, and exits with 0. While it waits it wakes each
 BLOCKED target it delivers to, once per blockage; at a chosen moment it replays the dead letters
 of the dead-letter targets. It is configured by one JSON object (see :func:`run`); if that says
@@ -23,12 +24,17 @@ of an ``O_APPEND`` file lands whole, in the order of the writes.
 
 Just before each send, the transport appends ``"{target} {txn_id} {clock time} {n,n,...}"`` to
 the ``sends`` file, the same way: the test checks that no event was sent at or after its
-deadline.
+deadline. The transport provides :class:`relayer.transport.IRequestTransport`, so every request
+comes through it as its target's wire format built it (a Matrix transaction's events, or a
+webhook's one event, with the id of the transaction it is an attempt of), and goes on to the
+real :meth:`relayer.HTTPTransport.send_request`.
 
 Events are ``{"n": N, "t": TARGETS, "r": RUN, "p": PADDING}``; ``n`` goes from ``first`` to
-``first + events - 1``, in submit order, for every target, and ``r`` is the run's index. Every
-third chunk of events, the first one included, is fanned out: each ``n`` is one event for a
-random set of at least two targets (``t`` is their list), and one event for each other target.
+``first + events - 1``, in submit order, for every target (a target with ``every`` takes only
+the multiples of it), and ``r`` is the run's index. Every third chunk of events, the first one
+included, is fanned out: each ``n`` is one event for a random set of at least two targets (``t``
+is their list; for every other ``n``, at least one Matrix and one webhook target, if the
+webhook targets take that ``n``), and one event for each other target.
 Some events carry a deadline (see :func:`deadline`): a time to live, or a time already past, so
 that they expire.
 
