@@ -3,7 +3,8 @@ Crash tests: nothing acknowledged is lost when the process dies with SIGKILL.
 
 A scheduler runs in a child process (``tests/crash/crash_child.py``: the real reactor, a SQLite
 file on the threaded database pool, the HTTP transport) and delivers to receivers served by this
-process over loopback HTTP. The child kills itself with SIGKILL at a chosen checkpoint of
+process over loopback HTTP: Matrix application services and Standard Webhooks endpoints at
+once. The child kills itself with SIGKILL at a chosen checkpoint of
 :mod:`relayer._faults` (or after a delay, or this process kills it when a receiver accepts a
 transaction, before the answer goes out). It is then started again on the same database, and
 again, until a run drains the store and exits with 0. Then:
@@ -51,6 +52,24 @@ The receivers live in this process, so what they recorded survives the child's d
 scripted so that every run meets the DOWN paths: one target fails its first requests, one fails
 at random, one loses an answer after accepting, and one answers 413 to large bodies.
 
+Two targets, ``w0`` and ``w1``, use the Standard Webhooks format (one ``POST`` per event,
+signed): ``w0`` signs with two secrets, as during a rotation, and its receiver knows only the
+second; ``w1`` sends a token too. They take every fifth event number (a request per event would
+make each run much longer), and every other event fanned out goes to targets of both formats.
+``w0`` loses an answer each run, and ``w1`` fails its first two requests in one run, a quarter
+of them at random in the next. Every webhook is
+verified twice: by :class:`relayer.testing.Receiver` with relayer's own code, and by the
+reference ``standardwebhooks`` package once with each secret the target signs with, on the wall
+clock (the child's real reactor signs with it); one that does not verify fails the test. A
+webhook carries no transaction id: the receiver deduplicates by ``webhook-id``, and the checks
+find each webhook's transaction in the store. What Standard Webhooks promises is checked as
+stated: delivery at least once (every acknowledged event arrived, or expired), one event per
+request and in one transaction, the same ``webhook-id`` (the event's id) and the same bytes on
+every request of an event, retries and restarts included, a repeat only as a retry of its
+transaction (the child logged that many sends of it), and each target's events in submit order,
+counting each where it first arrived. The checks above hold for the webhook targets as they do
+for the Matrix ones, each webhook standing for a transaction of one event.
+
 The child runs are forked from a "zygote" that has imported relayer once (see the child's
 docstring); each run is still its own process with its own reactor, database connections and
 threads.
@@ -58,6 +77,7 @@ threads.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -75,6 +95,7 @@ import attrs
 import pytest
 import pytest_twisted
 import sqlalchemy as sa
+from standardwebhooks import webhooks as reference
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IListeningPort
@@ -88,6 +109,7 @@ from twisted.web.server import Request, Site
 
 from relayer import DeliveryState
 from relayer._faults import POINTS
+from relayer.formats import webhook_id
 from relayer.store import _seqs, schema
 from relayer.testing import Receiver, open_store
 
@@ -98,7 +120,21 @@ CHILD = Path(__file__).parent / "crash" / "crash_child.py"
 #: The dead-letter target and the BLOCK target, which refuse some transactions with HTTP 400.
 DEAD_LETTER = "d0"
 BLOCK = "b0"
-TARGETS = ("t0", "t1", "t2", "t3", "t4", DEAD_LETTER, BLOCK)
+#: The Standard Webhooks targets, and the secrets each signs with: ``w0`` with two, as in a
+#: rotation (its receiver knows only the second), ``w1`` with one, and a token.
+WEBHOOKS = {
+    "w0": (
+        "whsec_" + base64.b64encode(b"crash-suite-old-secret-of-32-byte").decode(),
+        "whsec_" + base64.b64encode(b"crash-suite-new-secret-of-32-byte").decode(),
+    ),
+    "w1": ("whsec_" + base64.b64encode(b"crash-suite-w1-secret-of-32-bytes").decode(),),
+}
+#: The secrets each webhook target's receiver accepts, and the token it expects ("" for none).
+WEBHOOK_RECEIVER = {"w0": (WEBHOOKS["w0"][1:], ""), "w1": (WEBHOOKS["w1"], "token-w1")}
+TARGETS = ("t0", "t1", "t2", "t3", "t4", DEAD_LETTER, BLOCK, *WEBHOOKS)
+#: A webhook target takes the events whose number is a multiple of this: it sends a request
+#: per event, and so many requests would make each run much longer.
+WEBHOOK_EVERY = 5
 #: The share (in percent) of transaction bodies that each of them refuses.
 REFUSE_PERCENT = {DEAD_LETTER: 15, BLOCK: 20}
 #: The checkpoint of a claim that records expired events, inside its database transaction.
@@ -316,6 +352,20 @@ class Refusal:
     numbers: tuple[int, ...]
 
 
+@attrs.frozen
+class Accepted:
+    """
+    What a target accepted, each counted once: a Matrix transaction, or a webhook (one event).
+
+    A webhook does not carry its transaction's id: ``txn_id`` is None until the check finds it
+    in the store (a webhook target's event is in one transaction, see :meth:`Sequence.check`).
+    """
+
+    txn_id: int | None
+    events: list[Any]
+    at: float
+
+
 class Recorder(Resource):
     """
     One target: a :class:`Receiver`, plus a ledger of every request's body digest by
@@ -323,6 +373,12 @@ class Recorder(Resource):
 
     ``d0`` answers 400 to the bodies :func:`refuses` picks, and to the first body it is sent,
     every time; ``b0`` answers 400 to those the first time only, so that a woken target goes on.
+
+    A webhook target's recorder takes ``POST`` requests: before its receiver (which verifies
+    them with relayer's own code), it verifies each with the reference ``standardwebhooks``
+    package, once with each secret the target signs with (each must verify on its own: the
+    sender signs with all of them), on the wall clock that the child's real reactor signs with;
+    its ledger is by ``webhook-id``, and it counts the requests each id came in.
     """
 
     isLeaf = True
@@ -338,6 +394,75 @@ class Recorder(Resource):
         #: When each accepted transaction was first accepted, in order.
         self.accepted_at: list[float] = []
         self._verdicts: dict[bytes, bool] = {}
+        #: A webhook target's secrets; None for a Matrix target.
+        self.secrets = WEBHOOKS.get(target_id)
+        #: Per webhook-id: the digest of the body it first came with.
+        self.webhook_ledger: dict[str, bytes] = {}
+        #: Per webhook-id: how many requests carried it (failed attempts included).
+        self.webhook_requests: dict[str, int] = {}
+        #: Per event number: the webhook-ids it came with (one, if they were stable).
+        self.webhook_ids: dict[int, set[str]] = {}
+
+    def accepted(self) -> list[Accepted]:
+        """What the target accepted, each transaction or webhook once, in order."""
+        receiver = self.receiver
+        if self.secrets is None:
+            return [
+                Accepted(x.txn_id, x.events, at)
+                for x, at in zip(receiver.transactions, self.accepted_at, strict=True)
+            ]
+        return [
+            Accepted(None, [w.event], at)
+            for w, at in zip(receiver.webhooks, self.accepted_at, strict=True)
+        ]
+
+    def render_POST(self, request: Request) -> bytes | int:
+        assert request.content is not None and self.secrets is not None
+        body = request.content.read()
+        request.content.seek(0)
+        headers = {
+            name.decode("latin-1"): values[-1].decode("latin-1")
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        }
+        msg_id = request.getHeader(b"webhook-id")
+        shown = msg_id.decode("latin-1") if msg_id is not None else None
+        for i, secret in enumerate(self.secrets):
+            try:
+                reference.Webhook(secret).verify(body, headers, json_parse=False)
+            except reference.WebhookVerificationError as e:
+                self.violations.append(
+                    f"{self.target_id}: webhook {shown!r} does not verify with secret #{i} by "
+                    f"the standardwebhooks package: {e}"
+                )
+        if shown is not None:
+            self.webhook_requests[shown] = self.webhook_requests.get(shown, 0) + 1
+            digest = hashlib.sha256(body).digest()
+            if self.webhook_ledger.setdefault(shown, digest) != digest:
+                self.violations.append(
+                    f"{self.target_id}: webhook {shown!r} was sent with different bytes"
+                )
+            try:
+                event = json.loads(body)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict) or not isinstance(event.get("n"), int):
+                self.violations.append(
+                    f"{self.target_id}: webhook {shown!r} is not one event: {body[:80]!r}"
+                )
+            else:
+                self.webhook_ids.setdefault(event["n"], set()).add(shown)
+        before = len(self.receiver.webhooks)
+        answer = self.receiver.render_POST(request)
+        if len(self.receiver.webhooks) > before:
+            self._accepted()
+        return answer
+
+    def _accepted(self) -> None:
+        self.accepted_at.append(time.monotonic())
+        if self.on_accept is not None:
+            # Before the answer goes out: the target has the transaction, the sender never
+            # learns it.
+            self.on_accept()
 
     def _refuse(self, digest: bytes, body: bytes) -> bool:
         if self.target_id not in REFUSE_PERCENT:
@@ -372,11 +497,7 @@ class Recorder(Resource):
         before = len(self.receiver.transactions)
         answer = self.receiver.render_PUT(request)
         if len(self.receiver.transactions) > before:
-            self.accepted_at.append(time.monotonic())
-            if self.on_accept is not None:
-                # Before the answer goes out: the target has the transaction, the sender never
-                # learns it.
-                self.on_accept()
+            self._accepted()
         return answer
 
 
@@ -480,7 +601,14 @@ class Sequence:
             # Replayed events come after later ones, the runs of several processes interleave,
             # and the live events of an abandoned transaction come again: the check looks at
             # the order itself.
-            recorder = Recorder(t, Receiver(f"token-{t}"))
+            if t in WEBHOOKS:
+                # The timestamps are checked against the wall clock, which the child's real
+                # reactor signs with.
+                secrets, token = WEBHOOK_RECEIVER[t]
+                receiver = Receiver(token, webhook_secrets=secrets, clock=reactor_())
+            else:
+                receiver = Receiver(f"token-{t}")
+            recorder = Recorder(t, receiver)
             recorders[t] = recorder
             root.putChild(t.encode(), recorder)
         site = _QuietSite(root)
@@ -506,13 +634,19 @@ class Sequence:
     def sends(self) -> Path:
         return self.folder / f"{self.name}.sends"
 
-    def script_receivers(self, rng: random.Random) -> None:
-        """Make this run meet the DOWN paths: failures, a lost answer and 413s."""
+    def script_receivers(self, rng: random.Random, index: int) -> None:
+        """Make run ``index`` meet the DOWN paths: failures, a lost answer and 413s."""
         r = {t: rec.receiver for t, rec in self.recorders.items()}
         r["t0"].fail_next(2, 500)
         r["t1"].fail_randomly(0.25, 503, random=random.Random(rng.random()).random)
         r["t2"].lose_responses(1)
         r["t3"].limit_body(400)
+        r["w0"].lose_responses(1)
+        if index % 2:
+            r["w1"].fail_randomly(0.25, 500, random=random.Random(rng.random()).random)
+        else:
+            # The first run fails for sure, however few requests it sends.
+            r["w1"].fail_next(2, 503)
 
     async def run(
         self,
@@ -530,8 +664,9 @@ class Sequence:
         rng = random.Random(f"{self.seed}/{index}")
         first = index * 1000
         for t in TARGETS:
-            self.planned[t].update(range(first, first + events))
-        self.script_receivers(rng)
+            every = WEBHOOK_EVERY if t in WEBHOOKS else 1
+            self.planned[t].update(n for n in range(first, first + events) if n % every == 0)
+        self.script_receivers(rng, index)
         port = self.port.getHost().port  # type: ignore[attr-defined]
         child_kill = kill if kill is not None and "receiver" not in kill else None
         targets: list[dict[str, Any]] = [
@@ -539,7 +674,14 @@ class Sequence:
             for t in TARGETS
         ]
         for t in targets:
-            if t["id"] == DEAD_LETTER:
+            if t["id"] in WEBHOOKS:
+                t.update(
+                    format="standard-webhooks",
+                    secrets=list(WEBHOOKS[t["id"]]),
+                    token=WEBHOOK_RECEIVER[t["id"]][1],
+                    every=WEBHOOK_EVERY,
+                )
+            elif t["id"] == DEAD_LETTER:
                 t["replay"] = True
             elif t["id"] == BLOCK:
                 t["policy"] = "block"
@@ -780,12 +922,18 @@ class Sequence:
         number = {seq: n for (_, n), (seq, _) in stored.items()}
         dead: dict[str, list[int]] = {t: [] for t in TARGETS}
         txn_states: dict[tuple[str, int], str] = {}
-        for target_id, txn_id, state, seqs in self.query(
-            "SELECT target_id, txn_id, state, seqs FROM relayer_all_txns"
+        # The transactions each event was in, at each target, in the order of their ids.
+        txns_of: dict[tuple[str, int], list[int]] = {}
+        for target_id, txn_id, state, seqs in sorted(
+            self.query("SELECT target_id, txn_id, state, seqs FROM relayer_all_txns")
         ):
             txn_states[(target_id, txn_id)] = state
+            for s in _seqs.decode(seqs):
+                txns_of.setdefault((target_id, number[s]), []).append(txn_id)
             if state == "dead":
                 dead[target_id] += [number[s] for s in _seqs.decode(seqs)]
+        sends = Send.read(self.sends)
+        problems += self._check_webhooks(acks, stored, txns_of, sends)
         expired: dict[str, dict[int, float]] = {t: {} for t in TARGETS}
         for target_id, seq, expired_at in self.query(
             "SELECT target_id, seq, expired_at FROM relayer_all_expired"
@@ -798,7 +946,7 @@ class Sequence:
                     f"{target_id}: event {n} expired at {expired_at}, its deadline is {deadline}"
                 )
         # No send started at or after the deadline of an event in it.
-        for send in Send.read(self.sends):
+        for send in sends:
             for n in send.numbers:
                 deadline = stored[(send.target_id, n)][1]
                 if deadline is not None and send.at >= deadline + SEND_CLOCK_SLACK:
@@ -816,8 +964,17 @@ class Sequence:
             arrived: dict[int, int] = {}
             txn_of: dict[int, int] = {}
             when: dict[int, float] = {}
-            for txn, at in zip(receiver.transactions, recorder.accepted_at, strict=True):
-                state = txn_states.get((t, txn.txn_id))
+            accepted = recorder.accepted()
+            if t in WEBHOOKS:
+                # A webhook's transaction is the one its event was in (there is one, as
+                # _check_webhooks checks).
+                accepted = [
+                    attrs.evolve(a, txn_id=txns_of.get((t, a.events[0]["n"]), [None])[0])
+                    for a in accepted
+                ]
+            for txn in accepted:
+                at = txn.at
+                state = txn_states.get((t, txn.txn_id)) if txn.txn_id is not None else None
                 if state not in ("delivered", "abandoned"):
                     problems.append(f"{t}: transaction {txn.txn_id} was accepted, yet {state}")
                 for e in txn.events:
@@ -881,7 +1038,7 @@ class Sequence:
                 # replay's to explain.
                 kept = {n: i for n, i in arrived.items() if n not in unrecorded}
                 problems += self._check_replays(t, acks, kept, when, refused)
-            ids = [x.txn_id for x in receiver.transactions]
+            ids = [x.txn_id for x in accepted if x.txn_id is not None]
             if ids != sorted(set(ids)):
                 problems.append(f"{t}: transaction ids did not only grow: {ids}")
         problems += self._check_store_view(acks, acked, dead, expired)
@@ -901,13 +1058,24 @@ class Sequence:
         assert sum(len(a) for a in acked.values()) > 0
         r = {t: rec.receiver for t, rec in self.recorders.items()}
         assert r["t0"].failed > 0
-        assert r["t2"].lost > 0 and r["t2"].duplicates > 0
+        # A lost answer is followed by the same transaction again (a duplicate), unless an event
+        # of it expired first: then the transaction is abandoned, and never sent again.
+        for t in ("t2", "w0"):
+            abandoned = any(s == "abandoned" for (u, _), s in txn_states.items() if u == t)
+            assert r[t].lost > 0 and (r[t].duplicates > 0 or abandoned), t
         assert r["t3"].too_large > 0
         assert self.recorders[DEAD_LETTER].refusals and self.recorders[BLOCK].refusals
+        assert r["w1"].failed > 0
+        assert all(r[t].webhooks for t in WEBHOOKS)
         assert acks.replays[DEAD_LETTER]
         # Events expired, and events fanned out to several targets were delivered.
         assert any(expired.values())
         assert any(len(targets) > 1 for targets in acks.targets_of().values())
+        # Some went to Matrix and webhook targets at once.
+        assert any(
+            targets & set(WEBHOOKS) and targets - set(WEBHOOKS)
+            for targets in acks.targets_of().values()
+        )
 
     def _check_store_view(
         self,
@@ -943,7 +1111,7 @@ class Sequence:
                 problems.append(f"{t}: expired events listed: {listed[DeliveryState.EXPIRED]}")
             if set(listed[DeliveryState.DEAD_LETTERED]) != set(dead[t]):
                 problems.append(f"{t}: dead letters listed: {listed[DeliveryState.DEAD_LETTERED]}")
-            arrived = {e["n"] for x in self.recorders[t].receiver.transactions for e in x.events}
+            arrived = {e["n"] for x in self.recorders[t].accepted() for e in x.events}
             if set(listed[DeliveryState.DELIVERED]) - arrived:
                 problems.append(
                     f"{t}: delivered, yet never received: "
@@ -962,6 +1130,50 @@ class Sequence:
             for t, delivery in status.deliveries.items():
                 if delivery.state not in FINAL:
                     problems.append(f"event {event_id} is {delivery.state.value} at {t}")
+        return problems
+
+    def _check_webhooks(
+        self,
+        acks: Acks,
+        stored: dict[tuple[str, int], tuple[int, float | None]],
+        txns_of: dict[tuple[str, int], list[int]],
+        sends: list[Send],
+    ) -> list[str]:
+        """
+        What Standard Webhooks promises, at each webhook target: at least once (the other
+        checks), one event per request, in one transaction; the same ``webhook-id`` (the
+        event's id) and the same bytes on every request of an event, retries and restarts
+        included; and a request repeated only as a retry of its transaction, which the child
+        logged as a send each time.
+        """
+        problems = []
+        logged: dict[tuple[str, int | None], int] = {}
+        for send in sends:
+            logged[(send.target_id, send.txn_id)] = logged.get((send.target_id, send.txn_id), 0) + 1
+            if send.target_id in WEBHOOKS and len(send.numbers) != 1:
+                problems.append(
+                    f"{send.target_id}: transaction {send.txn_id} was sent with "
+                    f"{len(send.numbers)} events"
+                )
+        for t in WEBHOOKS:
+            recorder = self.recorders[t]
+            for (target_id, n), txns in txns_of.items():
+                if target_id == t and len(txns) != 1:
+                    problems.append(f"{t}: event {n} was in transactions {txns}, not one")
+            for n, ids in recorder.webhook_ids.items():
+                if (t, n) not in stored:
+                    continue  # the check of unexpected events reports it
+                expected = webhook_id(acks.ids[t].get(n, f"relayer-{stored[(t, n)][0]}"))
+                if ids != {expected}:
+                    problems.append(f"{t}: event {n} came with webhook ids {ids}, not {expected}")
+                    continue
+                txn_id = txns_of.get((t, n), [None])[0]
+                requests = recorder.webhook_requests[expected]
+                if requests > logged.get((t, txn_id), 0):
+                    problems.append(
+                        f"{t}: webhook {expected!r} came {requests} times, its transaction "
+                        f"{txn_id} was sent {logged.get((t, txn_id), 0)} times"
+                    )
         return problems
 
     def _check_replays(

@@ -3,7 +3,8 @@ The child process of the crash tests: a real scheduler that may be killed with S
 
 One *run* starts a :class:`relayer.Scheduler` on the global reactor, with a SQLite file on a
 :class:`relayer.ThreadedDatabasePool` (or a PostgreSQL database, shared through leases with other
-runs going on at the same time) and the HTTP transport, submits events to its targets, waits
+runs going on at the same time) and the HTTP transport, submits events to its targets (Matrix
+application services and Standard Webhooks endpoints, each target in its wire format), waits
 until the store has nothing pending, stops, and exits with 0. While it waits it wakes each
 BLOCKED target it delivers to, once per blockage; at a chosen moment it replays the dead letters
 of the dead-letter targets. It is configured by one JSON object (see :func:`run`); if that says
@@ -23,12 +24,17 @@ of an ``O_APPEND`` file lands whole, in the order of the writes.
 
 Just before each send, the transport appends ``"{target} {txn_id} {clock time} {n,n,...}"`` to
 the ``sends`` file, the same way: the test checks that no event was sent at or after its
-deadline.
+deadline. The transport provides :class:`relayer.transport.IRequestTransport`, so every request
+comes through it as its target's wire format built it (a Matrix transaction's events, or a
+webhook's one event, with the id of the transaction it is an attempt of), and goes on to the
+real :meth:`relayer.HTTPTransport.send_request`.
 
 Events are ``{"n": N, "t": TARGETS, "r": RUN, "p": PADDING}``; ``n`` goes from ``first`` to
-``first + events - 1``, in submit order, for every target, and ``r`` is the run's index. Every
-third chunk of events, the first one included, is fanned out: each ``n`` is one event for a
-random set of at least two targets (``t`` is their list), and one event for each other target.
+``first + events - 1``, in submit order, for every target (a target with ``every`` takes only
+the multiples of it), and ``r`` is the run's index. Every third chunk of events, the first one
+included, is fanned out: each ``n`` is one event for a random set of at least two targets (``t``
+is their list; for every other ``n``, at least one Matrix and one webhook target, if the
+webhook targets take that ``n``), and one event for each other target.
 Some events carry a deadline (see :func:`deadline`): a time to live, or a time already past, so
 that they expire.
 
@@ -61,12 +67,13 @@ from zope.interface import implementer
 
 from relayer import DeliveryState, Event, _faults
 from relayer.config import BackoffPolicy, FailurePolicy, Retention, TargetConfig
+from relayer.formats import IWireFormat, WireRequest
 from relayer.lease import LeaseSettings
 from relayer.scheduler import Scheduler
 from relayer.store.base import IStore, TargetState
 from relayer.store.postgres import PostgresStore
 from relayer.store.sqlite import SQLiteStore
-from relayer.transport.base import ITransport, SendOutcome
+from relayer.transport.base import IRequestTransport, ITransport, SendOutcome
 from relayer.transport.http import HTTPTransport
 
 EXIT_OK = 0
@@ -112,7 +119,15 @@ def deadline(rng: random.Random, config: dict[str, Any], now: float) -> dict[str
     return {}
 
 
-@implementer(ITransport)
+def numbers_of(body: bytes) -> str:
+    """The ``n`` of each event of a request's body: a Matrix transaction's, or a webhook's one."""
+    document = json.loads(body)
+    if "events" in document:
+        return ",".join(str(e["n"]) for e in document["events"])
+    return str(document["n"])
+
+
+@implementer(ITransport, IRequestTransport)
 class LoggingTransport:
     """A transport that appends each send's start to a file, then hands it to another."""
 
@@ -121,11 +136,19 @@ class LoggingTransport:
         self._transport = transport
         self._fd = fd
 
-    def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
-        numbers = ",".join(str(e["n"]) for e in json.loads(body)["events"])
-        line = f"{target.target_id} {txn_id} {self._clock.seconds()!r} {numbers}\n"
+    def _log(self, target: TargetConfig, txn_id: int | None, body: bytes) -> None:
+        line = f"{target.target_id} {txn_id} {self._clock.seconds()!r} {numbers_of(body)}\n"
         os.write(self._fd, line.encode())
+
+    def send(self, target: TargetConfig, txn_id: int, body: bytes) -> Deferred[SendOutcome]:
+        self._log(target, txn_id, body)
         return self._transport.send(target, txn_id, body)
+
+    def send_request(
+        self, target: TargetConfig, request: WireRequest, wire_format: IWireFormat
+    ) -> Deferred[SendOutcome]:
+        self._log(target, request.txn_id, request.body)
+        return self._transport.send_request(target, request, wire_format)
 
     def close(self) -> Deferred[None]:
         return self._transport.close()
@@ -153,6 +176,8 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             backoff=backoff,
             request_timeout=config.get("request_timeout", 10.0),
             failure_policy=FailurePolicy(t.get("policy", "dead_letter")),
+            format=t.get("format", "matrix"),
+            secrets=t.get("secrets", ()),
         )
         for t in config["targets"]
     ]
@@ -189,7 +214,14 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
     await scheduler.start()
     first, events, chunk = config["first"], config["events"], config["chunk"]
     run_index = config.get("run", 0)
-    ids = [t.target_id for t in targets]
+    every = {t["id"]: t.get("every", 1) for t in config["targets"]}
+    matrix = [t.target_id for t in targets if t.format == "matrix"]
+    webhooks = [t.target_id for t in targets if t.format != "matrix"]
+
+    def ids_of(n: int) -> list[str]:
+        """The targets that take the events numbered ``n``: each ``every``th number's."""
+        return [t.target_id for t in targets if n % every[t.target_id] == 0]
+
     # A shorter run (a restarted one) replays sooner, so that every run that submits replays.
     chunks = -(-events // chunk) if chunk else 0
     replay_at = first + chunk * min(config.get("replay_after_chunks", 3), max(0, chunks - 1))
@@ -201,7 +233,7 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
         mode = (start // chunk) % 3
         if mode == 2:
             # Plain events, one per target and number, in one submit_many.
-            pairs = [(t, event(rng, t, n, run_index)) for n in numbers for t in ids]
+            pairs = [(t, event(rng, t, n, run_index)) for n in numbers for t in ids_of(n)]
             d = scheduler.submit_many(pairs)
             d.addCallback(acked, [[t] for t, _ in pairs], [e["n"] for _, e in pairs])
             pending.append(d)
@@ -211,7 +243,14 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             # for the same target loses events; the state machine's tests show it).
             items: list[tuple[str | list[str], Event]] = []
             for n in numbers:
-                fan = sorted(rng.sample(ids, rng.randint(2, len(ids))), key=ids.index)
+                ids = ids_of(n)
+                fan = rng.sample(ids, rng.randint(2, len(ids)))
+                if n % 2 == 0 and set(webhooks) & set(ids):
+                    # Every other one goes to targets of both wire formats, at least one of each.
+                    for kind in (matrix, [t for t in webhooks if t in ids]):
+                        if not set(kind) & set(fan):
+                            fan.append(rng.choice(kind))
+                fan = sorted(fan, key=ids.index)
                 groups = [fan] + [[t] for t in ids if t not in fan]
                 for group in groups:
                     options = deadline(rng, config, reactor.seconds())
@@ -223,7 +262,7 @@ async def main(reactor: Any, config: dict[str, Any]) -> int:
             pending.append(d.addCallback(acked, groups_of, [e.body["n"] for _, e in items]))
         else:
             for n in numbers:
-                for t in ids:
+                for t in ids_of(n):
                     options = deadline(rng, config, reactor.seconds())
                     d = scheduler.submit(t, event(rng, t, n, run_index), **options)
                     pending.append(d.addCallback(acked, [[t]], [n]))
@@ -280,8 +319,10 @@ def run(config: dict[str, Any]) -> int:
     ``config`` holds: ``store`` (``"sqlite"``, the default, or ``"postgres"``), ``db`` (the
     SQLite file or the PostgreSQL URL), ``leases`` (:class:`relayer.lease.LeaseSettings`
     arguments, or null to deliver to every target), ``targets`` (``id``, ``base_url``, ``token``
-    each, and optionally ``policy``, a :class:`relayer.FailurePolicy` value, and ``replay``,
-    true to replay its dead letters), ``max_events``, ``backoff`` (:class:`relayer.BackoffPolicy`
+    each, and optionally ``policy``, a :class:`relayer.FailurePolicy` value, ``replay``,
+    true to replay its dead letters, ``format`` and ``secrets``, its wire format and the
+    secrets a webhook target signs with, and ``every``: the target takes only the events whose
+    ``n`` is a multiple of it), ``max_events``, ``backoff`` (:class:`relayer.BackoffPolicy`
     arguments), ``request_timeout``, ``first``, ``events`` and ``chunk`` (the events to submit,
     per target, and how many per target are submitted at once), ``run`` (the run's index),
     ``replay_after_chunks`` (when to replay: after that many chunks, or at once in a run that
