@@ -204,7 +204,7 @@ class DelaySchedule:
     Pair it with a :class:`relayer.GiveUp` rule to stop after the last one.
 
     Attributes:
-        delays: The delays, in seconds, each from 0 to 7 days.
+        delays: The delays, in seconds, each from 0 to 7 days (a retry waits at least 0.01 seconds).
         jitter: The fraction of each delay that is randomised, from 0 (the default) to below 1.
     """
 

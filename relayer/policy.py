@@ -99,7 +99,7 @@ class Decision:
 
     Attributes:
         action: What to do.
-        delay: For RETRY, the seconds until the next attempt (0 to 7 days).
+        delay: For RETRY, the seconds until the next attempt (0.01 seconds to 7 days).
         reason: For a give-up, why; it is stored as the dead letter's reason or the target's
             last error, and shown by status.
     """
@@ -142,7 +142,7 @@ class IRetryPolicy(Interface):
     once, without I/O. It must not keep state of its own between calls: what it needs is in the
     :class:`FailureInfo`, which the store restores after a restart. An exception, or an answer
     that is not a :class:`Decision`, is logged, and the attempt is retried after
-    :meth:`backoff_delay`; a RETRY's delay is kept within 0 to 7 days.
+    :meth:`backoff_delay`; a RETRY's delay is kept within 0.01 seconds and 7 days.
     """
 
     name = Attribute("A short name for logs, such as 'exponential'.")
@@ -392,8 +392,13 @@ def checked_decision(decision: Any) -> Decision | None:
             return None
         if not math.isfinite(delay):
             return None
-        return attrs.evolve(decision, delay=min(max(float(delay), 0.0), _MAX_SECONDS))
+        return attrs.evolve(decision, delay=min(max(float(delay), MIN_RETRY_DELAY), _MAX_SECONDS))
     return decision
+
+
+#: The shortest delay of a retry: a policy or a schedule that answers 0 (or a target that
+#: answers ``Retry-After: 0`` under a schedule that starts at 0) must not make a busy loop.
+MIN_RETRY_DELAY = 0.01
 
 
 __all__ = [

@@ -530,6 +530,8 @@ class Scheduler:
     def _wire_format(self, config: TargetConfig) -> IWireFormat:
         """The target's wire format, once it is checked that the target can use it."""
         wire = plugins.wire_format(config.format, self._formats)
+        # A plugin's format is checked here; the scheduler's own formats were at construction.
+        _check_max_events(f"the wire format {config.format!r}", wire)
         wire.check(config)
         if wire is not MATRIX and not IRequestTransport.providedBy(self._transport):
             raise ConfigurationError(
@@ -1469,13 +1471,16 @@ def _check_formats(formats: Any) -> dict[str, IWireFormat]:
                 f"formats[{name!r}] must provide relayer.formats.IWireFormat, "
                 f"not {type(wire).__name__}"
             )
-        most = wire.max_events
-        if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
-            raise ConfigurationError(
-                f"formats[{name!r}].max_events must be None or an int >= 1, not {most!r}"
-            )
+        _check_max_events(f"formats[{name!r}]", wire)
         checked[name] = wire
     return checked
+
+
+def _check_max_events(what: str, wire: IWireFormat) -> None:
+    """Refuse a wire format whose ``max_events`` is neither None nor an int >= 1."""
+    most = wire.max_events
+    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+        raise ConfigurationError(f"{what}.max_events must be None or an int >= 1, not {most!r}")
 
 
 def _check_seconds(name: str, value: Any, positive: bool = False) -> None:

@@ -482,3 +482,37 @@ async def test_invalid_response_or_reset_is_a_failure(protocol: type[Protocol]) 
     finally:
         await transport.close()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wire_format_whose_classify_fails_does_not_keep_the_connection() -> None:
+    from zope.interface import implementer
+
+    from relayer.formats import MATRIX, IWireFormat
+
+    @implementer(IWireFormat)
+    class Failing:
+        name = "failing"
+        max_events = None
+
+        def check(self, target: TargetConfig) -> None:
+            pass
+
+        def request(self, target: TargetConfig, txn: Any, now: float) -> Any:
+            return MATRIX.request(target, txn, now)
+
+        def classify(self, status: int, retry_after: str | None, now: float) -> SendOutcome:
+            raise RuntimeError("a bug in a plugin's format")
+
+    h = Harness(reactor_())
+    try:
+        t = h.target()
+        sending = h.transport.send_request(t, MATRIX.request_of(t, 1, b"{}"), Failing())
+        failure = await failure_of(sending.addTimeout(DEADLINE, h.reactor))
+        assert failure.check(RuntimeError)
+        # The response was read to its end: its connection is reused, not left open for ever.
+        outcome = await h.send(t, 2, b'{"events":[]}')
+        assert outcome.kind is OutcomeKind.DELIVERED
+        assert len({s.client_port for s in h.resource.seen}) == 1
+    finally:
+        await h.close()

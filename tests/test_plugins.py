@@ -207,3 +207,33 @@ def test_a_plugin_format_is_checked_against_its_target(installed: Path, db_path:
         h.scheduler.add_target(target("t", format="example-json", token=""))
     with pytest.raises(InvalidTarget, match="unknown wire format 'nowhere'; known: .*example-json"):
         h.scheduler.add_target(target("u", format="nowhere"))
+
+
+def test_a_plugin_format_whose_max_events_is_not_valid_is_refused(
+    db_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zope.interface import implementer
+
+    from relayer.errors import ConfigurationError
+    from relayer.formats import MATRIX, IWireFormat
+
+    @implementer(IWireFormat)
+    class NoEvents:
+        name = "no-events"
+        max_events = 0  # a plugin's bug: the scheduler's formats= refuses it too
+
+        def check(self, target: Any) -> None:
+            pass
+
+        def request(self, target: Any, txn: Any, now: float) -> Any:
+            return MATRIX.request(target, txn, now)
+
+        def classify(self, status: int, retry_after: Any, now: float) -> Any:
+            return MATRIX.classify(status, retry_after, now)
+
+    # As the entry point's object, once loaded.
+    monkeypatch.setitem(plugins._loaded, (plugins.FORMATS_GROUP, "no-events"), NoEvents())
+    h = build_scheduler(["other"], path=db_path)
+    with pytest.raises(ConfigurationError, match="max_events must be None or an int >= 1"):
+        h.scheduler.add_target(target("t", format="no-events"))
+    assert "t" not in h.scheduler.targets

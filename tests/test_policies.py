@@ -472,3 +472,21 @@ def test_a_target_down_before_an_upgrade_counts_its_failures_from_its_first_star
     assert statuses(h)["t"].down_since == 10_000.0
     step(h.clock, 100)
     assert statuses(h)["t"].state is TargetState.DISABLED
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(RetryPolicy(backoff=DelaySchedule((0,))), id="schedule-of-zero"),
+        pytest.param(Scripted(*[Decision.retry(0.0)] * 10_000), id="policy-answers-zero"),
+    ],
+)
+def test_a_retry_delay_of_zero_is_no_busy_loop(db_path: Any, policy: Any) -> None:
+    h = harness(db_path, policy)
+    h.transport["t"].fail_with(500)
+    h.scheduler.submit("t", {"n": 0})
+    # A busy loop runs timer after timer without the clock moving: step() raises.
+    step(h.clock, 0.5, max_timers=1000)
+    times = h.transport["t"].times
+    assert 1 < len(times) <= 51
+    assert times == sorted(set(times))  # never two attempts at the same instant

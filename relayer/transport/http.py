@@ -438,11 +438,7 @@ class HTTPTransport:
 
         status = response.code
         retry_after = response.headers.getRawHeaders(b"Retry-After")
-        outcome = wire_format.classify(
-            status,
-            retry_after[0].decode("latin-1") if retry_after else None,
-            self._reactor.seconds(),
-        )
+        answered_at = self._reactor.seconds()
         hidden = hidden_values(target)
         # The longest secret's length more than the snippet is kept, so that a secret the
         # snippet's end would cut in two is whole, and scrubbed.
@@ -456,6 +452,11 @@ class HTTPTransport:
             # and it decides the outcome. A cancellation from the caller goes on up.
             if not attempt.timed_out:
                 raise
+        # Classified once the body is read, so that a format that fails here (a plugin's) does
+        # not leave the response unread and its connection open.
+        outcome = wire_format.classify(
+            status, retry_after[0].decode("latin-1") if retry_after else None, answered_at
+        )
         self.log.debug(
             "{method} {url} -> {status} ({size} body bytes read)",
             method=method,
