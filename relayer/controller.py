@@ -146,6 +146,9 @@ class TargetRuntime:
         down_since: When the target's current run of failures began, or None.
         unheld: The target was BLOCKED or DISABLED, and woken: it shows DOWN, but a failure
             of its resend is its first failure since, and is observed as it going DOWN.
+        observed_down: Observers were told the target went DOWN (or was blocked or disabled),
+            or it was stored so, and have not been told it is UP again since: they are, once
+            the store holds it UP.
         wire: The target's wire format.
     """
 
@@ -169,6 +172,7 @@ class TargetRuntime:
     policy: IRetryPolicy = attrs.field(factory=RetryPolicy)
     down_since: float | None = None
     unheld: bool = False
+    observed_down: bool = False
     wire: IWireFormat = MATRIX
 
     @property
@@ -277,6 +281,7 @@ class TransactionController:
             policy=self._policy_for(config),
             down_since=record.down_since,
             wire=wire,
+            observed_down=record.state is not TargetState.UP,
         )
         if not_before is not None:
             t.not_before = not_before
@@ -782,9 +787,9 @@ class TransactionController:
             t.recoverer.cancel()
             t.recoverer = None
         if t.state is not TargetState.UP:
+            # UP here, since the target answered; the store holds it UP, and observers hear
+            # of it, once its backlog is delivered.
             t.down_since = None
-            if self._observers:
-                self._observers.target_up(t.config.target_id)
             self._set_state(t, TargetState.UP)
         t.awaiting = awaiting.txn_id
         if t.confirm_timer is not None and t.confirm_timer.active():
@@ -965,15 +970,18 @@ class TransactionController:
         if t.unrecorded is pending:
             t.unrecorded = None
         if self._observers:
-            self._observed(pending, target_id)
+            self._observed(pending, t)
         if self._stopping or t.removed or pending.held:
             return
         if t.recoverer is None:
             t.recoverer = self._recoverer(t, pending.failures)
         t.recoverer.schedule(pending.next_attempt_at)
 
-    def _observed(self, pending: _Unrecorded, target_id: str) -> None:
+    def _observed(self, pending: _Unrecorded, t: TargetRuntime) -> None:
         """Tell the observers of a stored failure's consequences."""
+        target_id = t.config.target_id
+        if pending.held or pending.went_down:
+            t.observed_down = True
         observers = self._observers
         if pending.state is TargetState.BLOCKED:
             observers.target_blocked(target_id, pending.txn_id, pending.reason)
@@ -990,11 +998,14 @@ class TransactionController:
             observers.failures_crossed(target_id, pending.failures, pending.failures)
 
     def _now_up(self, t: TargetRuntime) -> None:
+        # The claim that found nothing left stored the target UP.
         t.down_since = None
         if t.state is not TargetState.UP:
             self.log.info(
                 "{target_id} is UP: its backlog is delivered", target_id=t.config.target_id
             )
+        if t.observed_down:
+            t.observed_down = False
             if self._observers:
                 self._observers.target_up(t.config.target_id)
         self._set_state(t, TargetState.UP)

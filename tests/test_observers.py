@@ -320,3 +320,25 @@ def test_a_woken_held_target_whose_resend_fails_is_observed_going_down(
     # told last that it was blocked or disabled, should be told that it is DOWN now.
     assert status.state.name == "DOWN"
     assert recorder.kinds()[-2:] == ["failed", "target_down"]
+
+
+def test_a_down_target_whose_retry_is_accepted_is_up_once_it_is_stored_up(db_path: Any) -> None:
+    """Accepted, with the confirmation to come, the target is not yet UP in the store."""
+    recorder = Recorder(db_path)
+    h = build_scheduler(
+        [target("t", backoff=BackoffPolicy.constant(10.0), max_events=1)],
+        path=db_path,
+        options={"observers": [recorder], "failure_thresholds": ()},
+    )
+    h.transport["t"].fail_with(500)
+    h.scheduler.submit("t", {"n": 0})
+    step(h.clock, 1)
+    h.transport["t"].up()
+    h.transport["t"].never_confirm()
+    step(h.clock, 10)
+    assert "target_up" not in recorder.kinds()
+    assert [r.txn_id for r in h.transport["t"].received] == [1]
+    h.transport["t"].confirm()
+    step(h.clock, 1)
+    assert recorder.kinds().count("target_up") == 1
+    assert recorder.stored_state[-1] == ("t", "up")
