@@ -14,18 +14,22 @@ Schedulers upgrade the schema themselves when they start; the command lets an op
 ahead of a deployment, for example before starting several processes at once.
 
 The module also holds what every command that works on a database shares: the ``--database``
-option with its environment variable, engines, URLs shown without their password, and stores
-opened for a command that blocks (:func:`open_store`).
+option with its environment variable, engines, URLs shown without their password, the checks
+made before a command uses a database that schedulers use (:func:`inspect`,
+:func:`problem_of`), and stores opened for a command that blocks (:func:`open_store`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
+from urllib.parse import quote
 
+import attrs
 import sqlalchemy as sa
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
@@ -182,6 +186,132 @@ def safe_url(database: str) -> str:
         return sa.make_url(database).render_as_string(hide_password=True)
     except Exception:
         return "<database URL>"
+
+
+def read_only_engine(database: str) -> sa.Engine:
+    """An engine that only reads: a SQLite file is opened read-only, so never created."""
+    if is_postgres(database):
+        return engine_for(database)
+    uri = f"file:{quote(os.path.abspath(sqlite_path(database)))}?mode=ro"
+    return sa.create_engine(
+        "sqlite://",
+        creator=lambda: sqlite3.connect(uri, uri=True, timeout=10.0),
+        poolclass=sa.pool.NullPool,
+    )
+
+
+#: How many target ids a message lists, at most.
+SOME_TARGETS = 10
+
+
+@attrs.frozen
+class Inspection:
+    """
+    What a command reads of a database before it opens a store on it.
+
+    Attributes:
+        version: The schema version (0 for a database without relayer's tables).
+        known: Of the targets asked about, those the database knows.
+        some_targets: The first target ids (at most :data:`SOME_TARGETS`), for messages.
+        n_targets: How many targets the database knows.
+    """
+
+    version: int
+    known: frozenset[str] = frozenset()
+    some_targets: tuple[str, ...] = ()
+    n_targets: int = 0
+
+    def targets_text(self) -> str:
+        """The database's targets, for a message: ``a, b, c and 12 more``, or ``none``."""
+        if not self.n_targets:
+            return "none"
+        more = self.n_targets - len(self.some_targets)
+        return ", ".join(self.some_targets) + (f" and {more} more" if more > 0 else "")
+
+
+def inspect(database: str, target_ids: Iterable[str] = ()) -> Inspection:
+    """
+    Read the schema version of ``database`` and which of ``target_ids`` it knows; change
+    nothing. A SQLite file is opened read-only (see :func:`problem_of` for a missing one).
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: The database cannot be read.
+        RelayerError: ``database`` is a URL of a kind relayer does not support.
+    """
+    asked = sorted(set(target_ids))
+    engine = read_only_engine(database)
+    try:
+        with engine.connect() as conn:
+            version = schema.read_version(conn)
+            if version != schema.SCHEMA_VERSION:
+                return Inspection(version)
+            t = schema.targets.c
+            known: set[str] = set()
+            for i in range(0, len(asked), 500):
+                known.update(
+                    conn.execute(
+                        sa.select(t.target_id).where(t.target_id.in_(asked[i : i + 500]))
+                    ).scalars()
+                )
+            some = tuple(
+                conn.execute(
+                    sa.select(t.target_id).order_by(t.target_id).limit(SOME_TARGETS)
+                ).scalars()
+            )
+            n = int(
+                conn.execute(sa.select(sa.func.count()).select_from(schema.targets)).scalar_one()
+            )
+            return Inspection(version, frozenset(known), some, n)
+    finally:
+        engine.dispose()
+
+
+def schema_problem(version: int, command: str) -> str | None:
+    """
+    Why ``relayer COMMAND`` cannot use a database of this schema version, or None if it can:
+    a command beside running schedulers neither creates relayer's tables nor upgrades them.
+    """
+    if version == schema.SCHEMA_VERSION:
+        return None
+    if version == 0:
+        return (
+            "holds no relayer tables (schema version 0): is it the database that the "
+            "schedulers use?"
+        )
+    if version < schema.SCHEMA_VERSION:
+        return (
+            f"has relayer schema version {version}, older than this relayer's "
+            f"{schema.SCHEMA_VERSION}: run `relayer db upgrade` first ({command} never upgrades; "
+            "nothing was changed)"
+        )
+    return (
+        f"has relayer schema version {version}, but this relayer only knows versions up to "
+        f"{schema.SCHEMA_VERSION}: use a newer relayer (nothing was changed)"
+    )
+
+
+def problem_of(
+    database: str, command: str, target_ids: Iterable[str] = ()
+) -> tuple[str | None, Inspection | None]:
+    """
+    Check a database before ``relayer COMMAND`` uses it: a SQLite file must exist, and the
+    schema must be this relayer's.
+
+    Returns:
+        ``(problem, None)``, the problem a one-line message says (without the database's URL),
+        or ``(None, inspection)``.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: The database cannot be read.
+        RelayerError: ``database`` is a URL of a kind relayer does not support.
+    """
+    if not is_postgres(database) and not os.path.isfile(sqlite_path(database)):
+        return f"no such file ({command} never creates a database)", None
+    found = inspect(database, target_ids)
+    problem = schema_problem(found.version, command)
+    if problem is not None:
+        return problem, None
+    return None, found
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import sqlite3
 import sys
 import time
-from urllib.parse import quote
 
 import attrs
 import sqlalchemy as sa
@@ -41,7 +38,7 @@ import sqlalchemy as sa
 from relayer import dbcli
 from relayer.config import MAX_RETENTION, Retention
 from relayer.errors import ConfigurationError, RelayerError, SchemaVersionError
-from relayer.store import PurgeReport, RetentionRule, schema
+from relayer.store import PurgeReport, RetentionRule
 
 #: The exit statuses.
 EXIT_OK = 0
@@ -200,58 +197,6 @@ def _fail(message: str, status: int = EXIT_FAILED) -> int:
     return status
 
 
-@attrs.frozen
-class _Found:
-    """What the command reads of a database before it opens a store on it."""
-
-    version: int
-    targets: frozenset[str]
-
-
-def _read_only_engine(database: str) -> sa.Engine:
-    """An engine that only reads: a SQLite file is opened read-only, so never created."""
-    if dbcli.is_postgres(database):
-        return dbcli.engine_for(database)
-    uri = f"file:{quote(os.path.abspath(dbcli.sqlite_path(database)))}?mode=ro"
-    return sa.create_engine(
-        "sqlite://",
-        creator=lambda: sqlite3.connect(uri, uri=True, timeout=10.0),
-        poolclass=sa.pool.NullPool,
-    )
-
-
-def _inspect(database: str) -> _Found:
-    """Read the schema version and the targets; change nothing."""
-    engine = _read_only_engine(database)
-    try:
-        with engine.connect() as conn:
-            version = schema.read_version(conn)
-            if version != schema.SCHEMA_VERSION:
-                return _Found(version, frozenset())
-            targets = frozenset(conn.execute(sa.select(schema.targets.c.target_id)).scalars())
-            return _Found(version, targets)
-    finally:
-        engine.dispose()
-
-
-def _version_problem(version: int) -> str | None:
-    """Why a database of this schema version cannot be purged, or None if it can."""
-    if version == schema.SCHEMA_VERSION:
-        return None
-    if version == 0:
-        return "holds no relayer tables (schema version 0): nothing to purge"
-    if version < schema.SCHEMA_VERSION:
-        return (
-            f"has relayer schema version {version}, older than this relayer's "
-            f"{schema.SCHEMA_VERSION}: run `relayer db upgrade` first (purge never upgrades; "
-            "nothing was changed)"
-        )
-    return (
-        f"has relayer schema version {version}, but this relayer only knows versions up to "
-        f"{schema.SCHEMA_VERSION}: use a newer relayer (nothing was changed)"
-    )
-
-
 def _policy(rule: RetentionRule) -> str:
     own = ", ".join(f"{t} {format_duration(k)}" for t, k in sorted(rule.per_target.items()))
     return f"keep {format_duration(rule.default)}" + (f" ({own})" if own else "")
@@ -320,19 +265,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     where = dbcli.safe_url(database)
     try:
-        if not dbcli.is_postgres(database):
-            path = dbcli.sqlite_path(database)
-            if not os.path.isfile(path):
-                return _fail(f"{where}: no such file (purge never creates a database)")
-        found = _inspect(database)
-        problem = _version_problem(found.version)
-        if problem is not None:
-            return _fail(f"{where} {problem}")
-        unknown = sorted(set(per_target) - found.targets)
+        problem, found = dbcli.problem_of(database, "purge", per_target)
+        if found is None:
+            return _fail(f"{where}: {problem}")
+        unknown = sorted(set(per_target) - found.known)
         if unknown:
             return _fail(
                 f"--target-keep names {_plural(len(unknown), 'target')} that {where} does not "
-                f"know: {', '.join(unknown)} (its targets: {_some(found.targets)})",
+                f"know: {', '.join(unknown)} (its targets: {found.targets_text()})",
                 EXIT_USAGE,
             )
         return _purge(args, database, where, rule)
@@ -342,14 +282,6 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"cannot use {where}: {dbcli.error_message(e)}")
     except RelayerError as e:
         return _fail(f"{where}: {e}")
-
-
-def _some(targets: frozenset[str], limit: int = 10) -> str:
-    if not targets:
-        return "none"
-    shown = sorted(targets)[:limit]
-    more = len(targets) - len(shown)
-    return ", ".join(shown) + (f" and {more} more" if more else "")
 
 
 def _purge(args: argparse.Namespace, database: str, where: str, rule: RetentionRule) -> int:
