@@ -436,7 +436,7 @@ class AdminResource(Resource):
             self.log.failure(
                 "The admin API failed on {method} {path}",
                 method=request.method.decode("ascii", "replace"),
-                path=request.path.decode("ascii", "replace")[:200],
+                path=b"/".join(request.postpath or []).decode("utf-8", "replace")[:200],
             )
             return _json({"error": "internal_error", "message": "see the server's log"}, 500)
 
