@@ -291,6 +291,29 @@ def _txn_id(text: str) -> int:
     return int(text)
 
 
+def check_token(token: Any) -> None:
+    """
+    Refuse a token that :class:`AdminResource` would not accept.
+
+    Raises:
+        ConfigurationError: The token is not a str, is shorter than :data:`MIN_TOKEN_LENGTH`
+            characters, or holds something other than printable ASCII without spaces. The
+            message never shows the token.
+    """
+    if not isinstance(token, str):
+        raise ConfigurationError(f"token must be a str, not {type(token).__name__}")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigurationError(
+            f"token must be at least {MIN_TOKEN_LENGTH} characters long, not {len(token)}; "
+            "make one with secrets.token_urlsafe(32)"
+        )
+    if not _TOKEN_CHARS.fullmatch(token):
+        raise ConfigurationError(
+            "token must be printable ASCII without spaces; "
+            "make one with secrets.token_urlsafe(32)"
+        )
+
+
 _Handler = Callable[[Request, _Query, list[str]], Awaitable[_Answer]]
 
 
@@ -345,18 +368,7 @@ class AdminResource(Resource):
         self, scheduler: Scheduler, token: str, *, metrics: IMetricsExposition | None = None
     ) -> None:
         super().__init__()
-        if not isinstance(token, str):
-            raise ConfigurationError(f"token must be a str, not {type(token).__name__}")
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise ConfigurationError(
-                f"token must be at least {MIN_TOKEN_LENGTH} characters long, not {len(token)}; "
-                "make one with secrets.token_urlsafe(32)"
-            )
-        if not _TOKEN_CHARS.fullmatch(token):
-            raise ConfigurationError(
-                "token must be printable ASCII without spaces; "
-                "make one with secrets.token_urlsafe(32)"
-            )
+        check_token(token)
         if metrics is not None and not callable(getattr(metrics, "exposition", None)):
             raise ConfigurationError(
                 "metrics must have an exposition(accept) method, such as "
@@ -659,4 +671,4 @@ class AdminResource(Resource):
         return _Answer(bytes(body), str(content_type))
 
 
-__all__ = ["MIN_TOKEN_LENGTH", "AdminResource", "IMetricsExposition"]
+__all__ = ["MIN_TOKEN_LENGTH", "AdminResource", "IMetricsExposition", "check_token"]

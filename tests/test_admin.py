@@ -9,6 +9,9 @@ HTTP on a scheduler running in another process (``tests/live_node.py --admin-por
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +21,20 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from _live import PATIENCE, LiveNode, LiveNodes, Receivers, wait_for
+from _live import (
+    PATIENCE,
+    ROOT,
+    LiveNode,
+    LiveNodes,
+    Receivers,
+    child_env,
+    wait_for,
+    wait_until,
+)
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
@@ -799,3 +812,97 @@ def test_a_target_config_is_never_shown(harness: Any, admin: AdminResource) -> N
         assert "secretive" in body
         assert "very-secret-target-token" not in body
         assert config.base_url not in body
+
+
+# -- relayer demo --admin ----------------------------------------------------------------------
+
+
+class _Demo(ProcessProtocol):
+    """Collects ``relayer demo``'s output lines; fires ``ended`` with its exit status."""
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: Deferred[int | None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+    def text(self) -> str:
+        return self.out.decode("utf-8", "replace")
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_the_demo_serves_the_admin_page_until_interrupted() -> None:
+    token = "demo-admin-token-0123456789"
+    demo = _Demo()
+    process = reactor.spawnProcess(
+        demo,
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "relayer",
+            "demo",
+            "--events",
+            "50",
+            "--outage",
+            "1",
+            "--admin",
+            "0",
+        ],
+        env=child_env(RELAYER_ADMIN_TOKEN=token),
+        path=str(ROOT),
+    )
+    try:
+        await wait_until(reactor, "the summary", lambda: "keep running" in demo.text())
+        out = demo.text()
+        found = re.search(r"admin: (http://127\.0\.0\.1:(\d+)/)#token=(\S+)$", out, re.MULTILINE)
+        assert found is not None, out
+        assert found.group(3) == token
+        assert out.count(token) == 1
+        assert "VERIFIED" in out
+        base = found.group(1)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        headers = {"Authorization": f"Bearer {token}"}
+        response = await treq.get(base + "api/targets", headers=headers, pool=pool)
+        assert response.code == 200
+        targets = (await response.json())["targets"]
+        assert [(t["target_id"], t["state"], t["pending_events"]) for t in targets] == [
+            ("flaky", "up", 0),
+            ("healthy", "up", 0),
+            ("outage", "up", 0),
+        ]
+        response = await treq.get(base + "api/events/demo-fan-out", headers=headers, pool=pool)
+        deliveries = (await response.json())["event"]["deliveries"]
+        assert deliveries["outage"]["state"] == "expired"
+        response = await treq.get(base, pool=pool)
+        assert response.code == 200
+        assert b'id="targets"' in await response.content()
+        process.signalProcess("INT")
+        assert await demo.ended == 0, demo.err.decode()
+    finally:
+        if not demo.ended.called:
+            process.signalProcess("KILL")
+
+
+def test_the_demo_refuses_a_short_admin_token() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "relayer", "demo", "--events", "1", "--admin", "0"],
+        capture_output=True,
+        text=True,
+        env=child_env(RELAYER_ADMIN_TOKEN="shorty"),
+        cwd=ROOT,
+        timeout=PATIENCE,
+    )
+    assert done.returncode == 1
+    assert "RELAYER_ADMIN_TOKEN" in done.stderr
+    assert "at least 16 characters" in done.stderr
+    assert "shorty" not in done.stderr + done.stdout
