@@ -568,7 +568,7 @@ class AdminResource(Resource):
         txn = query.text("txn")
         if txn:
             txn_id = _txn_id(txn)
-            replayed = await self._scheduler.replay(target_id, txn_id)  # type: ignore[call-arg]
+            replayed = await self._scheduler.replay(target_id, txn_id)
             if not replayed:
                 raise _HTTPError(
                     404,
@@ -653,8 +653,7 @@ class AdminResource(Resource):
             raise _HTTPError(
                 400, "bad_parameter", f"a command id is a whole number >= 1, not {text!r}"
             )
-        look_up = getattr(self._scheduler, "command", None)
-        command = await look_up(int(text)) if look_up is not None else None
+        command = await self._scheduler.command(int(text))
         if command is None:
             raise _HTTPError(404, "unknown_command", f"the store holds no command {text}")
         return _json({"command": _plain(command)})

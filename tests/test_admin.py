@@ -636,12 +636,16 @@ class Client:
 
 
 async def start_admin_node(
-    nodes: LiveNodes, db_path: Path | str, receivers: Receivers, **options: Any
+    nodes: LiveNodes,
+    db_path: Path | str,
+    receivers: Receivers,
+    options_more: list[str] | None = None,
+    **options: Any,
 ) -> tuple[LiveNode, Client]:
     node = await nodes.start(
         db_path,
         receivers,
-        options=["--admin-port", "0", "--admin-token", TOKEN],
+        options=["--admin-port", "0", "--admin-token", TOKEN, *(options_more or [])],
         **options,
     )
     assert isinstance(node.ready["admin_port"], int)
@@ -720,17 +724,25 @@ async def test_live_dead_letters_discard_and_replay(db_path: Path | str, nodes: 
         ]
 
         receivers["a"].healthy()
+        last = rest["dead_letters"][0]["txn_id"]
+        one = await api.post(f"/api/targets/a/replay?txn={last}")
+        assert one == {"target_id": "a", "txn_id": last, "replayed": 1}
+        await receivers["a"].wait_for_events(1)
+        assert receivers["a"].events == [{"target": "a", "n": 2}]
+        again = await api.post(f"/api/targets/a/replay?txn={last}", expect=404)
+        assert again["error"] == "unknown_transaction"
         replayed = await api.post("/api/targets/a/replay")
-        assert replayed == {"target_id": "a", "txn_id": None, "replayed": 2}
+        assert replayed == {"target_id": "a", "txn_id": None, "replayed": 1}
         await receivers["a"].wait_for_events(2)
-        assert receivers["a"].events == [{"target": "a", "n": 1}, {"target": "a", "n": 2}]
+        assert receivers["a"].events == [{"target": "a", "n": 2}, {"target": "a", "n": 1}]
         delivered = await wait_for(
             reactor,
             "the replayed events delivered",
             lambda: Deferred.fromCoroutine(api.get("/api/targets/a/events?state=delivered")),
             lambda page: len(page["events"]) == 2,
         )
-        assert [e["event_id"] for e in delivered["events"]] == ["a-1", "a-2"]
+        assert [e["event_id"] for e in delivered["events"]] == ["a-2", "a-1"]
+        assert (await api.post("/api/targets/nope/replay", expect=404))["error"] == "unknown_target"
         assert (await api.get("/api/targets/a/dead-letters"))["dead_letters"] == []
         assert await node.stop() == 0
     finally:
@@ -766,7 +778,51 @@ async def test_live_events_and_event_status(db_path: Path | str, nodes: LiveNode
         assert rest["next"] is None
         assert (await api.get("/api/targets/zz/events", expect=404))["error"] == "unknown_target"
         assert (await api.get("/api/commands/1", expect=404))["error"] == "unknown_command"
+        assert (await api.get("/api/commands/x", expect=400))["error"] == "bad_parameter"
         assert await node.stop() == 0
+    finally:
+        await receivers.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_a_wake_for_a_target_another_process_delivers_to_is_a_command(
+    db_path: Path | str, nodes: LiveNodes
+) -> None:
+    receivers = Receivers.listen(reactor, ["a"], order_key="n")
+    try:
+        receivers["a"].fail_with(503)
+        owner = await nodes.start(
+            db_path, receivers, backoff=(60.0, 120.0), options=["--leases", "owner"]
+        )
+        await owner.submit("a", 2)
+        # The other process shares the database, and serves the admin API; "a" is the
+        # owner's.
+        other, api = await start_admin_node(
+            nodes, db_path, receivers, backoff=(60.0, 120.0), options_more=["--leases", "other"]
+        )
+        await api.until("a DOWN", "a", lambda t: t["state"] == "down")
+        receivers["a"].healthy()
+        code, woken = await api.call("POST", "/api/targets/a/wake", expect=202)
+        assert woken["woken"] is False
+        command_id = woken["command_id"]
+        assert isinstance(command_id, int)
+        await receivers["a"].wait_for_events(2)
+        assert receivers["a"].events == [{"target": "a", "n": k} for k in range(2)]
+        done = await wait_for(
+            reactor,
+            "the command applied",
+            lambda: Deferred.fromCoroutine(api.get(f"/api/commands/{command_id}")),
+            lambda d: d["command"]["done_at"] is not None,
+        )
+        command = done["command"]
+        assert command["command_id"] == command_id
+        assert command["target_id"] == "a"
+        assert command["action"] == "wake"
+        assert command["done_by"] == "owner"
+        assert command["result"] == "woken"
+        assert command["created_at"] <= command["done_at"]
+        assert await other.stop() == 0
+        assert await owner.stop() == 0
     finally:
         await receivers.stop()
 
