@@ -8,6 +8,7 @@ HTTP on a scheduler running in another process (``tests/live_node.py --admin-por
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -823,6 +824,53 @@ async def test_live_a_wake_for_a_target_another_process_delivers_to_is_a_command
         assert command["created_at"] <= command["done_at"]
         assert await other.stop() == 0
         assert await owner.stop() == 0
+    finally:
+        await receivers.stop()
+
+
+def _require_metrics() -> None:
+    pytest.importorskip("prometheus_client")
+    if importlib.util.find_spec("relayer.metrics") is None:
+        pytest.skip("relayer.metrics is not part of this checkout")
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_metrics(db_path: Path | str, nodes: LiveNodes) -> None:
+    _require_metrics()
+    receivers = Receivers.listen(reactor, ["a", "b"], order_key="n")
+    try:
+        receivers["b"].fail_with(503)
+        node, api = await start_admin_node(
+            nodes, db_path, receivers, backoff=(60.0, 120.0), options_more=["--admin-metrics"]
+        )
+        await node.submit("a", 3)
+        await node.submit("b", 2)
+        await receivers["a"].wait_for_events(3)
+        assert (await api.call("GET", "/metrics", token=None, expect=401))[0] == 401
+
+        def scrape() -> Deferred[Any]:
+            return Deferred.fromCoroutine(api.call("GET", "/metrics"))
+
+        code, body = await wait_for(
+            reactor,
+            "b's backlog in the metrics",
+            scrape,
+            lambda answer: b'relayer_backlog_events{target="b"} 2.0' in answer[1],
+        )
+        text = body.decode()
+        assert 'relayer_attempts_total{outcome="delivered",target="a"}' in text
+        assert 'relayer_backlog_events{target="a"} 0.0' in text
+        assert 'relayer_target_state{target="b"} 1.0' in text
+        response = await treq.get(
+            api.base + "/metrics",
+            headers={"Authorization": f"Bearer {TOKEN}", "Accept": "application/openmetrics-text"},
+            pool=api.pool,
+        )
+        assert response.code == 200
+        content_type = response.headers.getRawHeaders("content-type")[0]
+        assert content_type.startswith("application/openmetrics-text")
+        assert (await response.content()).endswith(b"# EOF\n")
+        assert await node.stop() == 0
     finally:
         await receivers.stop()
 
