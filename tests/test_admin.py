@@ -1010,3 +1010,30 @@ def test_the_demo_refuses_a_short_admin_token() -> None:
     assert "RELAYER_ADMIN_TOKEN" in done.stderr
     assert "at least 16 characters" in done.stderr
     assert "shorty" not in done.stderr + done.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_operations_guide_example_serves_the_admin_resource(
+    db_path: Path | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    section = guide.split("## Admin API and status page", 1)[1].split("\n## ", 1)[0]
+    (source,) = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "serve_admin" in b]
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<operations.md>", "exec"), namespace)
+    monkeypatch.setenv("RELAYER_ADMIN_TOKEN", TOKEN)
+    h = build_scheduler(["bridge"], path=db_path, clock=reactor)  # type: ignore[arg-type]
+    port = namespace["serve_admin"](reactor, h.scheduler, port=0)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        base = f"http://127.0.0.1:{port.getHost().port}/relayer/"
+        response = await treq.get(base, pool=pool)
+        assert response.code == 200
+        assert b'id="targets"' in await response.content()
+        response = await treq.get(
+            base + "api/targets", headers={"Authorization": f"Bearer {TOKEN}"}, pool=pool
+        )
+        assert [t["target_id"] for t in (await response.json())["targets"]] == ["bridge"]
+    finally:
+        await port.stopListening()
+        await h.scheduler.stop()
