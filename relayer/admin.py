@@ -83,6 +83,9 @@ _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 # relayer.config): used to find the id just before a given one.
 _MAX_CHAR = "\U0010ffff"
 _MAX_TARGET_ID = 255
+# How many targets after it one target's lookup reads, when the store's order is not that of
+# the code points.
+_LOOKUP_PAGE = 100
 
 
 class IMetricsExposition(Protocol):
@@ -374,6 +377,8 @@ class AdminResource(Resource):
                 "metrics must have an exposition(accept) method, such as "
                 "relayer.metrics.PrometheusMetrics"
             )
+        # The page is read once, here, rather than on the reactor at its first request.
+        _the_page()
         self._scheduler = scheduler
         self._expected = b"Bearer " + token.encode("ascii")
         self._metrics = metrics
@@ -519,9 +524,16 @@ class AdminResource(Resource):
 
     async def _lookup(self, target_id: str) -> TargetStatus | None:
         """One target's status, or None if the scheduler neither has it nor has data for it."""
-        page = await self._scheduler.status(after=_predecessor(target_id), limit=1)
+        after = _predecessor(target_id)
+        page = await self._scheduler.status(after=after, limit=1)
         if page and page[0].target_id == target_id:
             return page[0]
+        if page and page[0].target_id < target_id:
+            # The store sorts ids otherwise than by code point (a PostgreSQL database of
+            # another collation than C): look a little further.
+            for status in await self._scheduler.status(after=after, limit=_LOOKUP_PAGE):
+                if status.target_id == target_id:
+                    return status
         return None
 
     async def _known(self, target_id: str) -> None:
