@@ -65,6 +65,24 @@ SNIPPET_BYTES = 200
 DEFAULT_PERSISTENT_PER_HOST = 100
 
 
+class _QuietClientFactory(webclient._HTTP11ClientFactory):
+    """Twisted's HTTP/1.1 client factory, which does not log each connection it starts and stops."""
+
+    noisy = False
+
+
+class _QuietConnectionPool(webclient.HTTPConnectionPool):
+    """
+    A persistent connection pool, as Twisted's, whose connections are made quietly.
+
+    Twisted's pool makes a factory per new connection, which logs ``Starting factory`` and
+    ``Stopping factory`` at INFO: with many targets, or one retried while it is DOWN, those
+    lines would flood the log. Nothing else differs.
+    """
+
+    _factory = _QuietClientFactory
+
+
 class IHTTPReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
     """
     What :class:`HTTPTransport` needs of a reactor.
@@ -319,7 +337,7 @@ class HTTPTransport:
         self._reactor = reactor
         self._pool: webclient.HTTPConnectionPool | None = None
         if client is None:
-            self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+            self._pool = _QuietConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = max_persistent_per_host
             client = HTTPClient(webclient.Agent(reactor, pool=self._pool))
         self._client = client
