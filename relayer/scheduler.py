@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayer import _encoding, plugins
+from relayer import _logevents as ev
 from relayer.config import Retention, TargetConfig, _check_target_id
 from relayer.controller import (
     DEFAULT_RECOVERY_SPREAD,
@@ -302,7 +303,12 @@ class Scheduler:
         self._retention_runs: Reconciler | None = None
         if retention is not None and retention.interval is not None:
             self._retention_runs = Reconciler(
-                clock, retention.interval, stagger.random, self._retention_run, "A retention run"
+                clock,
+                retention.interval,
+                stagger.random,
+                self._retention_run,
+                "A retention run",
+                ev.RETENTION_FAILED,
             )
         #: Retries of registrations and takeovers that failed on the store.
         self._retries: set[IDelayedCall] = set()
@@ -402,6 +408,7 @@ class Scheduler:
             delay = min(LOOP_RETRY_INITIAL * 2 ** min(attempt, 16), LOOP_RETRY_MAX)
             self.log.warn(
                 "{what} failed ({error}); retrying in {delay:.1f}s",
+                relayer_event=ev.SCHEDULER_RETRYING,
                 what=what,
                 error=failure.getErrorMessage(),
                 delay=delay,
@@ -460,8 +467,9 @@ class Scheduler:
                 stranded = sorted(t for t in pending if t in still_idle)
                 if stranded:
                     self.log.info(
-                        "A sweep found pending work for {n} idle targets; delivering it",
-                        n=len(stranded),
+                        "A sweep found pending work for {targets} idle targets; delivering it",
+                        relayer_event=ev.SWEEP_STRANDED,
+                        targets=len(stranded),
                     )
                     self._controller.notify(stranded)
         self._controller.revive_stalled()
@@ -479,7 +487,9 @@ class Scheduler:
         def done(result: object) -> None:
             self._command_run = None
             if isinstance(result, Failure):
-                self.log.failure("Applying operators' commands failed", result)
+                self.log.failure(
+                    "Applying operators' commands failed", result, relayer_event=ev.COMMAND_FAILED
+                )
             if self._commands_again:
                 self._commands_again = False
                 self._commands_announced()
@@ -514,10 +524,11 @@ class Scheduler:
                     command.command_id, self._clock.seconds(), self.node_id or "local", result
                 )
                 self.log.info(
-                    "Applied command {command_id} ({action}) for target {target_id}: {result}",
-                    command_id=command.command_id,
+                    "Applied command {command} ({action}) for target {target}: {result}",
+                    relayer_event=ev.COMMAND_APPLIED,
+                    command=command.command_id,
                     action=command.action,
-                    target_id=target_id,
+                    target=target_id,
                     result=result,
                 )
             if len(page) < _COMMAND_PAGE:
@@ -627,9 +638,10 @@ class Scheduler:
         for target_id, record in records.items():
             if record.has_pending and target_id not in self._configs:
                 self.log.warn(
-                    "The store holds undelivered events for target {target_id}, which is not "
+                    "The store holds undelivered events for target {target}, which is not "
                     "registered; they wait until it is",
-                    target_id=target_id,
+                    relayer_event=ev.TARGET_UNREGISTERED,
+                    target=target_id,
                 )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -678,7 +690,11 @@ class Scheduler:
             self._reconciler.start()
             if self._retention_runs is not None:
                 self._retention_runs.start()
-            self.log.info("relayer scheduler started with {n} targets", n=len(self._configs))
+            self.log.info(
+                "relayer scheduler started with {targets} targets",
+                relayer_event=ev.SCHEDULER_STARTED,
+                targets=len(self._configs),
+            )
 
         def started(result: object) -> object:
             # A stop() called while starting goes on from here.
@@ -704,7 +720,10 @@ class Scheduler:
                     await self._leases.stop()
                 except Exception:
                     # The leases expire by themselves.
-                    self.log.failure("Releasing the leases after a failed start failed")
+                    self.log.failure(
+                        "Releasing the leases after a failed start failed",
+                        relayer_event=ev.LEASE_RELEASE_FAILED,
+                    )
         finally:
             await self._store.close()
 
@@ -765,7 +784,7 @@ class Scheduler:
                 await self._leases.stop()
             await self._store.close()
             self._lifecycle = _Lifecycle.STOPPED
-            self.log.info("relayer scheduler stopped")
+            self.log.info("relayer scheduler stopped", relayer_event=ev.SCHEDULER_STOPPED)
 
         return Deferred.fromCoroutine(stop())
 
@@ -1531,11 +1550,12 @@ class Scheduler:
             report = await self._purge(dry_run=False)
             if report.events or report.transactions:
                 self.log.info(
-                    "Retention {did} {events} events and {txns} transaction records in "
-                    "{chunks} chunks; {kept} old events kept, not final yet",
-                    did="archived" if report.archived else "purged",
+                    "Retention {action} {events} events and {transactions} transaction records "
+                    "in {chunks} chunks; {kept} old events kept, not final yet",
+                    relayer_event=ev.RETENTION_DONE,
+                    action="archived" if report.archived else "purged",
                     events=report.events,
-                    txns=report.transactions,
+                    transactions=report.transactions,
                     chunks=report.chunks,
                     kept=report.not_final,
                 )

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
+from relayer import _logevents as ev
 from relayer.config import BackoffPolicy
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import ConfigurationError, DatabaseInUse, StoreUnavailable
@@ -357,7 +358,9 @@ class _Listener:
                         conn.execute(f'LISTEN "{self._commands[0]}"')
                     if failures:
                         self.log.info(
-                            "Listening for new events again at {where}", where=self._where
+                            "Listening for new events again at {server}",
+                            relayer_event=ev.LISTEN_RESTORED,
+                            server=self._where,
                         )
                         # Notifications may have been missed while reconnecting.
                         self._deliver(None)
@@ -377,9 +380,10 @@ class _Listener:
                 failures += 1
                 delay = self._backoff.delay(failures, random.random)
                 self.log.warn(
-                    "Listening for new events at {where} failed ({error}); retrying in "
+                    "Listening for new events at {server} failed ({error}); retrying in "
                     "{delay:.1f}s",
-                    where=self._where,
+                    relayer_event=ev.LISTEN_FAILED,
+                    server=self._where,
                     error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
                     delay=delay,
                 )

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 # relayer.formats imports relayer.transport.base, and so this package: it is imported as a
 # module, whose names are looked up when they are used.
+from relayer import _logevents as ev
 from relayer import formats as _formats
 from relayer._scrub import REDACTED, hidden_values, scrub_target, without_token_start
 from relayer.config import TargetConfig
@@ -477,8 +478,11 @@ class HTTPTransport:
         )
         self.log.debug(
             "{method} {url} -> {status} ({size} body bytes read)",
+            relayer_event=ev.HTTP_RESPONSE,
+            target=target.target_id,
             method=method,
-            url=url,
+            # A plugin format's query string may hold a secret: it is never logged.
+            url=scrub_target(url.split("?", 1)[0].split("#", 1)[0], target, 2000),
             status=status,
             size=read.size if read is not None else 0,
         )
