@@ -1,7 +1,7 @@
 """
 Prometheus metrics for a scheduler: the optional extra ``metrics``.
 
-Install it with ``pip install relayer[metrics]`` (it adds ``prometheus_client``). Then::
+Install it with ``pip install 'relayer[metrics]'`` (it adds ``prometheus_client``). Then::
 
     from relayer.metrics import PrometheusMetrics
 
@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 #: The label value that the targets beyond ``max_labelled_targets`` are counted under.
 OTHER_TARGET = "_other"
 
-#: The ``outcome`` label values of ``relayer_attempts_total``: ``delivered``, then each
+#: The ``outcome`` label values of ``relayer_attempts_total``, ``delivered`` and then each
 #: :class:`relayer.FailureClass` value.
 OUTCOMES: tuple[str, ...] = ("delivered", *(c.value for c in FailureClass))
 
@@ -85,7 +85,7 @@ STATE_CODES: dict[TargetState, int] = {
     TargetState.DISABLED: 3,
 }
 
-#: The default upper bounds of the latency histogram's buckets, in seconds: from a quick
+#: The default upper bounds of the latency histogram's buckets, in seconds, from a quick
 #: delivery to an outage of an hour (``+Inf`` is added).
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.01,
@@ -358,8 +358,8 @@ class PrometheusMetrics(DeliveryObserver):
     ) -> None:
         t = self._changed(target_id)
         t.failures = failures
-        if t.down_since is None:
-            t.down_since = self.clock.seconds()
+        # A run of failures begins when the target is told DOWN or DISABLED (target_down,
+        # target_disabled), as the scheduler records it; a target BLOCKED at once has none.
         t.series.attempts[FailureClass(failure).value] += 1
 
     def dead_lettered(self, target_id: str, txn_id: int, n_events: int, reason: str) -> None:
@@ -772,6 +772,15 @@ class MetricsResource(Resource):
     def __init__(self, metrics: PrometheusMetrics) -> None:
         super().__init__()
         self.metrics = metrics
+
+    def render(self, request: Request) -> bytes:
+        """``GET`` (and ``HEAD``) serve the metrics; another method is answered 405."""
+        if request.method not in self.allowedMethods:
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b", ".join(self.allowedMethods))
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"405 Method Not Allowed: GET the metrics\n"
+        return self.render_GET(request)
 
     def render_GET(self, request: Request) -> bytes:
         """The exposition, in the format the request's ``Accept`` header asks for."""

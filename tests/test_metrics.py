@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
+import treq
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
+from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
@@ -42,7 +45,7 @@ from relayer.testing import (
     step,
     target,
 )
-from tests._support import GatedStore, result_of
+from tests._support import GatedStore, reactor_, result_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,6 +212,36 @@ def test_the_metrics_resource_serves_the_exposition() -> None:
     assert body.endswith(b"# EOF\n")
 
 
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_the_metrics_resource_over_http() -> None:
+    reactor = reactor_()
+    metrics = PrometheusMetrics(reactor)
+    metrics.failed("a", 1, FailureClass.TIMEOUT, "timed out", 1)
+    port = reactor.listenTCP(0, Site(MetricsResource(metrics)), interface="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}/"
+        response = await treq.get(url)
+        assert response.code == 200
+        assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+        [sample] = [
+            s
+            for s in families["relayer_attempts"].samples
+            if s.labels == {"target": "a", "outcome": "timeout"}
+        ]
+        assert sample.value == 1
+        response = await treq.head(url)
+        assert response.code == 200
+        assert await response.content() == b""
+        response = await treq.post(url, b"")
+        assert response.code == 405
+        assert response.headers.getRawHeaders(b"allow") == [b"GET, HEAD"]
+        await response.content()
+    finally:
+        await port.stopListening()
+
+
 # -- what a scrape shows ------------------------------------------------------------------------
 
 
@@ -323,8 +356,11 @@ def test_a_blocked_then_woken_target(db_path: Path) -> None:
     h.scheduler.submit("a", {"n": 1})
     assert value(metrics, "relayer_target_state", target="a") == 2
     assert value(metrics, "relayer_targets", state="blocked") == 1
+    # Refused at once, with no run of failures before: as the scheduler records it.
+    assert value(metrics, "relayer_target_down_seconds", target="a") == 0
     step(h.clock, 15)
     assert value(metrics, "relayer_target_state", target="a") == 2
+    assert value(metrics, "relayer_target_down_seconds", target="a") == 0
     h.scheduler.wake("a")
     assert fake.events == [{"n": 1}]
     assert value(metrics, "relayer_target_state", target="a") == 0
