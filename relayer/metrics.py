@@ -197,8 +197,9 @@ class PrometheusMetrics(DeliveryObserver):
     ``PrometheusMetrics(reactor, registry=prometheus_client.REGISTRY)``. Two objects in one
     registry need different namespaces.
 
-    A scrape reads only memory: never the store. Collection only copies what it reads, so a
-    registry may be scraped from another thread (as ``start_http_server`` does).
+    A scrape reads only memory: never the store. Collection copies what it reads, so a
+    registry may also be scraped from another thread (as ``start_http_server`` does); such a
+    scrape may see a refresh's page half applied.
 
     **Bounded series.** With ``labels="targets"``, per-target metrics carry a ``target``
     label: the first ``max_labelled_targets`` target ids that the object meets (through the
@@ -227,6 +228,15 @@ class PrometheusMetrics(DeliveryObserver):
 
     Raises:
         ConfigurationError: An argument is not valid.
+
+    Attributes:
+        registry: The registry it is registered with.
+        clock: The clock it was given.
+        labels: ``"targets"`` or ``"aggregate"``.
+        max_labelled_targets: The most target label values besides ``"_other"``.
+        refresh_interval: Seconds between status refreshes.
+        namespace: The prefix of the metric names.
+        page_size: Targets per status page.
     """
 
     log = Logger(namespace="relayer.metrics")
