@@ -363,6 +363,7 @@ class Scheduler:
             return
         records = await self._store.load_targets(wanted)
         unknown = []
+        taken = False
         for target_id in wanted:
             record = records.get(target_id)
             if record is None:
@@ -378,6 +379,10 @@ class Scheduler:
             )
             # It may have events that arrived while another process owned it.
             self._controller.notify([target_id])
+            taken = True
+        if taken:
+            # And commands recorded for it meanwhile.
+            self._commands_announced()
         if unknown:
             raise StoreError(f"{len(unknown)} targets are not registered in the store yet")
 

@@ -34,6 +34,7 @@ def make(
     clock: Clock | None = None,
     transport: FakeTransport | None = None,
     node: str | None = None,
+    sweep: float = SWEEP,
 ) -> tuple[Scheduler, FakeTransport, Clock]:
     clock = clock if clock is not None else Clock()
     transport = transport if transport is not None else FakeTransport(clock)
@@ -48,7 +49,7 @@ def make(
         transport,
         configs,
         random=lambda: 0.0,
-        sweep_interval=SWEEP,
+        sweep_interval=sweep,
         leases=leases,
     )
     return scheduler, transport, clock
@@ -125,6 +126,28 @@ def test_wake_records_a_command_for_the_process_that_owns_the_target(
     # Woken where it is delivered, a wake is no command.
     assert result_of(owner.wake("t")) is None
     result_of(a.stop())
+    result_of(b.stop())
+
+
+def test_a_process_that_takes_a_target_over_applies_its_commands_at_once(
+    db_path: Path | str,
+) -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    # No sweep within the test: only the takeover can bring the command.
+    a, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="a", sweep=3600.0)
+    result_of(a.start())
+    assert "t" in a.owned_targets
+    b, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="b", sweep=3600.0)
+    result_of(b.start())
+    down_with_one_event(a, transport, "t")
+    result_of(a.stop())
+    command_id = result_of(b.wake("t"))
+    assert isinstance(command_id, int)
+    clock.advance(LEASES["renew_interval"] * 1.01)
+    assert "t" in b.owned_targets
+    assert transport["t"].events == [{"n": 1}]
+    assert result_of(b.command(command_id)).done_by == "b"
     result_of(b.stop())
 
 
