@@ -77,6 +77,13 @@ OBSERVER_FAILED = "observer.failed"
 #: An HTTP response was received.
 HTTP_RESPONSE = "http.response"
 
+# -- metrics ------------------------------------------------------------------------------------
+
+#: The metrics could not read the scheduler's status: it is not running.
+METRICS_NOT_RUNNING = "metrics.not_running"
+#: The metrics could not read the scheduler's status.
+METRICS_REFRESH_FAILED = "metrics.refresh_failed"
+
 # -- submitting ---------------------------------------------------------------------------------
 
 #: Storing submitted events failed on an unavailable store; it is retried.

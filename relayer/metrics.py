@@ -61,6 +61,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from relayer import _logevents as ev
 from relayer.errors import ConfigurationError, NotRunning, StoreError
 from relayer.observer import DeliveryObserver
 from relayer.scheduler import Scheduler
@@ -506,19 +507,27 @@ class PrometheusMetrics(DeliveryObserver):
                     break
                 after = page[-1].target_id
         except NotRunning:
-            self.log.debug("Metrics: the scheduler is not running; its status is not read")
+            self.log.debug(
+                "Metrics: the scheduler is not running; its status is not read",
+                relayer_event=ev.METRICS_NOT_RUNNING,
+            )
             return
         except StoreError as e:
             self._refresh_errors += 1
             self.log.warn(
                 "Metrics: reading the scheduler's status failed ({error}); the backlog "
                 "gauges keep their values until the next refresh",
-                error=e,
+                relayer_event=ev.METRICS_REFRESH_FAILED,
+                error=str(e),
             )
             return
-        except Exception:
+        except Exception as e:
             self._refresh_errors += 1
-            self.log.failure("Metrics: reading the scheduler's status failed")
+            self.log.failure(
+                "Metrics: reading the scheduler's status failed",
+                relayer_event=ev.METRICS_REFRESH_FAILED,
+                error=str(e),
+            )
             return
         # Forget the targets that this complete refresh did not report, and that the
         # scheduler told nothing of since it began.
