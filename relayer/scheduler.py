@@ -342,6 +342,16 @@ class Scheduler:
             return frozenset(self._controller.targets)
         return frozenset(t for t in self._leases.owned if self._leases.owns(t))
 
+    def _delivers_to(self, target_id: str) -> bool:
+        """
+        Whether this process delivers to the target now: it has it in charge and, with
+        leases, still holds its lease (one that ran out, or is being given up, may have
+        another owner already).
+        """
+        if target_id not in self._controller.targets:
+            return False
+        return self._leases is None or self._leases.owns(target_id)
+
     def _may_send(self, t: TargetRuntime) -> bool:
         assert self._leases is not None
         leases = self._leases
@@ -518,7 +528,7 @@ class Scheduler:
                 if self._lifecycle != _Lifecycle.RUNNING:
                     return
                 target_id = command.target_id
-                if target_id not in self._controller.targets:
+                if not self._delivers_to(target_id):
                     continue
                 if command.action == "wake":
                     self._controller.wake(target_id)
@@ -1244,7 +1254,7 @@ class Scheduler:
         """
         self._check_running()
         self._config(target_id)
-        if target_id in self._controller.targets:
+        if self._delivers_to(target_id):
             self._controller.wake(target_id)
             return succeed(None)
         recorded = self._store.add_command(target_id, "wake", self._clock.seconds())

@@ -278,3 +278,60 @@ async def test_on_postgresql_the_owner_applies_a_command_at_once(db_path: str) -
     finally:
         await other.close()
         await scheduler.stop()
+
+
+def _expire_leases_of(scheduler: Scheduler, clock: Clock) -> None:
+    """Make the scheduler's lease renewals fail until its leases have run out."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise Exception("database unreachable")
+
+    scheduler._store.lease_round = broken  # type: ignore[attr-defined]
+    clock.advance(LEASES["timeout"] * 1.01)
+
+
+def test_a_process_whose_lease_ran_out_records_a_wake_for_the_new_owner(
+    db_path: Path | str,
+) -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    a, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="a", sweep=3600.0)
+    result_of(a.start())
+    assert "t" in a.owned_targets
+    down_with_one_event(a, transport, "t")
+    _expire_leases_of(a, clock)
+    assert "t" not in a.owned_targets
+    b, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="b", sweep=3600.0)
+    result_of(b.start())
+    assert "t" in b.owned_targets
+    # a may no longer send to t: woken there, the wake would be lost.
+    command_id = result_of(a.wake("t"))
+    assert isinstance(command_id, int)
+    result_of(b.stop())
+    result_of(a.stop())
+
+
+def test_a_process_whose_lease_ran_out_leaves_the_commands_to_the_new_owner(
+    db_path: Path | str,
+) -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    a, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="a", sweep=SWEEP)
+    result_of(a.start())
+    down_with_one_event(a, transport, "t")
+    _expire_leases_of(a, clock)
+    b, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="b", sweep=10 * SWEEP)
+    result_of(b.start())
+    assert "t" in b.owned_targets and "t" not in a.owned_targets
+    other = open_store(Clock(), db_path)
+    command_id = result_of(other.add_command("t", "wake", 0.0))
+    # a sweeps first: the command is not its own to apply.
+    clock.advance(SWEEP * 1.01)
+    assert not result_of(other.command(command_id)).done
+    clock.advance(10 * SWEEP * 1.01)
+    done = result_of(other.command(command_id))
+    assert done.done and done.done_by == "b"
+    assert transport["t"].events == [{"n": 1}]
+    result_of(other.close())
+    result_of(b.stop())
+    result_of(a.stop())
