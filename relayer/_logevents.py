@@ -84,6 +84,11 @@ METRICS_NOT_RUNNING = "metrics.not_running"
 #: The metrics could not read the scheduler's status.
 METRICS_REFRESH_FAILED = "metrics.refresh_failed"
 
+# -- the admin API ------------------------------------------------------------------------------
+
+#: The admin API failed unexpectedly on a request; it was answered 500, if at all.
+ADMIN_FAILED = "admin.failed"
+
 # -- submitting ---------------------------------------------------------------------------------
 
 #: Storing submitted events failed on an unavailable store; it is retried.

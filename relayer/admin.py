@@ -51,6 +51,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from relayer import _logevents as ev
 from relayer.errors import (
     ConfigurationError,
     InvalidEvent,
@@ -286,6 +287,16 @@ def _text(raw: bytes, what: str) -> str:
         raise _HTTPError(400, "bad_request", f"{what} is not valid UTF-8") from None
 
 
+def _shown_method(request: Request) -> str:
+    """The request's method, for a log line."""
+    return bytes(request.method or b"")[:16].decode("ascii", "replace")
+
+
+def _shown_path(request: Request) -> str:
+    """The request's path below the resource, for a log line: it never holds the token."""
+    return "/" + b"/".join(request.postpath or []).decode("utf-8", "replace")[:200]
+
+
 def _txn_id(text: str) -> int:
     if not re.fullmatch(r"[0-9]{1,19}", text) or not 1 <= int(text) < 2**63:
         raise _HTTPError(
@@ -312,8 +323,7 @@ def check_token(token: Any) -> None:
         )
     if not _TOKEN_CHARS.fullmatch(token):
         raise ConfigurationError(
-            "token must be printable ASCII without spaces; "
-            "make one with secrets.token_urlsafe(32)"
+            "token must be printable ASCII without spaces; make one with secrets.token_urlsafe(32)"
         )
 
 
@@ -427,7 +437,13 @@ class AdminResource(Resource):
             request.finish()
 
         def failed(failure: Failure) -> None:
-            self.log.failure("The admin API failed to answer a request", failure)
+            self.log.failure(
+                "The admin API failed to answer {method} {path}",
+                failure,
+                relayer_event=ev.ADMIN_FAILED,
+                method=_shown_method(request),
+                path=_shown_path(request),
+            )
 
         d.addCallback(write).addErrback(failed)
         return NOT_DONE_YET
@@ -452,8 +468,9 @@ class AdminResource(Resource):
         except Exception:
             self.log.failure(
                 "The admin API failed on {method} {path}",
-                method=request.method.decode("ascii", "replace"),
-                path=b"/".join(request.postpath or []).decode("utf-8", "replace")[:200],
+                relayer_event=ev.ADMIN_FAILED,
+                method=_shown_method(request),
+                path=_shown_path(request),
             )
             return _json({"error": "internal_error", "message": "see the server's log"}, 500)
 
