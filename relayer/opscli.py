@@ -108,7 +108,6 @@ class _Run:
 
     def json(self, document: Any) -> None:
         self.out.write(json.dumps(document) + "\n")
-        self.out.flush()
 
 
 # -- parsers -------------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ def configure_parsers(commands: Any) -> None:
             "3 --wait's time ran out before a scheduler applied the wake (it stays queued), ",
         ),
     )
-    wake.add_argument("target", metavar="TARGET")
+    wake.add_argument("target", metavar="TARGET", help="the target's id")
     wake.add_argument(
         "--wait",
         type=_positive_float,
@@ -242,7 +241,7 @@ def configure_parsers(commands: Any) -> None:
             "a target the database does not know, or a --txn that is not one of its dead letters"
         ),
     )
-    replay.add_argument("target", metavar="TARGET")
+    replay.add_argument("target", metavar="TARGET", help="the target's id")
     replay.add_argument(
         "--txn", type=_txn_id, metavar="N", help="replay only the dead letter with this id"
     )
@@ -259,7 +258,7 @@ def configure_parsers(commands: Any) -> None:
             "a target the database does not know, or a --txn that is not one of its dead letters"
         ),
     )
-    discard.add_argument("target", metavar="TARGET")
+    discard.add_argument("target", metavar="TARGET", help="the target's id")
     discard.add_argument(
         "--txn", type=_txn_id, required=True, metavar="N", help="the dead letter's id"
     )
@@ -274,7 +273,7 @@ def configure_parsers(commands: Any) -> None:
         ),
         epilog=_epilog("a target the database does not know"),
     )
-    dead.add_argument("target", metavar="TARGET")
+    dead.add_argument("target", metavar="TARGET", help="the target's id")
     _add_json(dead, "one JSON object per dead letter (JSON lines), with all its event ids")
 
     events = commands.add_parser(
@@ -307,7 +306,9 @@ def configure_parsers(commands: Any) -> None:
         ),
         epilog=_epilog("an event the database does not know"),
     )
-    event.add_argument("event_id", metavar="ID")
+    event.add_argument(
+        "event_id", metavar="ID", help="the event's id, or relayer-N for one submitted without"
+    )
     _add_json(event, "the event as one JSON object")
 
     for name, parser in (
