@@ -42,7 +42,7 @@ from relayer.observer import DeliveryObserver, IDeliveryObserver
 from relayer.policy import Action, Decision, FailureInfo, GiveUp, IRetryPolicy, RetryPolicy
 from relayer.recoverer import Recoverer
 from relayer.scheduler import Scheduler, TargetStatus
-from relayer.store import DeadLetter, IStore, SQLiteStore, TargetState
+from relayer.store import Command, DeadLetter, IStore, SQLiteStore, TargetState
 from relayer.store.base import (
     Delivery,
     DeliveryState,
@@ -66,6 +66,7 @@ __all__ = [
     "Action",
     "BackoffPolicy",
     "Backpressure",
+    "Command",
     "ConfigurationError",
     "DatabaseInUse",
     "DatabasePool",

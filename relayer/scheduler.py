@@ -13,11 +13,11 @@ import math
 import random as _random
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,6 +51,7 @@ from relayer.policy import IRetryPolicy
 from relayer.reconciler import DEFAULT_SWEEP_INTERVAL, Reconciler
 from relayer.store._retention import RetentionRule
 from relayer.store.base import (
+    Command,
     DeadLetter,
     DeliveryState,
     EventCounts,
@@ -71,6 +72,8 @@ DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_MAX_WAITING_EVENTS = 100_000
 #: The counts of consecutive failures at which observers are told, by default.
 DEFAULT_FAILURE_THRESHOLDS = (10, 100)
+#: How many pending commands are read from the store at a time.
+_COMMAND_PAGE = 500
 
 
 #: What iterates or unpacks, but not as pairs: characters, or a mapping's or a set's keys.
@@ -273,6 +276,10 @@ class Scheduler:
                 renewed=lambda: self._controller.resume_paused(),
             )
         self._unlisten: Callable[[], None] | None = None
+        #: The run applying operators' commands, if one is under way; and whether another
+        #: should follow it (a command was announced meanwhile).
+        self._command_run: Deferred[None] | None = None
+        self._commands_again = False
         self._controller = TransactionController(
             clock,
             store,
@@ -459,6 +466,63 @@ class Scheduler:
                     self._controller.notify(stranded)
         self._controller.revive_stalled()
         self._controller.recheck_awaiting()
+        await self._apply_commands()
+
+    def _commands_announced(self) -> None:
+        """Apply the pending commands now, or once the run under way has finished."""
+        if self._lifecycle != _Lifecycle.RUNNING:
+            return
+        if self._command_run is not None:
+            self._commands_again = True
+            return
+
+        def done(result: object) -> None:
+            self._command_run = None
+            if isinstance(result, Failure):
+                self.log.failure("Applying operators' commands failed", result)
+            if self._commands_again:
+                self._commands_again = False
+                self._commands_announced()
+
+        run = Deferred.fromCoroutine(self._apply_commands())
+        if not run.called:
+            self._command_run = run
+        run.addBoth(done)
+
+    async def _apply_commands(self) -> None:
+        """
+        Apply the operators' commands recorded for the targets this process delivers to, and
+        mark them done; those for other targets wait for their owner. Each is applied at least
+        once (a command applied as its target changes hands may be applied by both owners:
+        a wake is harmless twice).
+        """
+        after: int | None = None
+        while self._lifecycle == _Lifecycle.RUNNING:
+            page = await self._store.pending_commands(_COMMAND_PAGE, after)
+            for command in page:
+                if self._lifecycle != _Lifecycle.RUNNING:
+                    return
+                target_id = command.target_id
+                if target_id not in self._controller.targets:
+                    continue
+                if command.action == "wake":
+                    self._controller.wake(target_id)
+                    result = "woken"
+                else:
+                    result = f"unknown action {command.action!r}: ignored"
+                await self._store.finish_command(
+                    command.command_id, self._clock.seconds(), self.node_id or "local", result
+                )
+                self.log.info(
+                    "Applied command {command_id} ({action}) for target {target_id}: {result}",
+                    command_id=command.command_id,
+                    action=command.action,
+                    target_id=target_id,
+                    result=result,
+                )
+            if len(page) < _COMMAND_PAGE:
+                return
+            after = page[-1].command_id
 
     def _notified(self, target_ids: list[str] | None) -> None:
         if self._lifecycle != _Lifecycle.RUNNING:
@@ -599,14 +663,18 @@ class Scheduler:
                 if self._leases is not None:
                     self._store.lease_owner = self._leases.node_id  # type: ignore[attr-defined]
                     await self._leases.start()
-                    listen = getattr(self._store, "listen", None)
-                    # A fake clock has no threads to hear notifications on: tests tell it.
-                    if listen is not None and IReactorFromThreads.providedBy(self._clock):
-                        self._unlisten = listen(self._notified)
+                listen = getattr(self._store, "listen", None)
+                # A fake clock has no threads to hear notifications on: tests tell it. Without
+                # leases, other processes store no events, but operators' commands and
+                # replays still come from them.
+                if listen is not None and IReactorFromThreads.providedBy(self._clock):
+                    self._unlisten = listen(self._notified, self._commands_announced)
             except BaseException:
                 await self._abort_start()
                 raise
             self._lifecycle = _Lifecycle.RUNNING
+            # Commands recorded while no process delivered to their targets.
+            self._commands_announced()
             self._reconciler.start()
             if self._retention_runs is not None:
                 self._retention_runs.start()
@@ -682,6 +750,8 @@ class Scheduler:
                 await self._retention_runs.stop()
             self._controller.stop_timers()
             loops = self._controller.running_loops() + list(self._registering)
+            if self._command_run is not None:
+                loops.append(self._command_run)
             if loops:
                 timer = self._clock.callLater(self._stop_timeout, self._controller.cancel_sends)
                 try:
@@ -1123,7 +1193,7 @@ class Scheduler:
 
     # -- operating ------------------------------------------------------------------------------
 
-    def wake(self, target_id: str) -> None:
+    def wake(self, target_id: str) -> Deferred[int | None]:
         """
         Retry a target now.
 
@@ -1133,6 +1203,17 @@ class Scheduler:
         flight, no second one starts: if that send fails, the retry follows at once. Waking an UP
         target makes it look for pending work.
 
+        If another process delivers to the target (it holds the target's lease), or none does
+        for now, the wake is recorded in the store as a command (see :class:`relayer.Command`)
+        for the process that delivers to it: that process applies it at once on PostgreSQL
+        (the store notifies it), or at its next sweep (``sweep_interval``), and a command
+        recorded while no process delivers to the target is applied when one takes it in
+        charge, after a restart too.
+
+        Returns:
+            A Deferred firing with None once the target is woken here, or with the id of the
+            command recorded for another process (see :meth:`command`).
+
         Raises:
             NotRunning: The scheduler is not running.
             UnknownTarget: No target has this id.
@@ -1141,6 +1222,34 @@ class Scheduler:
         self._config(target_id)
         if target_id in self._controller.targets:
             self._controller.wake(target_id)
+            return succeed(None)
+        recorded = self._store.add_command(target_id, "wake", self._clock.seconds())
+        return cast("Deferred[int | None]", recorded)
+
+    def command(self, command_id: int) -> Deferred[Command | None]:
+        """
+        An operator's command, as recorded by :meth:`wake` (or the ``relayer wake`` command)
+        for the process that delivers to its target: whether it has been applied, when, and by
+        which process.
+
+        Returns:
+            A Deferred firing with the :class:`relayer.Command`, or None for an unknown id
+            (or one applied more than a day ago, and forgotten).
+
+        Raises:
+            NotRunning: The scheduler is neither running nor stopping.
+            ConfigurationError: ``command_id`` is not an int >= 1.
+        """
+        self._check_inspectable()
+        if (
+            isinstance(command_id, bool)
+            or not isinstance(command_id, int)
+            or not 1 <= command_id < 2**63
+        ):
+            raise ConfigurationError(
+                f"command_id must be a command id (an int >= 1), not {command_id!r}"
+            )
+        return self._store.command(command_id)
 
     #: The most :class:`TargetStatus` rows one :meth:`status` call returns.
     MAX_STATUS_PAGE = 10_000
@@ -1284,9 +1393,11 @@ class Scheduler:
         self._check_stored_target(target_id)
         return self._store.dead_letters(target_id, limit, after)
 
-    def replay(self, target_id: str) -> Deferred[int]:
+    def replay(self, target_id: str, txn_id: int | None = None) -> Deferred[int]:
         """
-        Queue a target's dead letters again, at the end of its queue, and deliver them.
+        Queue a target's dead letters again, at the end of its queue, and deliver them; with
+        ``txn_id``, only that dead letter (nothing is queued, and 0 returned, if it is not one
+        of the target's dead letters).
 
         Replayed events are sent in new transactions, with new ids, after the events already
         queued. The dead letters present when the replay begins are moved in order, a chunk at
@@ -1297,12 +1408,19 @@ class Scheduler:
         Raises:
             NotRunning: The scheduler is not running.
             UnknownTarget: No target has this id.
+            ConfigurationError: ``txn_id`` is not a transaction id (an int >= 1) or None.
         """
         self._check_running()
         self._config(target_id)
+        if txn_id is not None and (
+            isinstance(txn_id, bool) or not isinstance(txn_id, int) or not 1 <= txn_id < 2**63
+        ):
+            raise ConfigurationError(
+                f"txn_id must be a transaction id (an int >= 1) or None, not {txn_id!r}"
+            )
 
         async def replay() -> int:
-            n = await self._store.replay(target_id, self._clock.seconds())
+            n = await self._store.replay(target_id, self._clock.seconds(), txn_id)
             if n:
                 self._controller.notify([target_id])
             return n

@@ -112,7 +112,7 @@ def test_a_failed_start_leaves_nothing_running(db_path: Path) -> None:
     def listen_fails(store: Any) -> Any:
         gated = GatedStore(store)
 
-        def listen(callback: Any) -> Any:
+        def listen(callback: Any, commands: Any = None) -> Any:
             raise RuntimeError("cannot listen")
 
         gated.__dict__["listen"] = listen

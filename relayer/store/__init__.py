@@ -8,6 +8,7 @@ from relayer.store._retention import RetentionRule
 from relayer.store.base import (
     Awaiting,
     Claim,
+    Command,
     DeadLetter,
     Drained,
     EventBatch,
@@ -27,6 +28,7 @@ from relayer.store.sqlite import SQLiteStore, sqlite_engine
 __all__ = [
     "Awaiting",
     "Claim",
+    "Command",
     "DeadLetter",
     "Drained",
     "EventBatch",

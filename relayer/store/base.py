@@ -440,6 +440,48 @@ class DeadLetter:
 
 
 @attrs.frozen
+class Command:
+    """
+    An operator's command for the process that delivers to a target, as the store keeps it.
+
+    Any process may record one (the ``relayer`` command line, an admin API, a scheduler that
+    does not own the target); the scheduler that delivers to the target applies it, at once
+    on PostgreSQL (the store notifies it) or at its next sweep, and marks it done. It is kept
+    until then, so that it survives that process's restart.
+
+    Attributes:
+        command_id: Its id, increasing in the order commands were recorded.
+        target_id: The target it is for.
+        action: What to do: ``"wake"``.
+        txn_id: The transaction it names, for an action that names one; else None.
+        created_at: When it was recorded (the recording process's clock seconds).
+        done_at: When it was applied (the applying scheduler's clock seconds), or None while
+            it waits.
+        done_by: The node id of the scheduler that applied it (``"local"`` for a scheduler
+            without leases), or None.
+        result: What applying it did, for example ``"woken"``, or None.
+    """
+
+    command_id: int
+    target_id: str
+    action: str
+    txn_id: int | None
+    created_at: float
+    done_at: float | None = None
+    done_by: str | None = None
+    result: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether it has been applied."""
+        return self.done_at is not None
+
+
+#: The actions a :class:`Command` may carry.
+COMMAND_ACTIONS = frozenset({"wake"})
+
+
+@attrs.frozen
 class LeaseRound:
     """
     The result of one lease round of a process: see :meth:`ILeaseStore.lease_round`.
@@ -729,10 +771,11 @@ class IStore(Interface):
         with ``txn_id`` above ``after`` (from the first if ``after`` is None). Only reads.
         """
 
-    def replay(target_id: str, now: float) -> Deferred[int]:
+    def replay(target_id: str, now: float, txn_id: int | None = None) -> Deferred[int]:
         """
         Queue a target's dead letters again, at the end of its queue; return how many events
-        were queued.
+        were queued. With ``txn_id``, only that dead letter is queued again (0 if it is not a
+        dead letter of the target: nothing changes).
 
         The dead letters present when the replay begins are moved, in ``txn_id`` order, a
         chunk at a time (each chunk one database transaction that appends their events to the
@@ -743,6 +786,32 @@ class IStore(Interface):
         processes are told of the queued events as by :meth:`add_events`.
         """
 
+
+    def add_command(
+        target_id: str, action: str, now: float, txn_id: int | None = None
+    ) -> Deferred[int]:
+        """
+        Record an operator's command for the process that delivers to ``target_id``; return
+        its id. Other processes are told as of new events (``NOTIFY`` on PostgreSQL). Needs no
+        lease. Fails with ValueError for an action not in :data:`COMMAND_ACTIONS`.
+        """
+
+    def command(command_id: int) -> Deferred[Command | None]:
+        """The command with this id, done or not; None if there is none. Only reads."""
+
+    def pending_commands(limit: int, after: int | None = None) -> Deferred[list[Command]]:
+        """
+        Up to ``limit`` commands not yet applied, oldest first, with ids above ``after`` (from
+        the first if it is None). Only reads.
+        """
+
+    def finish_command(
+        command_id: int, now: float, done_by: str, result: str
+    ) -> Deferred[bool]:
+        """
+        Mark a command applied; False if it was already (or is unknown). Commands applied
+        more than a day before ``now`` are forgotten at the same time.
+        """
 
 #: Maps a target id to its stored record.
 TargetRecords = Mapping[str, TargetRecord]

@@ -124,6 +124,8 @@ class PostgresStore(SQLStore):
         self._schema = schema
         self._reactor = reactor
         self.channel = f"relayer_events_{schema}" if schema else "relayer_events"
+        #: The channel on which operators' commands are announced.
+        self.command_channel = f"relayer_commands_{schema}" if schema else "relayer_commands"
         # The connection that holds the process lock, outside the engine's pool.
         self._lock_conn: Any = None
         self._lock_guard = threading.Lock()
@@ -266,7 +268,14 @@ class PostgresStore(SQLStore):
             payload = "*"
         conn.execute(sa.select(sa.func.pg_notify(self.channel, payload)))
 
-    def listen(self, callback: Callable[[list[str] | None], None]) -> Callable[[], None]:
+    def _command_added(self, conn: sa.Connection, target_id: str) -> None:
+        conn.execute(sa.select(sa.func.pg_notify(self.command_channel, "")))
+
+    def listen(
+        self,
+        callback: Callable[[list[str] | None], None],
+        commands: Callable[[], None] | None = None,
+    ) -> Callable[[], None]:
         """
         Call ``callback`` on the reactor thread whenever events are stored, by any process.
 
@@ -274,12 +283,24 @@ class PostgresStore(SQLStore):
         are not known (the notification was too large, or notifications may have been missed
         while the listening connection was being re-established).
 
+        Args:
+            callback: Called when events are stored.
+            commands: Called, if given, whenever a process records an operator's command
+                (:meth:`add_command`), and after the listening connection was re-established.
+
         Returns:
             A function that stops listening.
         """
         if not IReactorFromThreads.providedBy(self._reactor):
             raise ConfigurationError("listen() needs a store made with a real reactor")
-        listener = _Listener(self._reactor, self._engine.url, self._schema, self.channel, callback)
+        listener = _Listener(
+            self._reactor,
+            self._engine.url,
+            self._schema,
+            self.channel,
+            callback,
+            (self.command_channel, commands) if commands is not None else None,
+        )
         listener.start()
         return listener.stop
 
@@ -301,12 +322,14 @@ class _Listener:
         schema: str | None,
         channel: str,
         callback: Callable[[list[str] | None], None],
+        commands: tuple[str, Callable[[], None]] | None = None,
     ) -> None:
         self._reactor = reactor
         self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._where = f"{url.host or 'localhost'}:{url.port or 5432}"
         self._channel = channel
         self._callback = callback
+        self._commands = commands
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="relayer-pg-listen", daemon=True)
         self._backoff = BackoffPolicy(initial=0.1, multiplier=2.0, maximum=10.0, jitter=0.2)
@@ -330,15 +353,22 @@ class _Listener:
             try:
                 with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f'LISTEN "{self._channel}"')
+                    if self._commands is not None:
+                        conn.execute(f'LISTEN "{self._commands[0]}"')
                     if failures:
                         self.log.info(
                             "Listening for new events again at {where}", where=self._where
                         )
                         # Notifications may have been missed while reconnecting.
                         self._deliver(None)
+                        if self._commands is not None:
+                            self._reactor.callFromThread(self._commands[1])
                     failures = 0
                     while not self._stopping.is_set():
                         for note in conn.notifies(timeout=0.5, stop_after=1000):
+                            if self._commands is not None and note.channel == self._commands[0]:
+                                self._reactor.callFromThread(self._commands[1])
+                                continue
                             payload = note.payload
                             self._deliver(None if payload == "*" else payload.split("\n"))
             except Exception as e:  # noqa: BLE001 - the listener must outlive any error

@@ -28,6 +28,8 @@ Version history:
 6. ``relayer_targets.down_since``: when a target's current run of failures began (for retry
    policies that disable a target failing for too long, and for status). A target's state may
    now also be ``disabled``.
+7. ``relayer_commands``: operators' commands (a wake) for the process that delivers to a target,
+   kept until that process has applied them, so that a command survives that process's restart.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import sqlalchemy as sa
 from relayer.errors import SchemaVersionError
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # The PostgreSQL advisory lock taken while upgrading: an arbitrary constant of relayer's.
 _UPGRADE_LOCK = 0x72656C61796572
@@ -84,7 +86,28 @@ def define_tables(m: sa.MetaData, version: int) -> sa.MetaData:
         _define_leases(m)
     if version >= 5:
         _define_archive(m)
+    if version >= 7:
+        _define_commands(m)
     return m
+
+
+def _define_commands(m: sa.MetaData) -> None:
+    # Operators' commands for the process that delivers to a target: written by any process
+    # (the command line, an admin API), applied and marked done by that one.
+    sa.Table(
+        "relayer_commands",
+        m,
+        sa.Column("command_id", _seq_type(), primary_key=True, autoincrement=True),
+        sa.Column("target_id", sa.String(255), nullable=False),
+        sa.Column("action", sa.String(32), nullable=False),
+        sa.Column("txn_id", sa.BigInteger, nullable=True),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("done_at", sa.Float, nullable=True),
+        sa.Column("done_by", sa.String(255), nullable=True),
+        sa.Column("result", sa.Text, nullable=True),
+        # The commands still to apply are found by this index, without reading those done.
+        sa.Index("relayer_commands_pending", "done_at", "command_id"),
+    )
 
 
 def _define_v3_queue(m: sa.MetaData) -> None:
@@ -350,6 +373,7 @@ all_expired = sa.table("relayer_all_expired", *(sa.column(c.name) for c in expir
 counters = metadata.tables["relayer_counters"]
 nodes = metadata.tables["relayer_nodes"]
 leases = metadata.tables["relayer_leases"]
+commands = metadata.tables["relayer_commands"]
 
 
 def _v1(conn: sa.Connection) -> None:
@@ -442,6 +466,12 @@ def _v6(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE relayer_targets ADD COLUMN down_since FLOAT"))
 
 
+def _v7(conn: sa.Connection) -> None:
+    m = sa.MetaData()
+    _define_commands(m)
+    m.create_all(conn)
+
+
 #: ``MIGRATIONS[v]`` moves a database from version ``v - 1`` to version ``v``.
 MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
     1: _v1,
@@ -450,6 +480,7 @@ MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
     4: _v4,
     5: _v5,
     6: _v6,
+    7: _v7,
 }
 
 

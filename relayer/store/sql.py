@@ -25,8 +25,10 @@ from relayer.errors import LeaseLost, SchemaVersionError, StoreError, StoreUnava
 from relayer.event import GENERATED_ID_PREFIX
 from relayer.store import _retention, _seqs, schema
 from relayer.store.base import (
+    COMMAND_ACTIONS,
     Awaiting,
     Claim,
+    Command,
     DeadLetter,
     Delivery,
     DeliveryState,
@@ -73,6 +75,7 @@ _s = schema.target_sets
 _r = schema.runs
 _x = schema.txns
 _xp = schema.expired
+_cmd = schema.commands
 _c = schema.counters
 # The views of live and archived rows together, that status queries read.
 _ae = schema.all_events
@@ -1357,7 +1360,7 @@ class SQLStore:
 
         return self._read(list_dead)
 
-    def replay(self, target_id: str, now: float) -> Deferred[int]:
+    def replay(self, target_id: str, now: float, txn_id: int | None = None) -> Deferred[int]:
         chunk = self.replay_chunk
 
         def replay_chunk(
@@ -1367,7 +1370,10 @@ class SQLStore:
             # IMMEDIATE does): two replays never take the same dead letters.
             if conn.execute(_LOCK_TARGET, {"p_target": target_id}).first() is None:
                 return None, None, 0
-            if high is None:
+            if txn_id is not None:
+                # One dead letter: the chunk of ids (txn_id - 1, txn_id].
+                high, last = txn_id, txn_id - 1
+            elif high is None:
                 # Only what was dead-lettered when the replay began is replayed.
                 high = conn.execute(
                     sa.select(sa.func.max(_x.c.txn_id)).where(_x.c.target_id == target_id, _IS_DEAD)
@@ -1420,6 +1426,64 @@ class SQLStore:
                     return total
 
         return Deferred.fromCoroutine(replay())
+
+    # -- operators' commands --------------------------------------------------------------------
+
+    def add_command(
+        self, target_id: str, action: str, now: float, txn_id: int | None = None
+    ) -> Deferred[int]:
+        if action not in COMMAND_ACTIONS:
+            raise ValueError(
+                f"unknown command {action!r}: one of {', '.join(sorted(COMMAND_ACTIONS))}"
+            )
+
+        def add(conn: sa.Connection) -> int:
+            key = conn.execute(
+                sa.insert(_cmd).values(
+                    target_id=target_id, action=action, txn_id=txn_id, created_at=now
+                )
+            ).inserted_primary_key
+            assert key is not None
+            command_id = key[0]
+            self._command_added(conn, target_id)
+            return int(command_id)
+
+        return self._run(add)
+
+    def _command_added(self, conn: sa.Connection, target_id: str) -> None:
+        """Called inside the transaction that records a command; a backend may notify others."""
+
+    def command(self, command_id: int) -> Deferred[Command | None]:
+        def read(conn: sa.Connection) -> Command | None:
+            row = conn.execute(sa.select(_cmd).where(_cmd.c.command_id == command_id)).first()
+            return _command(row) if row is not None else None
+
+        return self._read(read)
+
+    def pending_commands(self, limit: int, after: int | None = None) -> Deferred[list[Command]]:
+        def read(conn: sa.Connection) -> list[Command]:
+            query = sa.select(_cmd).where(_cmd.c.done_at.is_(None))
+            if after is not None:
+                query = query.where(_cmd.c.command_id > after)
+            rows = conn.execute(query.order_by(_cmd.c.command_id).limit(limit))
+            return [_command(r) for r in rows]
+
+        return self._read(read)
+
+    def finish_command(
+        self, command_id: int, now: float, done_by: str, result: str
+    ) -> Deferred[bool]:
+        def finish(conn: sa.Connection) -> bool:
+            done = conn.execute(
+                sa.update(_cmd)
+                .where(_cmd.c.command_id == command_id, _cmd.c.done_at.is_(None))
+                .values(done_at=now, done_by=done_by, result=result)
+            )
+            # What was applied a day ago has been seen by whoever waited for it.
+            conn.execute(sa.delete(_cmd).where(_cmd.c.done_at < now - _COMMANDS_KEPT))
+            return bool(done.rowcount == 1)
+
+        return self._run(finish)
 
     def _take_dead_letters(
         self, conn: sa.Connection, target_id: str, after: int | None, high: int, limit: int
@@ -2197,3 +2261,20 @@ def parse_cursor(after: str | None) -> tuple[str, ...] | None:
     if not all(_INTEGER.fullmatch(p) for p in parts[1:]):
         raise ValueError(f"not a cursor of target_events: {after!r}")
     return parts
+
+
+#: How long an applied command is kept, in seconds, for those that wait to see it done.
+_COMMANDS_KEPT = 86400.0
+
+
+def _command(row: Any) -> Command:
+    return Command(
+        command_id=int(row.command_id),
+        target_id=row.target_id,
+        action=row.action,
+        txn_id=row.txn_id,
+        created_at=row.created_at,
+        done_at=row.done_at,
+        done_by=row.done_by,
+        result=row.result,
+    )
