@@ -45,7 +45,14 @@ import sqlalchemy as sa
 from relayer import dbcli
 from relayer.errors import RelayerError
 from relayer.store import SQLStore, TargetRecord, TargetState
-from relayer.store.base import DeadLetter, DeliveryState, EventEntry, EventStatus, QueueCounts
+from relayer.store.base import (
+    Command,
+    DeadLetter,
+    DeliveryState,
+    EventEntry,
+    EventStatus,
+    QueueCounts,
+)
 
 #: The exit statuses, the same as ``relayer purge``'s.
 EXIT_OK = 0
@@ -588,7 +595,7 @@ def _status(run: _Run) -> int:
 
 def _wake(run: _Run) -> int:
     target = run.args.target
-    store: Any = run.store
+    store = run.store
     command_id = dbcli.wait(store.add_command(target, "wake", run.now))
     later = (
         "at once, through NOTIFY"
@@ -604,23 +611,22 @@ def _wake(run: _Run) -> int:
                 f"to {target} applies it {later}, or when it starts if none is running"
             )
         return EXIT_OK
-    deadline = time.monotonic() + run.args.wait
-    while True:
-        command = dbcli.wait(store.command(command_id))
-        if command is not None and command.done_at is not None:
-            break
-        if time.monotonic() >= deadline:
-            if run.args.json:
-                run.json(
-                    {"command_id": command_id, "target": target, "action": "wake", "done": False}
-                )
-            raise _Refused(
-                f"wake {target}: command {command_id} was not applied within "
-                f"{run.args.wait:g}s: is a scheduler that delivers to {target} running? The "
-                "command stays queued, to be applied when one runs",
-                EXIT_TIMED_OUT,
-            )
-        time.sleep(WAIT_POLL)
+    try:
+        command = _wait_for(run, command_id)
+    except KeyboardInterrupt:
+        raise _Refused(
+            f"interrupted: the wake of {target} stays queued as command {command_id}",
+            EXIT_INTERRUPTED,
+        ) from None
+    if command is None:
+        if run.args.json:
+            run.json({"command_id": command_id, "target": target, "action": "wake", "done": False})
+        raise _Refused(
+            f"command {command_id} (wake {target}) was not applied within "
+            f"{run.args.wait:g}s: is a scheduler that delivers to {target} running? The "
+            "command stays queued, to be applied when one runs",
+            EXIT_TIMED_OUT,
+        )
     if run.args.json:
         run.json(
             {
@@ -641,18 +647,26 @@ def _wake(run: _Run) -> int:
     return EXIT_OK
 
 
+def _wait_for(run: _Run, command_id: int) -> Command | None:
+    """The command once a scheduler has applied it; None if none has within ``--wait``."""
+    deadline = time.monotonic() + run.args.wait
+    while True:
+        command = dbcli.wait(run.store.command(command_id))
+        if command is not None and command.done:
+            return command
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(WAIT_POLL)
+
+
 # -- replay and discard --------------------------------------------------------------------------
 
 
 def _replay(run: _Run) -> int:
     target, txn_id = run.args.target, run.args.txn
-    store: Any = run.store
-    if txn_id is None:
-        n = dbcli.wait(store.replay(target, run.now))
-    else:
-        n = dbcli.wait(store.replay(target, run.now, txn_id=txn_id))
-        if n == 0:
-            raise _Refused(f"transaction {txn_id} is not a dead letter of {target}")
+    n = dbcli.wait(run.store.replay(target, run.now, txn_id=txn_id))
+    if txn_id is not None and n == 0:
+        raise _Refused(f"transaction {txn_id} is not a dead letter of {target}")
     if run.args.json:
         run.json({"target": target, "txn_id": txn_id, "replayed_events": n})
     elif n == 0:

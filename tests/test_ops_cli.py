@@ -270,6 +270,10 @@ async def test_wake_retries_a_down_target_at_once(
     assert receivers["a"].events == [{"target": "a", "n": 0}, {"target": "a", "n": 1}]
     up = await wait_status(db_path, "a", "a UP", lambda s: s["state"] == "up")
     assert up["pending_events"] == 0
+    # Waking an UP target is harmless; --json says who applied it.
+    woken = json.loads(await ok(db_path, "wake", "a", "--wait", "60", "--json"))
+    assert woken["done"] is True and woken["done_by"] == "local"
+    assert woken["result"] == "woken" and woken["done_at"] is not None
     assert await node.stop() == 0
 
 
