@@ -21,6 +21,7 @@ import pytest_twisted
 import sqlalchemy as sa
 from _live import LiveNode, LiveNodes, Ran, Receivers, child_env, run_command, wait_for
 from _support import reactor_, result_of, run_clock
+from conftest import POSTGRES
 from test_purge_cli import populate
 
 from relayer import opscli
@@ -175,7 +176,7 @@ async def test_dead_letters_are_listed_replayed_and_discarded(
     db_path: Path | str, nodes: LiveNodes, receivers: Receivers
 ) -> None:
     receivers["a"].fail_with(400)
-    node = await nodes.start(db_path, receivers)
+    node = await nodes.start(db_path, receivers, sweep_interval=SWEEP)
     for n in range(3):
         # One transaction each: the next is submitted once the one before is a dead letter.
         await node.submit("a", 1)
@@ -245,6 +246,11 @@ async def test_dead_letters_are_listed_replayed_and_discarded(
     assert await node.stop() == 0
 
 
+#: The live node's sweep interval in the tests of what it picks up from the database: on
+#: PostgreSQL, longer than any test, so that only NOTIFY can tell it at once; on SQLite, which
+#: has no NOTIFY, short.
+SWEEP = 3600.0 if POSTGRES else 0.5
+
 #: A backoff long enough that a DOWN target is not retried within a test, unless woken.
 LONG_BACKOFF = (3600.0, 3600.0)
 
@@ -262,7 +268,7 @@ async def long_down(db_path: Path | str, node: LiveNode, receivers: Receivers) -
 async def test_wake_retries_a_down_target_at_once(
     db_path: Path | str, nodes: LiveNodes, receivers: Receivers
 ) -> None:
-    node = await nodes.start(db_path, receivers, backoff=LONG_BACKOFF)
+    node = await nodes.start(db_path, receivers, backoff=LONG_BACKOFF, sweep_interval=SWEEP)
     await long_down(db_path, node, receivers)
     out = await ok(db_path, "wake", "a", "--wait", "60")
     assert re.fullmatch(r"wake a: command \d+ applied by \S+ .* ago: woken\n", out), out
