@@ -26,10 +26,11 @@ import attrs
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from relayer import _faults
+from relayer import _logevents as ev
 from relayer._scrub import scrub_target
 from relayer.config import BackoffPolicy, TargetConfig, _draw
 from relayer.errors import ConfigurationError, LeaseLost, StoreUnavailable
@@ -352,7 +353,12 @@ class TransactionController:
             delay = t.policy.backoff_delay(failures, self._random)
             checked = checked_decision(Decision.retry(delay))
         except Exception:
-            self.log.failure("The retry policy of {target_id} failed", target_id=t.config.target_id)
+            self.log.failure(
+                "The retry policy of {target} failed",
+                relayer_event=ev.POLICY_FAILED,
+                target=t.config.target_id,
+                method="backoff_delay",
+            )
             checked = None
         if checked is None or checked.delay is None:
             return _FALLBACK.delay(max(1, failures), self._random)
@@ -486,8 +492,9 @@ class TransactionController:
             if t.recoverer is not None and t.recoverer.scheduled:
                 continue
             self.log.warn(
-                "{target_id} was DOWN with no retry scheduled; retrying it now",
-                target_id=target_id,
+                "{target} was DOWN with no retry scheduled; retrying it now",
+                relayer_event=ev.TARGET_REVIVED,
+                target=target_id,
             )
             revived.append(target_id)
             self._kick(t)
@@ -544,17 +551,22 @@ class TransactionController:
         t.loop_errors += 1
         delay = min(LOOP_RETRY_INITIAL * 2 ** min(t.loop_errors - 1, 16), LOOP_RETRY_MAX)
         if failure.check(StoreUnavailable):
-            self.log.warn(
-                "Delivery to {target_id} paused: {error}; retrying in {delay:.1f}s",
-                target_id=t.config.target_id,
+            # Said once at warn; while the store stays unavailable, every target's retries
+            # would flood the log at that level.
+            self.log.emit(
+                LogLevel.warn if t.loop_errors == 1 else LogLevel.info,
+                "Delivery to {target} paused: {error}; retrying in {delay:.1f}s",
+                relayer_event=ev.DELIVERY_PAUSED,
+                target=t.config.target_id,
                 error=failure.getErrorMessage(),
                 delay=delay,
             )
         else:
             self.log.failure(
-                "Delivery to {target_id} stopped on an unexpected error; retrying in {delay:.1f}s",
+                "Delivery to {target} stopped on an unexpected error; retrying in {delay:.1f}s",
                 failure,
-                target_id=t.config.target_id,
+                relayer_event=ev.DELIVERY_ERROR,
+                target=t.config.target_id,
                 delay=delay,
             )
         t.loop_retry = self._clock.callLater(delay, self._kick, t)
@@ -635,6 +647,19 @@ class TransactionController:
                     )
                 else:
                     txn = await store.complete(target_id, txn.txn_id, *limits, now, default_ttl=ttl)
+                self.log.debug(
+                    "Transaction {txn} of {events} events to {target}: {outcome} "
+                    "(attempt {attempts})",
+                    relayer_event=ev.TXN_ACCEPTED
+                    if outcome.kind is OutcomeKind.ACCEPTED
+                    else ev.TXN_DELIVERED,
+                    target=target_id,
+                    txn=sent.txn_id,
+                    events=sent.n_events,
+                    attempts=sent.attempts,
+                    outcome=outcome.kind.value,
+                    latency=now - sent.oldest_at,
+                )
                 if self._observers:
                     self._observers.delivered(
                         target_id, sent.txn_id, sent.n_events, sent.attempts, now - sent.oldest_at
@@ -648,12 +673,17 @@ class TransactionController:
             action = decision.action
             if action is Action.SPLIT and txn.n_events > 1:
                 self.log.info(
-                    "{target_id} refused transaction {txn_id} of {n} events as too large "
+                    "{target} refused transaction {txn} of {events} events as too large "
                     "({reason}); splitting it",
-                    target_id=target_id,
-                    txn_id=txn.txn_id,
-                    n=txn.n_events,
+                    relayer_event=ev.TXN_SPLIT,
+                    target=target_id,
+                    txn=txn.txn_id,
+                    events=txn.n_events,
+                    outcome=outcome.kind.value,
+                    failure_class=info.failure.value,
                     reason=outcome.reason,
+                    attempts=txn.attempts,
+                    failures=info.failures,
                 )
                 split = await store.split(target_id, txn.txn_id, now, default_ttl=ttl)
                 if split is None:
@@ -667,11 +697,17 @@ class TransactionController:
             if action is Action.BLOCK:
                 t.last_error = reason
                 self.log.warn(
-                    "{target_id} refused transaction {txn_id} permanently ({reason}); "
+                    "{target} refused transaction {txn} permanently ({reason}); "
                     "the target is BLOCKED until it is woken",
-                    target_id=target_id,
-                    txn_id=txn.txn_id,
+                    relayer_event=ev.TARGET_BLOCKED,
+                    target=target_id,
+                    txn=txn.txn_id,
+                    events=txn.n_events,
+                    outcome=outcome.kind.value,
+                    failure_class=info.failure.value,
                     reason=reason,
+                    attempts=txn.attempts,
+                    failures=info.failures,
                 )
                 self._set_state(t, TargetState.BLOCKED)
                 t.unrecorded = _Unrecorded(
@@ -684,10 +720,17 @@ class TransactionController:
                 if t.down_since is None:
                     t.down_since = now
                 self.log.warn(
-                    "{target_id} is DISABLED by its retry policy: {reason}; its events are "
+                    "{target} is DISABLED by its retry policy: {reason}; its events are "
                     "kept, and nothing is sent until it is woken",
-                    target_id=target_id,
+                    relayer_event=ev.TARGET_DISABLED,
+                    target=target_id,
+                    txn=txn.txn_id,
+                    events=txn.n_events,
+                    outcome=outcome.kind.value,
+                    failure_class=info.failure.value,
                     reason=reason,
+                    attempts=txn.attempts,
+                    failures=info.failures,
                 )
                 self._set_state(t, TargetState.DISABLED)
                 if t.recoverer is None:
@@ -702,12 +745,17 @@ class TransactionController:
             if action is Action.DEAD_LETTER and outcome.kind is not OutcomeKind.RETRY:
                 # The target answered about the content: go on at once with the next one.
                 self.log.warn(
-                    "{target_id} refused transaction {txn_id} of {n} events permanently "
+                    "{target} refused transaction {txn} of {events} events permanently "
                     "({reason}); it is dead-lettered",
-                    target_id=target_id,
-                    txn_id=txn.txn_id,
-                    n=txn.n_events,
+                    relayer_event=ev.TXN_DEAD_LETTERED,
+                    target=target_id,
+                    txn=txn.txn_id,
+                    events=txn.n_events,
+                    outcome=outcome.kind.value,
+                    failure_class=info.failure.value,
                     reason=reason,
+                    attempts=txn.attempts,
+                    failures=info.failures,
                 )
                 t.last_error = reason
                 dead = txn
@@ -721,11 +769,16 @@ class TransactionController:
                 # A policy gave up on a transaction that the target did not answer: it is
                 # dead-lettered, and the target, still failing, waits for its backoff.
                 self.log.warn(
-                    "{target_id}: transaction {txn_id} of {n} events is dead-lettered: {reason}",
-                    target_id=target_id,
-                    txn_id=txn.txn_id,
-                    n=txn.n_events,
+                    "{target}: transaction {txn} of {events} events is dead-lettered: {reason}",
+                    relayer_event=ev.TXN_DEAD_LETTERED,
+                    target=target_id,
+                    txn=txn.txn_id,
+                    events=txn.n_events,
+                    outcome=outcome.kind.value,
+                    failure_class=info.failure.value,
                     reason=reason,
+                    attempts=txn.attempts,
+                    failures=info.failures,
                 )
                 delay = self._backoff(t, info.failures)
                 self._failed(t, txn, outcome, delay, now, dead_letter=reason)
@@ -756,18 +809,21 @@ class TransactionController:
             answer = t.policy.decide(info, self._random)
         except Exception:
             self.log.failure(
-                "The retry policy of {target_id} failed; the transaction is retried",
-                target_id=info.target_id,
+                "The retry policy of {target} failed; the transaction is retried",
+                relayer_event=ev.POLICY_FAILED,
+                target=info.target_id,
+                method="decide",
             )
             answer = None
         decision = checked_decision(answer)
         if decision is None:
             if answer is not None:
                 self.log.error(
-                    "The retry policy of {target_id} answered {answer!r}, not a valid Decision; "
+                    "The retry policy of {target} answered {answer}, not a valid Decision; "
                     "the transaction is retried",
-                    target_id=info.target_id,
-                    answer=answer,
+                    relayer_event=ev.POLICY_INVALID,
+                    target=info.target_id,
+                    answer=repr(answer),
                 )
             decision = Decision.retry(self._backoff(t, info.failures))
         return info, decision
@@ -820,7 +876,9 @@ class TransactionController:
                 sending.cancel()
             except Exception:
                 self.log.failure(
-                    "Cancelling a send to {target_id} failed", target_id=config.target_id
+                    "Cancelling a send to {target} failed",
+                    relayer_event=ev.DELIVERY_CANCEL_FAILED,
+                    target=config.target_id,
                 )
 
         def forward(result: Any) -> None:
@@ -906,20 +964,30 @@ class TransactionController:
         self._set_state(t, TargetState.DOWN)
         if went_down:
             self.log.warn(
-                "{target_id} is DOWN: transaction {txn_id} failed ({reason}); "
-                "retrying in {delay:.1f}s",
-                target_id=t.config.target_id,
-                txn_id=txn.txn_id,
+                "{target} is DOWN: transaction {txn} failed ({reason}); retrying in {delay:.1f}s",
+                relayer_event=ev.TARGET_DOWN,
+                target=t.config.target_id,
+                txn=txn.txn_id,
+                events=txn.n_events,
+                outcome=outcome.kind.value,
+                failure_class=(outcome.failure_class or FailureClass.TRANSIENT).value,
                 reason=outcome.reason,
+                attempts=txn.attempts,
+                failures=recoverer.failures,
                 delay=next_at - now,
             )
         else:
             self.log.info(
-                "{target_id}: retry of transaction {txn_id} failed ({reason}), failure "
+                "{target}: retry of transaction {txn} failed ({reason}), failure "
                 "{failures}; next retry in {delay:.1f}s",
-                target_id=t.config.target_id,
-                txn_id=txn.txn_id,
+                relayer_event=ev.TXN_RETRY_FAILED,
+                target=t.config.target_id,
+                txn=txn.txn_id,
+                events=txn.n_events,
+                outcome=outcome.kind.value,
+                failure_class=(outcome.failure_class or FailureClass.TRANSIENT).value,
                 reason=outcome.reason,
+                attempts=txn.attempts,
                 failures=recoverer.failures,
                 delay=next_at - now,
             )
@@ -1002,7 +1070,9 @@ class TransactionController:
         t.down_since = None
         if t.state is not TargetState.UP:
             self.log.info(
-                "{target_id} is UP: its backlog is delivered", target_id=t.config.target_id
+                "{target} is UP: its backlog is delivered",
+                relayer_event=ev.TARGET_UP,
+                target=t.config.target_id,
             )
         if t.observed_down:
             t.observed_down = False

@@ -21,6 +21,13 @@ transaction) at the targets that were up, expired (when) at ``outage``, which we
 later events; each state is checked against what the target received. It exits with 0 if
 everything checks, 1 if not, and 2 if it did not finish within ``--timeout``.
 
+With ``--admin PORT``, it also serves the admin API and status page
+(:class:`relayer.admin.AdminResource`) on ``127.0.0.1:PORT`` (0 picks a free port), with the
+token from the environment variable ``RELAYER_ADMIN_TOKEN`` or a random one, and prints the
+page's address, token included, once. After the summary it keeps the scheduler, the targets and
+the page running until it is interrupted (Ctrl-C, or SIGTERM), then stops them and exits with
+the summary's status. Without ``--admin`` it serves nothing more, and exits after the summary.
+
 The demo is a program, not library code: it runs on the global reactor, through
 :func:`twisted.internet.task.react`.
 """
@@ -28,6 +35,7 @@ The demo is a program, not library code: it runs on the global reactor, through
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import secrets
 import sys
@@ -40,8 +48,11 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall, deferLater, react
+from twisted.web.server import Site
 
+from relayer.admin import AdminResource, check_token
 from relayer.config import BackoffPolicy, TargetConfig
+from relayer.errors import ConfigurationError
 from relayer.scheduler import Scheduler, TargetStatus
 from relayer.store.base import DeliveryState, EventEntry, EventStatus
 from relayer.store.sqlite import SQLiteStore
@@ -68,6 +79,9 @@ OUTAGE = "outage"
 #: The id of the event submitted for every target with a short time to live.
 FAN_OUT_ID = "demo-fan-out"
 
+#: The environment variable that gives ``--admin`` its token.
+ADMIN_TOKEN_VARIABLE = "RELAYER_ADMIN_TOKEN"
+
 
 @attrs.frozen
 class DemoOptions:
@@ -81,6 +95,9 @@ class DemoOptions:
         outage: Seconds the ``outage`` target stays down.
         failure_rate: The share of requests the ``flaky`` target fails.
         progress_interval: Seconds between two progress lines.
+        admin_port: Serve the admin API and status page on this port of 127.0.0.1 (0: any free
+            port), and keep running after the summary until interrupted; None serves nothing.
+        admin_token: The admin API's token; None makes a random one.
     """
 
     events: int = 10_000
@@ -89,6 +106,8 @@ class DemoOptions:
     outage: float = 3.0
     failure_rate: float = 0.3
     progress_interval: float = 0.5
+    admin_port: int | None = None
+    admin_token: str | None = attrs.field(default=None, repr=False)
 
     @property
     def fan_out_ttl(self) -> float:
@@ -128,6 +147,16 @@ def _rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be from 0 to below 1, not {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {value}")
     return value
 
 
@@ -171,17 +200,39 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log", action="store_true", help="also show relayer's log on standard error"
     )
+    parser.add_argument(
+        "--admin",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help=(
+            "also serve the admin API and status page on 127.0.0.1:PORT (0: any free port), "
+            f"with the token in ${ADMIN_TOKEN_VARIABLE} or a random one, and keep running "
+            "after the summary until Ctrl-C"
+        ),
+    )
     parser.set_defaults(func=run_from_args)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo with parsed command-line arguments; return the exit status."""
+    token = None
+    if args.admin is not None:
+        token = os.environ.get(ADMIN_TOKEN_VARIABLE) or None
+        if token is not None:
+            try:
+                check_token(token)
+            except ConfigurationError as e:
+                sys.stderr.write(f"relayer demo: ${ADMIN_TOKEN_VARIABLE}: {e}\n")
+                return EXIT_FAILED
     options = DemoOptions(
         events=args.events,
         seed=args.seed,
         timeout=args.timeout,
         outage=args.outage,
         failure_rate=args.failure_rate,
+        admin_port=args.admin,
+        admin_token=token,
     )
     if args.log:
         from twisted.logger import (
@@ -249,6 +300,8 @@ class _Demo:
         self.started_at = 0.0
         self.status: dict[str, TargetStatus] = {}
         self._reporting = False
+        #: Fired once run() has stopped everything, after an interruption (``--admin``).
+        self._stopped: Deferred[None] | None = None
         self.fan_out: dict[str, Any] = {
             "seq": -1,  # before every other event: the targets check the order by "seq"
             "target": "all",
@@ -264,6 +317,7 @@ class _Demo:
         scheduler: Scheduler | None = None
         progress: LoopingCall | None = None
         comeback = None
+        admin_port: Any = None
         try:
             backoff = BackoffPolicy(initial=0.2, maximum=2.0)
             for name, description in (
@@ -301,6 +355,8 @@ class _Demo:
             self.write(f"  store: SQLite in {path}")
             for t in self.targets:
                 self.write(f"  target {t.name:<8} {t.config.base_url:<24} {t.description}")
+            if options.admin_port is not None:
+                admin_port = self._serve_admin(scheduler)
             await scheduler.start()
             self.started_at = self.reactor.seconds()
             # Submitted first, so that it heads every target's queue. Its deadline is before
@@ -335,15 +391,21 @@ class _Demo:
             await self._report(scheduler)
             if not finished:
                 self.write(f"TIMED OUT after {options.timeout:g}s: not every event was delivered")
-                return EXIT_TIMEOUT
-            status = await scheduler.event_status(FAN_OUT_ID)
-            later: dict[str, EventEntry | None] = {}
-            if status is not None:
-                for name, delivery in status.deliveries.items():
-                    if delivery.state is DeliveryState.EXPIRED:
-                        page = await scheduler.target_events(name, DeliveryState.DELIVERED, limit=1)
-                        later[name] = page.entries[0] if page.entries else None
-            return self._summary(status, later)
+                code = EXIT_TIMEOUT
+            else:
+                status = await scheduler.event_status(FAN_OUT_ID)
+                later: dict[str, EventEntry | None] = {}
+                if status is not None:
+                    for name, delivery in status.deliveries.items():
+                        if delivery.state is DeliveryState.EXPIRED:
+                            page = await scheduler.target_events(
+                                name, DeliveryState.DELIVERED, limit=1
+                            )
+                            later[name] = page.entries[0] if page.entries else None
+                code = self._summary(status, later)
+            if admin_port is not None:
+                await self._until_interrupted()
+            return code
         except Exception as e:
             self.write(f"relayer demo failed: {type(e).__name__}: {e}")
             return EXIT_FAILED
@@ -352,12 +414,52 @@ class _Demo:
                 progress.stop()
             if comeback is not None and comeback.active():
                 comeback.cancel()
-            if scheduler is not None and scheduler.running:
-                await scheduler.stop()
-            await transport.close()
-            for server in servers:
-                await server.stop()
-            folder.cleanup()
+            try:
+                if admin_port is not None:
+                    await admin_port.stopListening()
+                if scheduler is not None and scheduler.running:
+                    await scheduler.stop()
+                await transport.close()
+                for server in servers:
+                    await server.stop()
+                folder.cleanup()
+            finally:
+                if self._stopped is not None:
+                    self._stopped.callback(None)
+
+    def _serve_admin(self, scheduler: Scheduler) -> Any:
+        """Serve the admin API and status page on 127.0.0.1; print its address, once."""
+        options = self.options
+        assert options.admin_port is not None
+        token = options.admin_token or secrets.token_urlsafe(24)
+        site = Site(AdminResource(scheduler, token))
+        site.noisy = False
+        port = self.reactor.listenTCP(options.admin_port, site, interface="127.0.0.1")
+        number = port.getHost().port
+        self.write(f"  admin: http://127.0.0.1:{number}/#token={token}")
+        self.write(
+            f"         the status page, and the API at http://127.0.0.1:{number}/api/ "
+            "(header Authorization: Bearer TOKEN)"
+        )
+        return port
+
+    async def _until_interrupted(self) -> None:
+        """
+        Keep everything running until the reactor is asked to stop (Ctrl-C, SIGTERM); the
+        shutdown then waits for the demo to stop its scheduler and servers.
+        """
+        interrupted: Deferred[None] = Deferred()
+        stopped: Deferred[None] = Deferred()
+        self._stopped = stopped
+
+        def shutting_down() -> Deferred[None]:
+            interrupted.callback(None)
+            # The shutdown goes on once run() has stopped everything (see its finally).
+            return stopped
+
+        self.write("the scheduler, the targets and the admin page keep running: Ctrl-C stops them")
+        self.reactor.addSystemEventTrigger("before", "shutdown", shutting_down)
+        await interrupted
 
     async def _fan_out_to_live(self, expires_at: float) -> None:
         """

@@ -30,6 +30,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from relayer import _encoding, _faults
+from relayer import _logevents as ev
 from relayer.config import BackoffPolicy
 from relayer.errors import StoreError, StoreUnavailable
 from relayer.store.base import EventBatch, IStore
@@ -248,7 +249,11 @@ class EventGrouper:
         d = Deferred.fromCoroutine(
             self._store_batch(batch, events_batch, list(merged.per_target), count)
         )
-        d.addErrback(lambda f: self.log.failure("The event grouper failed", f))
+        d.addErrback(
+            lambda f: self.log.failure(
+                "The event grouper failed", f, relayer_event=ev.GROUPER_FAILED
+            )
+        )
 
     async def _store_batch(
         self,
@@ -278,11 +283,12 @@ class EventGrouper:
                     waited = self._clock.seconds() - started
                     if waited >= self.retry_timeout:
                         self.log.error(
-                            "Storing {count} submitted events failed for {waited:.1f}s ({error}); "
-                            "their submits fail",
-                            count=count,
-                            waited=waited,
+                            "Storing {events} submitted events failed for {waited:.1f}s "
+                            "({error}); their submits fail",
+                            relayer_event=ev.SUBMIT_FAILED,
+                            events=count,
                             error=str(e),
+                            waited=waited,
                         )
                         settle()
                         self._fail(
@@ -295,17 +301,22 @@ class EventGrouper:
                         self.retry.delay(attempt, self._random), self.retry_timeout - waited
                     )
                     self.log.warn(
-                        "Storing {count} submitted events failed ({error}); retrying in "
+                        "Storing {events} submitted events failed ({error}); retrying in "
                         "{delay:.2f}s",
-                        count=count,
+                        relayer_event=ev.SUBMIT_RETRYING,
+                        events=count,
                         error=str(e),
                         delay=delay,
+                        waited=waited,
                     )
                     await deferLater(self._clock, delay)
                 except Exception as e:
                     self.log.failure(
-                        "Storing {count} submitted events failed; their submits fail",
-                        count=count,
+                        "Storing {events} submitted events failed; their submits fail",
+                        relayer_event=ev.SUBMIT_FAILED,
+                        events=count,
+                        error=str(e),
+                        waited=self._clock.seconds() - started,
                     )
                     settle()
                     self._fail(batch, f"the events were not stored: {e}")
@@ -321,7 +332,11 @@ class EventGrouper:
                     try:
                         self._on_stored(target_ids)
                     except Exception:
-                        self.log.failure("Handing over stored events failed")
+                        self.log.failure(
+                            "Handing over the stored events of {targets} targets failed",
+                            relayer_event=ev.SUBMIT_HANDOVER_FAILED,
+                            targets=len(target_ids),
+                        )
                     return
         finally:
             settle()

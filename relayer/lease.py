@@ -42,6 +42,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from relayer import _faults
+from relayer import _logevents as ev
 from relayer.errors import ConfigurationError
 from relayer.store.base import ILeaseStore, LeaseRound
 
@@ -192,10 +193,11 @@ class LeaseManager:
             self._failures += 1
             delay = min(settings.interval, 0.5 * 2 ** min(self._failures - 1, 10))
             self.log.warn(
-                "Renewing leases failed ({error}); {left:.1f}s of lease left; retrying in "
+                "Renewing leases failed ({error}); {remaining:.1f}s of lease left; retrying in "
                 "{delay:.1f}s",
+                relayer_event=ev.LEASE_RENEW_FAILED,
                 error=str(e),
-                left=max(0.0, self.remaining()),
+                remaining=max(0.0, self.remaining()),
                 delay=delay,
             )
         else:
@@ -207,7 +209,9 @@ class LeaseManager:
             except Exception:
                 # The leases were renewed; what this process does with them failed. The next
                 # round comes all the same, so renewals never stop on an error.
-                self.log.failure("Acting on a lease round failed")
+                self.log.failure(
+                    "Acting on a lease round failed", relayer_event=ev.LEASE_APPLY_FAILED
+                )
             if result.next_expiry is not None:
                 # Take over a dead process's targets as soon as their leases expire (a live
                 # process renews them before then, and this round finds nothing to take).
@@ -224,13 +228,18 @@ class LeaseManager:
         new = sorted(owned - self.owned)
         self.owned = owned
         if lost:
-            self.log.warn("Lost the leases of {n} targets", n=len(lost))
+            self.log.warn(
+                "Lost the leases of {targets} targets",
+                relayer_event=ev.LEASE_LOST,
+                targets=len(lost),
+            )
             self._lost(lost)
         if new:
             self.log.info(
-                "Took the leases of {n} targets ({live} processes live)",
-                n=len(new),
-                live=result.live_nodes,
+                "Took the leases of {targets} targets ({nodes} processes live)",
+                relayer_event=ev.LEASE_ACQUIRED,
+                targets=len(new),
+                nodes=result.live_nodes,
             )
             _faults.checkpoint("lease.acquired")
             self._acquired(new, {t: result.taken_over[t] for t in new if t in result.taken_over})
@@ -242,7 +251,11 @@ class LeaseManager:
     def _give_up(self, target_ids: list[str]) -> None:
         self.owned.difference_update(target_ids)
         self._shedding.update(target_ids)
-        self.log.info("Giving up {n} targets to other processes", n=len(target_ids))
+        self.log.info(
+            "Giving up {targets} targets to other processes",
+            relayer_event=ev.LEASE_SHED,
+            targets=len(target_ids),
+        )
 
         async def give_up() -> None:
             try:
@@ -252,7 +265,12 @@ class LeaseManager:
                 self._shedding.difference_update(target_ids)
 
         Deferred.fromCoroutine(give_up()).addErrback(
-            lambda f: self.log.failure("Giving up leases failed", f)
+            lambda f: self.log.failure(
+                "Giving up the leases of {targets} targets failed",
+                f,
+                relayer_event=ev.LEASE_SHED_FAILED,
+                targets=len(target_ids),
+            )
         )
 
     def stop(self) -> Deferred[None]:

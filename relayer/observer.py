@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 from zope.interface.verify import verifyObject
 
+from relayer import _logevents as ev
 from relayer.errors import ConfigurationError
 from relayer.transport.base import FailureClass
 
@@ -151,7 +152,10 @@ class Observers:
                 result = getattr(observer, method)(*args)
             except Exception:
                 self.log.failure(
-                    "Observer {observer!r} failed in {method}", observer=observer, method=method
+                    "Observer {observer} failed in {method}",
+                    relayer_event=ev.OBSERVER_FAILED,
+                    observer=repr(observer),
+                    method=method,
                 )
                 continue
             if isinstance(result, Deferred):
@@ -159,7 +163,11 @@ class Observers:
 
     def _failed(self, failure: Failure, observer: Any, method: str) -> None:
         self.log.failure(
-            "Observer {observer!r} failed in {method}", failure, observer=observer, method=method
+            "Observer {observer} failed in {method}",
+            failure,
+            relayer_event=ev.OBSERVER_FAILED,
+            observer=repr(observer),
+            method=method,
         )
 
     def delivered(

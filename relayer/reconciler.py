@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayer import _logevents as ev
 from relayer.config import _draw
 from relayer.errors import StoreUnavailable
 
@@ -41,6 +42,7 @@ class Reconciler:
         sweep: Runs one sweep; its Deferred fires when the sweep is done. A sweep that fails
             is logged, and the next one comes as usual.
         what: What a sweep is, for log messages.
+        event: The name of the log event of a failed sweep (its ``relayer_event``).
     """
 
     log = Logger(namespace="relayer.reconciler")
@@ -52,9 +54,11 @@ class Reconciler:
         random: Callable[[], float],
         sweep: Callable[[], Deferred[None]],
         what: str = "A sweep for stranded work",
+        event: str = ev.SWEEP_FAILED,
     ) -> None:
         self.interval = interval
         self._what = what
+        self._event = event
         self.sweeps = 0
         self._clock = clock
         self._random = random
@@ -76,8 +80,14 @@ class Reconciler:
         self.sweeps += 1
         try:
             d = self._sweep()
-        except Exception:
-            self.log.failure("{what} failed", what=self._what)
+        except Exception as e:
+            self.log.failure(
+                "{what} failed",
+                relayer_event=self._event,
+                what=self._what,
+                error=str(e),
+                interval=self.interval,
+            )
             self._next()
             return
         self._running = d
@@ -88,12 +98,20 @@ class Reconciler:
                 if result.check(StoreUnavailable):
                     self.log.warn(
                         "{what} failed ({error}); the next one comes in {interval:.0f}s",
+                        relayer_event=self._event,
                         what=self._what,
                         error=result.getErrorMessage(),
                         interval=self.interval,
                     )
                 else:
-                    self.log.failure("{what} failed", result, what=self._what)
+                    self.log.failure(
+                        "{what} failed",
+                        result,
+                        relayer_event=self._event,
+                        what=self._what,
+                        error=result.getErrorMessage(),
+                        interval=self.interval,
+                    )
             self._next()
 
         d.addBoth(done)

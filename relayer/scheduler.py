@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayer import _encoding, plugins
+from relayer import _logevents as ev
 from relayer.config import Retention, TargetConfig, _check_target_id
 from relayer.controller import (
     DEFAULT_RECOVERY_SPREAD,
@@ -302,7 +303,12 @@ class Scheduler:
         self._retention_runs: Reconciler | None = None
         if retention is not None and retention.interval is not None:
             self._retention_runs = Reconciler(
-                clock, retention.interval, stagger.random, self._retention_run, "A retention run"
+                clock,
+                retention.interval,
+                stagger.random,
+                self._retention_run,
+                "A retention run",
+                ev.RETENTION_FAILED,
             )
         #: Retries of registrations and takeovers that failed on the store.
         self._retries: set[IDelayedCall] = set()
@@ -336,6 +342,16 @@ class Scheduler:
             return frozenset(self._controller.targets)
         return frozenset(t for t in self._leases.owned if self._leases.owns(t))
 
+    def _delivers_to(self, target_id: str) -> bool:
+        """
+        Whether this process delivers to the target now: it has it in charge and, with
+        leases, still holds its lease (one that ran out, or is being given up, may have
+        another owner already).
+        """
+        if target_id not in self._controller.targets:
+            return False
+        return self._leases is None or self._leases.owns(target_id)
+
     def _may_send(self, t: TargetRuntime) -> bool:
         assert self._leases is not None
         leases = self._leases
@@ -357,6 +373,7 @@ class Scheduler:
             return
         records = await self._store.load_targets(wanted)
         unknown = []
+        taken = False
         for target_id in wanted:
             record = records.get(target_id)
             if record is None:
@@ -372,6 +389,10 @@ class Scheduler:
             )
             # It may have events that arrived while another process owned it.
             self._controller.notify([target_id])
+            taken = True
+        if taken:
+            # And commands recorded for it meanwhile.
+            self._commands_announced()
         if unknown:
             raise StoreError(f"{len(unknown)} targets are not registered in the store yet")
 
@@ -402,6 +423,7 @@ class Scheduler:
             delay = min(LOOP_RETRY_INITIAL * 2 ** min(attempt, 16), LOOP_RETRY_MAX)
             self.log.warn(
                 "{what} failed ({error}); retrying in {delay:.1f}s",
+                relayer_event=ev.SCHEDULER_RETRYING,
                 what=what,
                 error=failure.getErrorMessage(),
                 delay=delay,
@@ -460,8 +482,9 @@ class Scheduler:
                 stranded = sorted(t for t in pending if t in still_idle)
                 if stranded:
                     self.log.info(
-                        "A sweep found pending work for {n} idle targets; delivering it",
-                        n=len(stranded),
+                        "A sweep found pending work for {targets} idle targets; delivering it",
+                        relayer_event=ev.SWEEP_STRANDED,
+                        targets=len(stranded),
                     )
                     self._controller.notify(stranded)
         self._controller.revive_stalled()
@@ -479,7 +502,9 @@ class Scheduler:
         def done(result: object) -> None:
             self._command_run = None
             if isinstance(result, Failure):
-                self.log.failure("Applying operators' commands failed", result)
+                self.log.failure(
+                    "Applying operators' commands failed", result, relayer_event=ev.COMMAND_FAILED
+                )
             if self._commands_again:
                 self._commands_again = False
                 self._commands_announced()
@@ -503,7 +528,7 @@ class Scheduler:
                 if self._lifecycle != _Lifecycle.RUNNING:
                     return
                 target_id = command.target_id
-                if target_id not in self._controller.targets:
+                if not self._delivers_to(target_id):
                     continue
                 if command.action == "wake":
                     self._controller.wake(target_id)
@@ -514,10 +539,11 @@ class Scheduler:
                     command.command_id, self._clock.seconds(), self.node_id or "local", result
                 )
                 self.log.info(
-                    "Applied command {command_id} ({action}) for target {target_id}: {result}",
-                    command_id=command.command_id,
+                    "Applied command {command} ({action}) for target {target}: {result}",
+                    relayer_event=ev.COMMAND_APPLIED,
+                    command=command.command_id,
                     action=command.action,
-                    target_id=target_id,
+                    target=target_id,
                     result=result,
                 )
             if len(page) < _COMMAND_PAGE:
@@ -627,9 +653,10 @@ class Scheduler:
         for target_id, record in records.items():
             if record.has_pending and target_id not in self._configs:
                 self.log.warn(
-                    "The store holds undelivered events for target {target_id}, which is not "
+                    "The store holds undelivered events for target {target}, which is not "
                     "registered; they wait until it is",
-                    target_id=target_id,
+                    relayer_event=ev.TARGET_UNREGISTERED,
+                    target=target_id,
                 )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -678,7 +705,11 @@ class Scheduler:
             self._reconciler.start()
             if self._retention_runs is not None:
                 self._retention_runs.start()
-            self.log.info("relayer scheduler started with {n} targets", n=len(self._configs))
+            self.log.info(
+                "relayer scheduler started with {targets} targets",
+                relayer_event=ev.SCHEDULER_STARTED,
+                targets=len(self._configs),
+            )
 
         def started(result: object) -> object:
             # A stop() called while starting goes on from here.
@@ -704,7 +735,10 @@ class Scheduler:
                     await self._leases.stop()
                 except Exception:
                     # The leases expire by themselves.
-                    self.log.failure("Releasing the leases after a failed start failed")
+                    self.log.failure(
+                        "Releasing the leases after a failed start failed",
+                        relayer_event=ev.LEASE_RELEASE_FAILED,
+                    )
         finally:
             await self._store.close()
 
@@ -765,7 +799,7 @@ class Scheduler:
                 await self._leases.stop()
             await self._store.close()
             self._lifecycle = _Lifecycle.STOPPED
-            self.log.info("relayer scheduler stopped")
+            self.log.info("relayer scheduler stopped", relayer_event=ev.SCHEDULER_STOPPED)
 
         return Deferred.fromCoroutine(stop())
 
@@ -1220,7 +1254,7 @@ class Scheduler:
         """
         self._check_running()
         self._config(target_id)
-        if target_id in self._controller.targets:
+        if self._delivers_to(target_id):
             self._controller.wake(target_id)
             return succeed(None)
         recorded = self._store.add_command(target_id, "wake", self._clock.seconds())
@@ -1531,11 +1565,12 @@ class Scheduler:
             report = await self._purge(dry_run=False)
             if report.events or report.transactions:
                 self.log.info(
-                    "Retention {did} {events} events and {txns} transaction records in "
-                    "{chunks} chunks; {kept} old events kept, not final yet",
-                    did="archived" if report.archived else "purged",
+                    "Retention {action} {events} events and {transactions} transaction records "
+                    "in {chunks} chunks; {kept} old events kept, not final yet",
+                    relayer_event=ev.RETENTION_DONE,
+                    action="archived" if report.archived else "purged",
                     events=report.events,
-                    txns=report.transactions,
+                    transactions=report.transactions,
                     chunks=report.chunks,
                     kept=report.not_final,
                 )

@@ -5,13 +5,17 @@ Run as::
 
     python tests/live_node.py --database URL --receiver BASE_URL --targets a,b,c
         [--sweep-interval 0.5] [--leases NODE_ID] [--backoff-initial 0.2] [--backoff-maximum 2]
+        [--admin-port 0 --admin-token TOKEN [--admin-metrics]]
 
 ``URL`` is a SQLite file path, a ``sqlite:///`` URL or a ``postgresql://`` URL. Each target
 ``T`` is a Matrix application-service target at ``{BASE_URL}/{T}`` with the token
 :data:`TOKEN`. The process runs a :class:`relayer.Scheduler` with an HTTP transport on the real
 reactor, and talks JSON lines:
 
-- once started, it prints ``{"ready": true, "pid": ..., "targets": [...]}``;
+- once started, it prints ``{"ready": true, "pid": ..., "targets": [...]}``, with
+  ``"admin_port"`` when it serves :class:`relayer.admin.AdminResource` (``--admin-port``, 0 for
+  any free port) at ``http://127.0.0.1:{admin_port}/admin/``, with the metrics of a
+  :class:`relayer.metrics.PrometheusMetrics` at ``/admin/metrics`` with ``--admin-metrics``;
 - ``submit TARGET[,TARGET...] N`` on stdin submits N events, ``{"target": ..., "n": k}``
   numbered from 0 up for each target list, with the ids ``{TARGET}-{k}`` (the target list
   joined by ``+``), and prints ``{"submitted": [ids]}`` once they are stored;
@@ -38,6 +42,8 @@ from twisted.internet.task import react
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from relayer import BackoffPolicy, HTTPTransport, Scheduler, TargetConfig
 from relayer.dbcli import is_postgres, sqlite_path
@@ -136,6 +142,11 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     leases = None
     if args.leases:
         leases = LeaseSettings(node_id=args.leases, timeout=args.lease_timeout)
+    metrics: Any = None
+    if args.admin_metrics:
+        from relayer.metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics(reactor, refresh_interval=0.5)
     scheduler = Scheduler(
         reactor,
         store,
@@ -143,12 +154,17 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         targets,
         leases=leases,
         sweep_interval=args.sweep_interval,
+        observers=[metrics] if metrics is not None else [],
     )
     await scheduler.start()
+    if metrics is not None:
+        metrics.watch(scheduler)
     done: Deferred[None] = Deferred()
     stopping: list[Deferred[None]] = []
 
     async def shutdown() -> None:
+        if metrics is not None:
+            await metrics.stop()
         await scheduler.stop()
         await transport.close()
         emit({"stopped": True})
@@ -167,6 +183,15 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         "pid": os.getpid(),
         "targets": [c.target_id for c in targets],
     }
+    if args.admin_port is not None:
+        from relayer.admin import AdminResource
+
+        root = Resource()
+        root.putChild(b"admin", AdminResource(scheduler, args.admin_token, metrics=metrics))
+        site = Site(root)
+        site.noisy = False
+        port = reactor.listenTCP(args.admin_port, site, interface="127.0.0.1")
+        ready["admin_port"] = port.getHost().port
     emit(ready)
     await done
     await stop()
@@ -183,6 +208,11 @@ def main() -> None:
     parser.add_argument("--backoff-initial", type=float, default=0.2)
     parser.add_argument("--backoff-maximum", type=float, default=2.0)
     parser.add_argument("--request-timeout", type=float, default=5.0)
+    parser.add_argument("--admin-port", type=int, help="serve the admin API on this port")
+    parser.add_argument("--admin-token", default="", help="the admin API's token")
+    parser.add_argument(
+        "--admin-metrics", action="store_true", help="serve Prometheus metrics at /admin/metrics"
+    )
     args = parser.parse_args()
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     react(lambda reactor: Deferred.fromCoroutine(run(reactor, args)))

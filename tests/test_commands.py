@@ -34,6 +34,7 @@ def make(
     clock: Clock | None = None,
     transport: FakeTransport | None = None,
     node: str | None = None,
+    sweep: float = SWEEP,
 ) -> tuple[Scheduler, FakeTransport, Clock]:
     clock = clock if clock is not None else Clock()
     transport = transport if transport is not None else FakeTransport(clock)
@@ -48,7 +49,7 @@ def make(
         transport,
         configs,
         random=lambda: 0.0,
-        sweep_interval=SWEEP,
+        sweep_interval=sweep,
         leases=leases,
     )
     return scheduler, transport, clock
@@ -125,6 +126,28 @@ def test_wake_records_a_command_for_the_process_that_owns_the_target(
     # Woken where it is delivered, a wake is no command.
     assert result_of(owner.wake("t")) is None
     result_of(a.stop())
+    result_of(b.stop())
+
+
+def test_a_process_that_takes_a_target_over_applies_its_commands_at_once(
+    db_path: Path | str,
+) -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    # No sweep within the test: only the takeover can bring the command.
+    a, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="a", sweep=3600.0)
+    result_of(a.start())
+    assert "t" in a.owned_targets
+    b, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="b", sweep=3600.0)
+    result_of(b.start())
+    down_with_one_event(a, transport, "t")
+    result_of(a.stop())
+    command_id = result_of(b.wake("t"))
+    assert isinstance(command_id, int)
+    clock.advance(LEASES["renew_interval"] * 1.01)
+    assert "t" in b.owned_targets
+    assert transport["t"].events == [{"n": 1}]
+    assert result_of(b.command(command_id)).done_by == "b"
     result_of(b.stop())
 
 
@@ -255,3 +278,60 @@ async def test_on_postgresql_the_owner_applies_a_command_at_once(db_path: str) -
     finally:
         await other.close()
         await scheduler.stop()
+
+
+def _expire_leases_of(scheduler: Scheduler, clock: Clock) -> None:
+    """Make the scheduler's lease renewals fail until its leases have run out."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise Exception("database unreachable")
+
+    scheduler._store.lease_round = broken  # type: ignore[attr-defined]
+    clock.advance(LEASES["timeout"] * 1.01)
+
+
+def test_a_process_whose_lease_ran_out_records_a_wake_for_the_new_owner(
+    db_path: Path | str,
+) -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    a, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="a", sweep=3600.0)
+    result_of(a.start())
+    assert "t" in a.owned_targets
+    down_with_one_event(a, transport, "t")
+    _expire_leases_of(a, clock)
+    assert "t" not in a.owned_targets
+    b, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="b", sweep=3600.0)
+    result_of(b.start())
+    assert "t" in b.owned_targets
+    # a may no longer send to t: woken there, the wake would be lost.
+    command_id = result_of(a.wake("t"))
+    assert isinstance(command_id, int)
+    result_of(b.stop())
+    result_of(a.stop())
+
+
+def test_a_process_whose_lease_ran_out_leaves_the_commands_to_the_new_owner(
+    db_path: Path | str,
+) -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    a, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="a", sweep=SWEEP)
+    result_of(a.start())
+    down_with_one_event(a, transport, "t")
+    _expire_leases_of(a, clock)
+    b, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="b", sweep=10 * SWEEP)
+    result_of(b.start())
+    assert "t" in b.owned_targets and "t" not in a.owned_targets
+    other = open_store(Clock(), db_path)
+    command_id = result_of(other.add_command("t", "wake", 0.0))
+    # a sweeps first: the command is not its own to apply.
+    clock.advance(SWEEP * 1.01)
+    assert not result_of(other.command(command_id)).done
+    clock.advance(10 * SWEEP * 1.01)
+    done = result_of(other.command(command_id))
+    assert done.done and done.done_by == "b"
+    assert transport["t"].events == [{"n": 1}]
+    result_of(other.close())
+    result_of(b.stop())
+    result_of(a.stop())

@@ -535,6 +535,7 @@ def test_no_sql_is_built_from_strings() -> None:
         # A plain identifier, checked against a strict pattern.
         ("postgres.py", "f'CREATE SCHEMA IF NOT EXISTS \"{self._schema}\"'"),
         ("postgres.py", "f'LISTEN \"{self._channel}\"'"),
+        ("postgres.py", "f'LISTEN \"{self._command_channel}\"'"),
         # Fixed DDL: relayer's own table, view and column names, from schema.ARCHIVED and the
         # table definitions.
         (

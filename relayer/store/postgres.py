@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
+from relayer import _logevents as ev
 from relayer.config import BackoffPolicy
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import ConfigurationError, DatabaseInUse, StoreUnavailable
@@ -329,7 +330,9 @@ class _Listener:
         self._where = f"{url.host or 'localhost'}:{url.port or 5432}"
         self._channel = channel
         self._callback = callback
-        self._commands = commands
+        # The channel of operators' commands, and what to call when one is announced.
+        self._command_channel = commands[0] if commands is not None else None
+        self._on_command = commands[1] if commands is not None else None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="relayer-pg-listen", daemon=True)
         self._backoff = BackoffPolicy(initial=0.1, multiplier=2.0, maximum=10.0, jitter=0.2)
@@ -353,21 +356,25 @@ class _Listener:
             try:
                 with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f'LISTEN "{self._channel}"')
-                    if self._commands is not None:
-                        conn.execute(f'LISTEN "{self._commands[0]}"')
+                    if self._command_channel is not None:
+                        conn.execute(f'LISTEN "{self._command_channel}"')
                     if failures:
                         self.log.info(
-                            "Listening for new events again at {where}", where=self._where
+                            "Listening for new events again at {server}",
+                            relayer_event=ev.LISTEN_RESTORED,
+                            server=self._where,
                         )
                         # Notifications may have been missed while reconnecting.
                         self._deliver(None)
-                        if self._commands is not None:
-                            self._reactor.callFromThread(self._commands[1])
+                        if self._on_command is not None:
+                            self._reactor.callFromThread(self._on_command)
                     failures = 0
                     while not self._stopping.is_set():
                         for note in conn.notifies(timeout=0.5, stop_after=1000):
-                            if self._commands is not None and note.channel == self._commands[0]:
-                                self._reactor.callFromThread(self._commands[1])
+                            if self._on_command is not None and note.channel == (
+                                self._command_channel
+                            ):
+                                self._reactor.callFromThread(self._on_command)
                                 continue
                             payload = note.payload
                             self._deliver(None if payload == "*" else payload.split("\n"))
@@ -377,9 +384,10 @@ class _Listener:
                 failures += 1
                 delay = self._backoff.delay(failures, random.random)
                 self.log.warn(
-                    "Listening for new events at {where} failed ({error}); retrying in "
+                    "Listening for new events at {server} failed ({error}); retrying in "
                     "{delay:.1f}s",
-                    where=self._where,
+                    relayer_event=ev.LISTEN_FAILED,
+                    server=self._where,
                     error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
                     delay=delay,
                 )

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relayer import _encoding, _faults
+from relayer import _logevents as ev
 from relayer.dbpool import DatabasePool
 from relayer.errors import LeaseLost, SchemaVersionError, StoreError, StoreUnavailable
 from relayer.event import GENERATED_ID_PREFIX
@@ -346,7 +347,12 @@ class SQLStore:
                 try:
                     listener(target_id, expired)
                 except Exception:
-                    self.log.failure("The listener of expired events failed")
+                    self.log.failure(
+                        "The listener of expired events failed",
+                        relayer_event=ev.STORE_EXPIRY_LISTENER_FAILED,
+                        target=target_id,
+                        events=expired,
+                    )
             return claim
 
         return self._run(unit).addCallback(committed)
@@ -406,6 +412,7 @@ class SQLStore:
             if before != after:
                 self.log.info(
                     "Upgraded the relayer schema from version {before} to {after}",
+                    relayer_event=ev.SCHEMA_UPGRADED,
                     before=before,
                     after=after,
                 )

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 # relayer.formats imports relayer.transport.base, and so this package: it is imported as a
 # module, whose names are looked up when they are used.
+from relayer import _logevents as ev
 from relayer import formats as _formats
 from relayer._scrub import REDACTED, hidden_values, scrub_target, without_token_start
 from relayer.config import TargetConfig
@@ -63,6 +64,24 @@ SNIPPET_BYTES = 200
 #: own default is 2). Targets that share a host each have a request in flight at a time, and
 #: without enough kept connections most requests would open a new one.
 DEFAULT_PERSISTENT_PER_HOST = 100
+
+
+class _QuietClientFactory(webclient._HTTP11ClientFactory):
+    """Twisted's HTTP/1.1 client factory, which does not log each connection it starts and stops."""
+
+    noisy = False
+
+
+class _QuietConnectionPool(webclient.HTTPConnectionPool):
+    """
+    A persistent connection pool, as Twisted's, whose connections are made quietly.
+
+    Twisted's pool makes a factory per new connection, which logs ``Starting factory`` and
+    ``Stopping factory`` at INFO: with many targets, or one retried while it is DOWN, those
+    lines would flood the log. Nothing else differs.
+    """
+
+    _factory = _QuietClientFactory
 
 
 class IHTTPReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
@@ -319,7 +338,7 @@ class HTTPTransport:
         self._reactor = reactor
         self._pool: webclient.HTTPConnectionPool | None = None
         if client is None:
-            self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+            self._pool = _QuietConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = max_persistent_per_host
             client = HTTPClient(webclient.Agent(reactor, pool=self._pool))
         self._client = client
@@ -459,8 +478,11 @@ class HTTPTransport:
         )
         self.log.debug(
             "{method} {url} -> {status} ({size} body bytes read)",
+            relayer_event=ev.HTTP_RESPONSE,
+            target=target.target_id,
             method=method,
-            url=url,
+            # A plugin format's query string may hold a secret: it is never logged.
+            url=scrub_target(url.split("?", 1)[0].split("#", 1)[0], target, 2000),
             status=status,
             size=read.size if read is not None else 0,
         )
