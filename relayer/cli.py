@@ -11,10 +11,22 @@ Sub-commands:
   beside the database's running schedulers: purge (or, with ``--archive``, archive) the final
   events that have passed their retention. ``--dry-run`` changes nothing.
 
-Every command that works on a database takes it from ``--database``, or else from the
-environment variable ``RELAYER_DATABASE_URL``, and never prints its password.
+- Operator commands, which act on a live system through its database, beside the running
+  schedulers (see :mod:`relayer.opscli`):
 
-Operator commands (status, wake, dead letters, replay) will join it as sub-commands.
+  - ``relayer status [--target T] [--json]``: each target's state and backlog;
+  - ``relayer wake TARGET [--wait SECONDS]``: retry a target now, in whichever process
+    delivers to it;
+  - ``relayer replay TARGET [--txn N]`` and ``relayer discard TARGET --txn N``: queue dead
+    letters again, or give one up;
+  - ``relayer dead-letters TARGET``, ``relayer events --target T --state S`` and
+    ``relayer event ID``: list dead letters and events, and show where one event stands.
+
+Every command that works on a database takes it from ``--database``, or else from the
+environment variable ``RELAYER_DATABASE_URL``, and never prints its password. Exit statuses
+are shared: 0 done, 1 the database could not be used or failed, 2 bad usage (or a target, event
+or dead letter the database does not know), 3 stopped or timed out before the end, 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from relayer import dbcli, demo, purgecli
+from relayer import dbcli, demo, opscli, purgecli
 from relayer._version import __version__
 
 
@@ -79,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
             ),
         )
     )
+    opscli.configure_parsers(commands)
     return parser
 
 

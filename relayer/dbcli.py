@@ -25,7 +25,7 @@ import argparse
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
@@ -214,12 +214,18 @@ class Inspection:
         known: Of the targets asked about, those the database knows.
         some_targets: The first target ids (at most :data:`SOME_TARGETS`), for messages.
         n_targets: How many targets the database knows.
+        longest_target_id: The length of its longest target id (0 without targets).
+        before: For each known target asked about, the id that comes just before it in the
+            database's order (None for the first), to read a page of targets that starts
+            with it.
     """
 
     version: int
     known: frozenset[str] = frozenset()
     some_targets: tuple[str, ...] = ()
     n_targets: int = 0
+    longest_target_id: int = 0
+    before: Mapping[str, str | None] = attrs.field(factory=dict)
 
     def targets_text(self) -> str:
         """The database's targets, for a message: ``a, b, c and 12 more``, or ``none``."""
@@ -258,10 +264,17 @@ def inspect(database: str, target_ids: Iterable[str] = ()) -> Inspection:
                     sa.select(t.target_id).order_by(t.target_id).limit(SOME_TARGETS)
                 ).scalars()
             )
-            n = int(
-                conn.execute(sa.select(sa.func.count()).select_from(schema.targets)).scalar_one()
-            )
-            return Inspection(version, frozenset(known), some, n)
+            n, longest = conn.execute(
+                sa.select(sa.func.count(), sa.func.max(sa.func.length(t.target_id)))
+            ).one()
+            # In the database's own order (its collation), as a page of targets reads them.
+            before = {
+                target_id: conn.execute(
+                    sa.select(sa.func.max(t.target_id)).where(t.target_id < target_id)
+                ).scalar()
+                for target_id in sorted(known)[:SOME_TARGETS]
+            }
+            return Inspection(version, frozenset(known), some, int(n), int(longest or 0), before)
     finally:
         engine.dispose()
 

@@ -286,7 +286,10 @@ class LiveNodes:
             if targets is None:
                 raise ValueError("give the target ids with a base URL")
             ids = list(targets)
-        argv = [sys.executable, str(NODE), "--database", os.fspath(database)]
+        where = os.fspath(database)
+        if "://" not in where:
+            where = os.path.abspath(where)  # the child runs in the checkout's root
+        argv = [sys.executable, str(NODE), "--database", where]
         argv += ["--receiver", base_url, "--targets", ",".join(ids)]
         argv += ["--sweep-interval", str(sweep_interval)]
         argv += ["--backoff-initial", str(backoff[0]), "--backoff-maximum", str(backoff[1])]
@@ -333,7 +336,10 @@ class Ran:
 
 
 def run_command(*args: str, env: dict[str, str] | None = None) -> Deferred[Ran]:
-    """Run ``python -m relayer ARGS...`` in a thread (the reactor goes on meanwhile)."""
+    """
+    Run ``python -m relayer ARGS...``, in this process's directory, in a thread (the reactor
+    goes on meanwhile).
+    """
 
     def run() -> Ran:
         done = subprocess.run(
@@ -342,7 +348,6 @@ def run_command(*args: str, env: dict[str, str] | None = None) -> Deferred[Ran]:
             text=True,
             timeout=PATIENCE * 2,
             env=env if env is not None else child_env(),
-            cwd=ROOT,
         )
         return Ran(done.returncode, done.stdout, done.stderr)
 
