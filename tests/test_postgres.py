@@ -286,3 +286,40 @@ def test_retention_in_one_schema_does_not_give_way_to_another_schema(db_path: st
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{other_schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.mark.postgres_only
+def test_status_pages_follow_code_point_order_whatever_the_collation(db_path: str) -> None:
+    # Many PostgreSQL databases sort text by a language's collation (en_US.UTF-8 is a common
+    # default), where "a" sorts before "B"; Python, SQLite and "C" sort "B" first. Paging must
+    # follow one order, or pages repeat and skip targets.
+    from _support import database_engine, result_of
+
+    ids = ["B", "a", "c", "D", "e"]
+    clock = Clock()
+    store = PostgresStore.open_url(clock, db_path, pool=InlineDatabasePool())
+    scheduler = Scheduler(clock, store, FakeTransport(clock), [target(t) for t in ids])
+    assert scheduler.start().called
+    engine = database_engine(db_path)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    'ALTER TABLE relayer_targets ALTER COLUMN target_id TYPE varchar(255) '
+                    'COLLATE "und-x-icu"'
+                )
+            )
+        seen: list[str] = []
+        after = None
+        for _ in range(len(ids) + 2):
+            page = result_of(scheduler.status(after=after, limit=2))
+            seen += [s.target_id for s in page]
+            if len(page) < 2:
+                break
+            after = page[-1].target_id
+        assert seen == sorted(ids)
+        counts = result_of(store.queue_counts(None, 2))
+        assert sorted(counts) == sorted(ids)[:2]
+    finally:
+        engine.dispose()
+        result_of(scheduler.stop())

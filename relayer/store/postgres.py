@@ -269,6 +269,11 @@ class PostgresStore(SQLStore):
             payload = "*"
         conn.execute(sa.select(sa.func.pg_notify(self.channel, payload)))
 
+    def _id_order(self, column: sa.ColumnElement[str]) -> sa.ColumnElement[str]:
+        # The database's collation may be a language's (en_US sorts "a" before "B"); the
+        # bytes of UTF-8 sort by code point, as Python and the scheduler's pages do.
+        return column.collate("C")
+
     def _command_added(self, conn: sa.Connection, target_id: str) -> None:
         conn.execute(sa.select(sa.func.pg_notify(self.command_channel, "")))
 

@@ -1281,9 +1281,10 @@ class SQLStore:
             last = after
             while limit is None or len(result) < limit:
                 want = _PAGE if limit is None else min(_PAGE, limit - len(result))
-                query = sa.select(_t.c.target_id).order_by(_t.c.target_id).limit(want)
+                key = self._id_order(_t.c.target_id)
+                query = sa.select(_t.c.target_id).order_by(key).limit(want)
                 if last is not None:
-                    query = query.where(_t.c.target_id > last)
+                    query = query.where(key > last)
                 ids = list(conn.execute(query).scalars())
                 result.update(self._counts_of(conn, ids))
                 if len(ids) < want:
@@ -1292,6 +1293,13 @@ class SQLStore:
             return result
 
         return self._read(counts)
+
+    def _id_order(self, column: sa.ColumnElement[str]) -> sa.ColumnElement[str]:
+        """
+        ``column`` as it sorts for paging by target id: by code point, as Python compares
+        strings (SQLite's own order).
+        """
+        return column
 
     def _counts_of(self, conn: sa.Connection, ids: list[str]) -> dict[str, QueueCounts]:
         """The counts of the given targets, each looked up by its index."""
