@@ -13,7 +13,7 @@ import math
 import random as _random
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -1248,17 +1248,31 @@ class Scheduler:
             A Deferred firing with None once the target is woken here, or with the id of the
             command recorded for another process (see :meth:`command`).
 
+        A target that only other processes register is woken the same way, through a command,
+        if the store knows it.
+
         Raises:
             NotRunning: The scheduler is not running.
-            UnknownTarget: No target has this id.
+            UnknownTarget: No target can have this id (the Deferred fails with it for an id
+                that no process has registered).
         """
         self._check_running()
-        self._config(target_id)
-        if self._delivers_to(target_id):
+        self._check_stored_target(target_id)
+        if target_id in self._configs and self._delivers_to(target_id):
             self._controller.wake(target_id)
             return succeed(None)
-        recorded = self._store.add_command(target_id, "wake", self._clock.seconds())
-        return cast("Deferred[int | None]", recorded)
+
+        async def record() -> int | None:
+            if target_id not in self._configs:
+                known = await self._store.load_targets([target_id])
+                if target_id not in known:
+                    raise UnknownTarget(f"no target {target_id!r} is registered or stored")
+            command_id: int = await self._store.add_command(
+                target_id, "wake", self._clock.seconds()
+            )
+            return command_id
+
+        return Deferred.fromCoroutine(record())
 
     def command(self, command_id: int) -> Deferred[Command | None]:
         """

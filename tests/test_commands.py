@@ -18,7 +18,7 @@ from _support import database_engine, result_of
 from twisted.internet.task import Clock, deferLater
 
 from relayer import BackoffPolicy, Command, Scheduler, TargetState
-from relayer.errors import ConfigurationError
+from relayer.errors import ConfigurationError, UnknownTarget
 from relayer.lease import LeaseSettings
 from relayer.store import schema
 from relayer.testing import FakeTransport, open_store, target
@@ -335,3 +335,30 @@ def test_a_process_whose_lease_ran_out_leaves_the_commands_to_the_new_owner(
     result_of(other.close())
     result_of(b.stop())
     result_of(a.stop())
+
+
+def test_a_target_only_another_process_registers_is_woken_through_a_command(
+    db_path: Path | str,
+) -> None:
+    clock = Clock()
+    transport = FakeTransport(clock)
+    owner, _, _ = make(db_path, ["t"], clock=clock, transport=transport, node="a")
+    result_of(owner.start())
+    # This process registers another target only: "t" is known to it through the store.
+    other, _, _ = make(db_path, ["u"], clock=clock, transport=transport, node="b")
+    result_of(other.start())
+    down_with_one_event(owner, transport, "t")
+    command_id = result_of(other.wake("t"))
+    assert isinstance(command_id, int)
+    clock.advance(SWEEP * 1.01)
+    assert transport["t"].events == [{"n": 1}]
+    assert result_of(other.command(command_id)).done_by == "a"
+    # A target that no process registered is unknown; an id no target can have is refused
+    # at the call.
+    failures: list[Any] = []
+    other.wake("nobody").addErrback(failures.append)
+    assert failures and failures[0].check(UnknownTarget)
+    with pytest.raises(UnknownTarget):
+        other.wake("")
+    result_of(owner.stop())
+    result_of(other.stop())
