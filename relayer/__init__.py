@@ -6,6 +6,7 @@ batches each target's events into transactions, sends them in order, one at a ti
 and retries a failing target with backoff until it is back, without holding up the others.
 """
 
+from relayer._slots import SendSlotsStatus
 from relayer._version import __version__
 from relayer.config import BackoffPolicy, DelaySchedule, FailurePolicy, Retention, TargetConfig
 from relayer.controller import TransactionController
@@ -115,6 +116,7 @@ __all__ = [
     "Scheduler",
     "SchemaVersionError",
     "SendOutcome",
+    "SendSlotsStatus",
     "StandardWebhooksFormat",
     "StoreError",
     "StoreUnavailable",

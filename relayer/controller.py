@@ -15,6 +15,12 @@ records the outcome:
 
 When a claim finds nothing left, the store marks the target UP in the same database transaction,
 so the DOWN to UP transition cannot strand an event.
+
+Every send also holds one of the scheduler's send slots (:mod:`relayer._slots`) while its
+request is open, so that the sends in flight across all targets stay bounded; first attempts of
+healthy targets take a free slot before retries do. A send that waits for its slot has not
+started: its request timeout starts once it has the slot, and whether it may still go (the
+scheduler stopping, the target removed, its lease) is looked at again after the wait.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from twisted.python.failure import Failure
 from relayer import _faults
 from relayer import _logevents as ev
 from relayer._scrub import scrub_target
+from relayer._slots import SendClass, SendSlots
 from relayer.config import BackoffPolicy, TargetConfig, _draw
 from relayer.errors import ConfigurationError, LeaseLost, StoreUnavailable
 from relayer.formats import MATRIX, IWireFormat, claim_limits
@@ -130,6 +137,7 @@ class TargetRuntime:
         recoverer: The target's Recoverer while it is DOWN.
         running: Whether a delivery loop is active.
         in_flight: The send in progress, if any.
+        slot_wait: The wait for a send slot, while the loop waits for one.
         dirty: New events were stored since the running loop last looked.
         wake_requested: The target was woken while its loop was running.
         removed: The controller no longer delivers to the target.
@@ -160,6 +168,7 @@ class TargetRuntime:
     recoverer: Recoverer | None = None
     running: bool = False
     in_flight: Deferred[SendOutcome] | None = None
+    slot_wait: Deferred[None] | None = None
     dirty: bool = False
     wake_requested: bool = False
     removed: bool = False
@@ -219,6 +228,7 @@ class TransactionController:
         observers: Told of deliveries, failures and changes of state.
         failure_thresholds: Counts of consecutive failures at which observers are told (see
             :meth:`relayer.IDeliveryObserver.failures_crossed`).
+        slots: The bound on sends in flight across targets; by default, none.
     """
 
     log = Logger(namespace="relayer.controller")
@@ -234,7 +244,9 @@ class TransactionController:
         policy_for: Callable[[TargetConfig], IRetryPolicy] | None = None,
         observers: Observers | None = None,
         failure_thresholds: Sequence[int] = (),
+        slots: SendSlots | None = None,
     ) -> None:
+        self.slots = slots if slots is not None else SendSlots(None)
         self._policy_for = policy_for if policy_for is not None else default_policy
         self._observers = observers if observers is not None else Observers()
         self._thresholds = frozenset(failure_thresholds)
@@ -325,6 +337,9 @@ class TransactionController:
                 continue
             t.removed = True
             _cancel_timers(t)
+            if t.slot_wait is not None:
+                # Not sent yet: the loop stops here, and the transaction stays pending.
+                t.slot_wait.cancel()
             if cancel and t.in_flight is not None:
                 t.in_flight.cancel()
             loop = self._loops.get(target_id)
@@ -618,8 +633,29 @@ class TransactionController:
                 # again abandons the transaction and forms its live events anew.
                 txn = await store.claim(target_id, *limits, self._clock.seconds(), default_ttl=ttl)
                 continue
-            _faults.checkpoint("txn.stored")
-            outcome = await self._send(t, txn)
+            kind = _send_class(t, txn)
+            waited = await self._take_slot(t, kind)
+            if waited is None:
+                # The wait was withdrawn: the scheduler stops, or the target was removed.
+                return
+            reclaim = False
+            try:
+                if waited:
+                    # Time passed while waiting: look again at whether the send may go.
+                    if self._stopping or t.removed:
+                        return
+                    if not self._may_send(t):
+                        self._paused.add(target_id)
+                        return
+                    reclaim = txn.deadline is not None and self._clock.seconds() >= txn.deadline
+                if not reclaim:
+                    _faults.checkpoint("txn.stored")
+                    outcome = await self._send(t, txn)
+            finally:
+                self.slots.release(kind)
+            if reclaim:
+                txn = await store.claim(target_id, *limits, self._clock.seconds(), default_ttl=ttl)
+                continue
             now = self._clock.seconds()
             if outcome is None:
                 return
@@ -787,6 +823,23 @@ class TransactionController:
                 self._failed(t, txn, outcome, decision.delay, now)
             await self._record(t)
             return
+
+    async def _take_slot(self, t: TargetRuntime, kind: SendClass) -> bool | None:
+        """
+        Take a send slot: False if one was free at once, True once one came after a wait, and
+        None if the wait was withdrawn (the scheduler stops, or the target was removed).
+        """
+        waiter = self.slots.acquire(kind)
+        if waiter.called:
+            return False
+        t.slot_wait = waiter
+        try:
+            await waiter
+        except CancelledError:
+            return None
+        finally:
+            t.slot_wait = None
+        return True
 
     def _decide(
         self, t: TargetRuntime, txn: Transaction, outcome: SendOutcome, now: float
@@ -1094,6 +1147,8 @@ class TransactionController:
         self._stopping = True
         for t in self.targets.values():
             _cancel_timers(t)
+        # Sends waiting for a slot have not started: they do not start now.
+        self.slots.cancel_all()
 
     def running_loops(self) -> list[Deferred[None]]:
         """The delivery loops still running."""
@@ -1111,6 +1166,13 @@ _HELD = (TargetState.BLOCKED, TargetState.DISABLED)
 
 #: The backoff used when a target's policy cannot give one.
 _FALLBACK = BackoffPolicy()
+
+
+def _send_class(t: TargetRuntime, txn: Transaction) -> SendClass:
+    """A first attempt: the transaction's first send, to a target that is UP; else a retry."""
+    if t.state is TargetState.UP and txn.attempts <= 1:
+        return SendClass.FIRST
+    return SendClass.RETRY
 
 
 def _scheduled(call: IDelayedCall | None) -> bool:

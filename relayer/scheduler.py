@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from relayer import _encoding, plugins
 from relayer import _logevents as ev
+from relayer._slots import SendSlots, SendSlotsStatus
 from relayer.config import Retention, TargetConfig, _check_target_id
 from relayer.controller import (
     DEFAULT_RECOVERY_SPREAD,
@@ -71,6 +72,11 @@ from relayer.transport.base import IRequestTransport, ITransport
 DEFAULT_STOP_TIMEOUT = 10.0
 #: How many submitted events may wait to be stored, by default, before submits are refused.
 DEFAULT_MAX_WAITING_EVENTS = 100_000
+#: How many sends may be in flight at once across all targets, by default. Each open request
+#: holds a connection (a file descriptor); a process sends a few thousand requests a second at
+#: most, so at receivers' usual response times of 10 to 100 ms far fewer than this are open at
+#: once, and the bound only matters when many receivers are slow, or many targets retry at once.
+DEFAULT_MAX_SENDS_IN_FLIGHT = 1000
 #: The counts of consecutive failures at which observers are told, by default.
 DEFAULT_FAILURE_THRESHOLDS = (10, 100)
 #: How many pending commands are read from the store at a time.
@@ -194,6 +200,15 @@ class Scheduler:
             be given (see :mod:`relayer.formats`). A target of a format other than Matrix
             needs a transport that provides :class:`relayer.transport.IRequestTransport`, as
             :class:`relayer.HTTPTransport` does.
+        max_sends_in_flight: How many sends may be in flight at once, across all targets (each
+            target has at most one). A send that finds every slot taken waits for one: first
+            attempts of targets that are UP go before retries (a transaction sent again, or any
+            send to a target that is not UP), retries hold at most half of the slots, and a
+            waiting retry is passed over by at most 4 first attempts in a row. Waiting takes
+            nothing from a send's ``request_timeout``, which starts when it has its slot, and
+            does not make a target DOWN. An int >= 1, or None for no bound (every target with
+            work sends at once, and retries are not held back); default 1000. See
+            :ref:`sizing-sends-in-flight`.
 
     Example::
 
@@ -225,6 +240,7 @@ class Scheduler:
         observers: Iterable[IDeliveryObserver] = (),
         failure_thresholds: Iterable[int] = DEFAULT_FAILURE_THRESHOLDS,
         formats: Mapping[str, IWireFormat] | None = None,
+        max_sends_in_flight: int | None = DEFAULT_MAX_SENDS_IN_FLIGHT,
     ) -> None:
         _check_seconds("stop_timeout", stop_timeout)
         _check_seconds("store_retry_timeout", store_retry_timeout)
@@ -239,6 +255,16 @@ class Scheduler:
                 f"max_waiting_events must be an int >= 1, not {max_waiting_events!r}"
             )
         self._max_waiting = max_waiting_events
+        if max_sends_in_flight is not None and (
+            isinstance(max_sends_in_flight, bool)
+            or not isinstance(max_sends_in_flight, int)
+            or max_sends_in_flight < 1
+        ):
+            raise ConfigurationError(
+                f"max_sends_in_flight must be an int >= 1, or None for no limit, not "
+                f"{max_sends_in_flight!r}"
+            )
+        self._slots = SendSlots(max_sends_in_flight)
         if not callable(random):
             raise ConfigurationError("random must be a callable returning floats in [0, 1)")
         if leases is not None and not isinstance(leases, LeaseSettings):
@@ -291,6 +317,7 @@ class Scheduler:
             policy_for=self._policy_for,
             observers=self._observers,
             failure_thresholds=thresholds,
+            slots=self._slots,
         )
         listen_expired = getattr(store, "set_expired_listener", None)
         if self._observers and listen_expired is not None:
@@ -341,6 +368,14 @@ class Scheduler:
         if self._leases is None:
             return frozenset(self._controller.targets)
         return frozenset(t for t in self._leases.owned if self._leases.owns(t))
+
+    @property
+    def sends(self) -> SendSlotsStatus:
+        """
+        The sends in flight now across all targets, and those waiting for a slot (see
+        ``max_sends_in_flight``). Reading it is cheap: it counts nothing.
+        """
+        return self._slots.status()
 
     def _delivers_to(self, target_id: str) -> bool:
         """
