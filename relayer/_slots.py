@@ -146,9 +146,10 @@ class SendSlots:
 
     def _grant(self) -> None:
         """Hand the free slots to the waiters, in turn."""
-        if self._granting:
+        if self._granting or self.limit is None:
             # A waiter given a slot just now released one, or asked for another: the loop
-            # below goes on with it, rather than granting inside that waiter's call.
+            # below goes on with it, rather than granting inside that waiter's call. (Without
+            # a limit, nobody waits.)
             return
         self._granting = True
         try:
