@@ -43,6 +43,8 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "scale_10k": 10_000,
             "scale_small": 1_000,
             "fanout": 10_000,
+            "fair_targets": 2_000,
+            "fair_seconds": 8.0,
             "timeout": 120,
         }
     return {
@@ -56,6 +58,8 @@ def _sizes(quick: bool) -> dict[str, Any]:
         "scale_10k": 1_000_000,
         "scale_small": 200_000,
         "fanout": 100_000,
+        "fair_targets": 10_000,
+        "fair_seconds": 20.0,
         "timeout": 900,
     }
 
@@ -78,12 +82,21 @@ ONLY_CHOICES = (
     "listing",
     "listing_100k",
     "listing_1m",
+    "fair",
     "postgres",
 )
 
 #: The fan-out scenario's target counts: its figures, and the same bytes stored per event
 #: with a single target, to show that they do not grow with the number of targets.
 FANOUT_TARGETS = (10, 1)
+
+#: The fairness scenario's share of targets that fail and recover, its offered load (events per
+#: second, spread over every target), the seconds of load before healthy events are timed, and
+#: the failing targets' cycle: seconds failing, then seconds accepting.
+FAIR_FAILING = 0.2
+FAIR_RATE = 150
+FAIR_WARMUP = 2.0
+FAIR_CYCLE = (2.0, 2.0)
 
 #: The listing scenario's sizes, in quick mode as in full mode: the events of one target, all
 #: listed; their peak RSS must not grow from one size to the next.
@@ -152,6 +165,19 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
             "child_timeout": size["timeout"],
         }
         runs.append((f"listing_{size_suffix(n)}", "listing", listing))
+    fair = {
+        **common,
+        "targets": size["fair_targets"],
+        "flaky_names": FAIR_FAILING,
+        "rate": FAIR_RATE,
+        "seconds": size["fair_seconds"],
+        "warmup": FAIR_WARMUP,
+        "down_s": FAIR_CYCLE[0],
+        "up_s": FAIR_CYCLE[1],
+    }
+    # The baseline first, then the same with a fifth of the targets failing and recovering.
+    runs.append(("fair_baseline", "fair", {**fair, "failing": 0.0}))
+    runs.append(("fair", "fair", {**fair, "failing": FAIR_FAILING}))
     if args.compare_sync:
         # The other synchronous setting than the main runs'.
         other = "FULL" if args.synchronous != "FULL" else "NORMAL"
@@ -254,6 +280,20 @@ _TARGETS: list[tuple[str, str, str, str, Callable[[float, dict[str, Any]], bool]
         "<= 1.5x",
         lambda v, s: v <= 1.5,
     ),
+    (
+        "fair p50 vs none failing",
+        "fair_p50_ratio",
+        "{:.2f}x",
+        "<= 2x",
+        lambda v, s: v <= 2,
+    ),
+    (
+        "fair p99 vs none failing",
+        "fair_p99_ratio",
+        "{:.2f}x",
+        "<= 2x",
+        lambda v, s: v <= 2,
+    ),
 ]
 
 
@@ -344,6 +384,11 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
             s[f"dead_list_rss_mb_{suffix}"] = listing["dead_peak_rss_mb"]
             s[f"dead_list_baseline_rss_mb_{suffix}"] = listing["dead_baseline_rss_mb"]
             s[f"dead_list_events_per_s_{suffix}"] = listing["dead_events_per_s"]
+    if ok("fair") and ok("fair_baseline"):
+        for q in ("p50", "p99"):
+            s[f"fair_healthy_{q}_ms"] = results["fair"][f"healthy_{q}_ms"]
+            s[f"fair_baseline_{q}_ms"] = results["fair_baseline"][f"healthy_{q}_ms"]
+            s[f"fair_{q}_ratio"] = s[f"fair_healthy_{q}_ms"] / s[f"fair_baseline_{q}_ms"]
     for key, r in results.items():
         if "crashed" in r:
             continue
@@ -415,6 +460,10 @@ def _table(summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         ("dead list 1M: peak RSS", "dead_list_rss_mb_1m", "{:.1f} MB"),
         ("dead list 1M: RSS before", "dead_list_baseline_rss_mb_1m", "{:.1f} MB"),
         ("dead list 1M: speed", "dead_list_events_per_s_1m", "{:,.0f} ev/s"),
+        ("fair: healthy p50", "fair_healthy_p50_ms", "{:.2f} ms"),
+        ("fair: healthy p99", "fair_healthy_p99_ms", "{:.2f} ms"),
+        ("fair: baseline p50", "fair_baseline_p50_ms", "{:.2f} ms"),
+        ("fair: baseline p99", "fair_baseline_p99_ms", "{:.2f} ms"),
         ("FULL sync: throughput", "full_sync_throughput_events_per_s", "{:,.0f} ev/s"),
         ("FULL sync: latency p50", "full_sync_latency_p50_ms", "{:.2f} ms"),
         ("FULL sync: latency p99", "full_sync_latency_p99_ms", "{:.2f} ms"),

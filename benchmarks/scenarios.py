@@ -51,6 +51,7 @@ from benchmarks._harness import (
     thread_cpu,
     written_bytes,
 )
+from benchmarks.fair import fair
 from relayer import (
     BackoffPolicy,
     Backpressure,
@@ -962,6 +963,7 @@ RELAYER_SCENARIOS = {
     "fanout": fanout,
     "send_only": send_only,
     "list_events": list_events,
+    "fair": fair,
 }
 
 #: The scenarios that run without a reactor, by name.

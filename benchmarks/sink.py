@@ -19,6 +19,12 @@ Targets that should be down point at ``flap_port`` instead, which is kept closed
 refused) until ``POST /_control/up`` opens it; ``POST /_control/down`` closes it again.
 ``GET /_control/report`` answers with what was received, per target, as JSON.
 
+``POST /_control/flaky?prefix=P&down=D&up=U`` makes the targets whose names start with ``P``
+fail and recover, over and over: for ``D`` seconds each of them answers HTTP 500 or closes the
+connection without an answer (half of the targets one way, half the other), then for ``U``
+seconds it accepts transactions again; ``down=0`` ends it. The refusals are counted in the
+report's ``flaky_refused``.
+
 ``time.monotonic()`` reads ``CLOCK_MONOTONIC``, which every process on the machine shares, so the
 sink's timestamps can be compared with the relayer process's.
 """
@@ -99,6 +105,9 @@ class Sink(Resource):
         self.flap_port = 0
         self.site: server.Site | None = None
         self._flap: IListeningPort | None = None
+        # The flaky targets: their name prefix, when the cycles began, and the phases' lengths.
+        self._flaky: tuple[bytes, float, float, float] | None = None
+        self.flaky_refused = 0
 
     def _violation(self, text: str) -> None:
         self.n_violations += 1
@@ -120,6 +129,14 @@ class Sink(Resource):
             request.setResponseCode(403)
             return b"{}"
         name = path[1]
+        if self._flaky is not None and self._refuses(name, now):
+            self.flaky_refused += 1
+            if zlib.crc32(name) % 2:
+                request.setResponseCode(500)
+                return b"{}"
+            assert request.channel is not None
+            request.channel.transport.loseConnection()
+            return cast(bytes, server.NOT_DONE_YET)
         try:
             txn_id = int(path[6])
         except ValueError:
@@ -176,6 +193,12 @@ class Sink(Resource):
         state.last_at = now
         return b"{}"
 
+    def _refuses(self, name: bytes, now: float) -> bool:
+        """Whether a flaky target is in the failing phase of its cycle."""
+        assert self._flaky is not None
+        prefix, since, down, up = self._flaky
+        return name.startswith(prefix) and (now - since) % (down + up) < down
+
     # -- control -------------------------------------------------------------------------------
 
     def render_GET(self, request: server.Request) -> bytes:
@@ -191,6 +214,13 @@ class Sink(Resource):
                 self._flap = reactor.listenTCP(
                     self.flap_port, cast(Any, self.site), interface="127.0.0.1"
                 )
+            return b"{}"
+        if request.path == b"/_control/flaky":
+            args = request.args or {}
+            down = float(args.get(b"down", [b"0"])[0])
+            up = float(args.get(b"up", [b"1"])[0])
+            prefix = args.get(b"prefix", [b""])[0]
+            self._flaky = (prefix, time.monotonic(), down, up) if down > 0 else None
             return b"{}"
         if request.path == b"/_control/down":
             flap, self._flap = self._flap, None
@@ -221,6 +251,7 @@ class Sink(Resource):
                     for name, s in self.targets.items()
                 },
                 "latencies": self.latencies,
+                "flaky_refused": self.flaky_refused,
             }
         ).encode()
 

@@ -50,6 +50,8 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
         "fanout_1",
         "listing_100k",
         "listing_1m",
+        "fair_baseline",
+        "fair",
     }
     assert (runs["throughput#0"]["targets"], runs["throughput#0"]["events"]) == (10, 100_000)
     assert runs["send_only#0"]["batch"] == runs["throughput#0"]["batch"] == 1000
@@ -65,6 +67,11 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
     assert runs["listing_1m"]["events"] == 1_000_000
     assert runs["listing_1m"]["limit"] == 1000
     assert runs["listing_1m"]["dead_letters"] is True
+    # Fairness: 2k targets in quick mode, a fifth of them failing, or none in the baseline.
+    assert runs["fair"]["targets"] == runs["fair_baseline"]["targets"] == 2_000
+    assert (runs["fair"]["failing"], runs["fair_baseline"]["failing"]) == (0.2, 0.0)
+    assert runs["fair"]["flaky_names"] == runs["fair_baseline"]["flaky_names"] == 0.2
+    assert runs["fair"]["rate"] == runs["fair_baseline"]["rate"]
 
 
 def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_throughput() -> None:
@@ -77,6 +84,7 @@ def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_through
     assert runs["throughput_NORMAL"]["synchronous"] == "NORMAL"
     assert runs["fanout_10"]["events"] == runs["fanout_1"]["events"] == 100_000
     assert [runs[f"listing_{n}"]["events"] for n in ("100k", "1m")] == [100_000, 1_000_000]
+    assert runs["fair"]["targets"] == runs["fair_baseline"]["targets"] == 10_000
 
 
 def test_only_keeps_the_runs_named() -> None:
@@ -87,6 +95,37 @@ def test_only_keeps_the_runs_named() -> None:
 def test_only_fanout_runs_it_with_10_targets_and_with_1() -> None:
     assert [key for key, _, _ in runner.plan(args(only=["fanout"]))] == ["fanout_10", "fanout_1"]
     assert [key for key, _, _ in runner.plan(args(only=["fanout_1"]))] == ["fanout_1"]
+
+
+def test_only_fair_runs_the_baseline_and_the_run_with_failing_targets() -> None:
+    assert [key for key, _, _ in runner.plan(args(only=["fair"]))] == ["fair_baseline", "fair"]
+
+
+def test_the_fair_figures_and_their_ratios_are_in_the_summary_and_the_table() -> None:
+    results: dict[str, dict[str, Any]] = {
+        "fair_baseline": {"healthy_p50_ms": 4.0, "healthy_p99_ms": 20.0, "problems": []},
+        "fair": {"healthy_p50_ms": 6.0, "healthy_p99_ms": 50.0, "problems": []},
+    }
+    s = runner.summarise(results, args())
+    assert (s["fair_healthy_p50_ms"], s["fair_healthy_p99_ms"]) == (6.0, 50.0)
+    assert (s["fair_baseline_p50_ms"], s["fair_baseline_p99_ms"]) == (4.0, 20.0)
+    assert s["fair_p50_ratio"] == pytest.approx(1.5)
+    assert s["fair_p99_ratio"] == pytest.approx(2.5)
+    met = {key: t["met"] for key, t in s["targets"].items()}
+    assert (met["fair_p50_ratio"], met["fair_p99_ratio"]) == (True, False)
+    rows = {line[:28].strip(): line[28:].strip() for line in runner._table(s, results).splitlines()}
+    assert rows["fair: healthy p50"] == "6.00 ms"
+    assert rows["fair: baseline p99"] == "20.00 ms"
+    assert rows["fair p50 vs none failing"].split() == ["1.50x", "<=", "2x", "met"]
+
+
+def test_a_crashed_fair_run_leaves_the_fair_figures_out() -> None:
+    results: dict[str, dict[str, Any]] = {
+        "fair_baseline": {"healthy_p50_ms": 4.0, "healthy_p99_ms": 20.0, "problems": []},
+        "fair": {"crashed": "exit status 2", "problems": []},
+    }
+    s = runner.summarise(results, args())
+    assert not any(key.startswith("fair_") for key in s)
 
 
 def test_only_listing_runs_both_sizes_and_each_can_run_alone() -> None:
