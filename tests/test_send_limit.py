@@ -229,3 +229,18 @@ def test_a_bad_max_sends_in_flight_is_refused(bad: Any, tmp_path: Path) -> None:
     store = SQLiteStore.open_path(None, tmp_path / "r.db", pool=InlineDatabasePool())  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="max_sends_in_flight must be an int >= 1"):
         Scheduler(None, store, FakeTransport(), max_sends_in_flight=bad)  # type: ignore[arg-type]
+
+
+def test_the_sends_property_counts_first_attempts_and_retries(db_path: Path) -> None:
+    h, transport = build(["busy", "down", "next"], db_path, limit=1)
+    transport["down"].down()
+    h.scheduler.submit("down", {"n": 0})
+    transport["busy"].hold()
+    h.scheduler.submit_many([("busy", {"n": 0}), ("next", {"n": 0})])
+    h.clock.advance(state_of(h, "down").next_retry_at - h.clock.seconds())
+    sends = h.scheduler.sends
+    assert (sends.limit, sends.in_flight, sends.retries_in_flight) == (1, 1, 0)
+    assert (sends.waiting, sends.retries_waiting) == (2, 1)
+    transport["busy"].release()
+    sends = h.scheduler.sends
+    assert (sends.in_flight, sends.waiting) == (0, 0)
