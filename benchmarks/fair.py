@@ -39,9 +39,10 @@ from relayer import BackoffPolicy, HTTPTransport, Scheduler, SQLiteStore
 from relayer.scheduler import DEFAULT_MAX_SENDS_IN_FLIGHT
 from relayer.transport.http import DEFAULT_PERSISTENT_PER_HOST
 
-#: Every target's backoff: short, so that the failing targets retry often while they fail (a
-#: herd of retries), and catch up soon once they recover.
-BACKOFF = BackoffPolicy(initial=0.5, maximum=2.0)
+#: Every target's backoff, by default (``backoff``: initial and maximum delay): short, so that
+#: the failing targets retry often while they fail (a herd of retries), and catch up soon once
+#: they recover.
+BACKOFF = (0.5, 2.0)
 
 #: How often the offered load is submitted, in seconds.
 TICK = 0.01
@@ -75,7 +76,9 @@ async def fair(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
     rate, seconds, warmup = params["rate"], params["seconds"], params["warmup"]
     limit = _limit(params)
     sink = Sink()
-    configs = targets(sink, names, params["batch"], backoff=BACKOFF)
+    initial, maximum = params.get("backoff", BACKOFF)
+    backoff = BackoffPolicy(initial=initial, maximum=maximum)
+    configs = targets(sink, names, params["batch"], backoff=backoff)
     folder = tempfile.TemporaryDirectory(prefix="relayer-bench-", dir=params.get("db_dir"))
     per_host = max(DEFAULT_PERSISTENT_PER_HOST, n_targets)
     http = HTTPTransport(reactor, max_persistent_per_host=per_host)
@@ -86,13 +89,14 @@ async def fair(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
     scheduler = Scheduler(reactor, store, counting, configs, max_sends_in_flight=limit)
     seq = dict.fromkeys(names, 0)
     submits: list[Deferred[Any]] = []
-    most_in_flight = most_waiting = 0
+    most_in_flight = most_waiting = most_first_waiting = 0
     cycle = itertools.cycle(names)
     try:
         await scheduler.start()
         if n_failing:
             down, up = params["down_s"], params["up_s"]
-            await sink.control(reactor, "POST", f"flaky?prefix=f&down={down}&up={up}")
+            hang = params.get("hang_s", 0)
+            await sink.control(reactor, "POST", f"flaky?prefix=f&down={down}&up={up}&hang={hang}")
         cpu0, t0 = time.process_time(), time.monotonic()
         timed_from = t0 + warmup
         submitted = 0
@@ -114,6 +118,7 @@ async def fair(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
             sends = scheduler.sends
             most_in_flight = max(most_in_flight, sends.in_flight)
             most_waiting = max(most_waiting, sends.waiting)
+            most_first_waiting = max(most_first_waiting, sends.waiting - sends.retries_waiting)
             await deferLater(reactor, TICK, lambda: None)
         load_s = time.monotonic() - t0
         cpu1 = time.process_time()
@@ -153,6 +158,8 @@ async def fair(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
         "healthy_mean_ms": statistics.fmean(timed) * ms,
         "most_sends_in_flight": most_in_flight,
         "most_sends_waiting": most_waiting,
+        # Of those, first attempts (sampled every tick, as the two above).
+        "most_first_attempts_waiting": most_first_waiting,
         "failed_attempts": counting.failures,
         "sink_refused": report.get("flaky_refused", 0),
         "transactions": counting.transactions,

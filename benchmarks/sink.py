@@ -22,7 +22,8 @@ refused) until ``POST /_control/up`` opens it; ``POST /_control/down`` closes it
 ``POST /_control/flaky?prefix=P&down=D&up=U`` makes the targets whose names start with ``P``
 fail and recover, over and over: for ``D`` seconds each of them answers HTTP 500 or closes the
 connection without an answer (half of the targets one way, half the other), then for ``U``
-seconds it accepts transactions again; ``down=0`` ends it. The refusals are counted in the
+seconds it accepts transactions again; ``down=0`` ends it. With ``hang=S``, each refusal comes
+only after ``S`` seconds, as from a receiver that hangs. The refusals are counted in the
 report's ``flaky_refused``.
 
 ``time.monotonic()`` reads ``CLOCK_MONOTONIC``, which every process on the machine shares, so the
@@ -107,6 +108,7 @@ class Sink(Resource):
         self._flap: IListeningPort | None = None
         # The flaky targets: their name prefix, when the cycles began, and the phases' lengths.
         self._flaky: tuple[bytes, float, float, float] | None = None
+        self._hang = 0.0
         self.flaky_refused = 0
 
     def _violation(self, text: str) -> None:
@@ -131,11 +133,9 @@ class Sink(Resource):
         name = path[1]
         if self._flaky is not None and self._refuses(name, now):
             self.flaky_refused += 1
-            if zlib.crc32(name) % 2:
-                request.setResponseCode(500)
-                return b"{}"
-            assert request.channel is not None
-            request.channel.transport.loseConnection()
+            if not self._hang:
+                return self._refuse(request, name)
+            reactor.callLater(self._hang, self._refuse_later, request, name)
             return cast(bytes, server.NOT_DONE_YET)
         try:
             txn_id = int(path[6])
@@ -193,6 +193,23 @@ class Sink(Resource):
         state.last_at = now
         return b"{}"
 
+    def _refuse(self, request: server.Request, name: bytes) -> bytes:
+        """A flaky target's refusal: HTTP 500, or the connection closed without an answer."""
+        if zlib.crc32(name) % 2:
+            request.setResponseCode(500)
+            return b"{}"
+        assert request.channel is not None
+        request.channel.transport.loseConnection()
+        return cast(bytes, server.NOT_DONE_YET)
+
+    def _refuse_later(self, request: server.Request, name: bytes) -> None:
+        if request.finished or request._disconnected or request.channel is None:
+            return  # the client gave up
+        body = self._refuse(request, name)
+        if body is not server.NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
     def _refuses(self, name: bytes, now: float) -> bool:
         """Whether a flaky target is in the failing phase of its cycle."""
         assert self._flaky is not None
@@ -220,6 +237,7 @@ class Sink(Resource):
             down = float(args.get(b"down", [b"0"])[0])
             up = float(args.get(b"up", [b"1"])[0])
             prefix = args.get(b"prefix", [b""])[0]
+            self._hang = float(args.get(b"hang", [b"0"])[0])
             self._flaky = (prefix, time.monotonic(), down, up) if down > 0 else None
             return b"{}"
         if request.path == b"/_control/down":
