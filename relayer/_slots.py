@@ -5,9 +5,11 @@ Every send takes a slot for as long as its request is open, and gives it back wh
 ends (answered, failed, timed out or abandoned). When every slot is taken, a send waits for one.
 Sends come in two classes:
 
-- a *first attempt*: a transaction sent for the first time to a target that is UP;
+- a *first attempt*: a transaction sent for the first time to a target that is UP and has not
+  failed for :data:`RECOVERY_PROBATION` seconds;
 - a *retry*: a transaction sent again, or any send to a target that is not UP (a DOWN target's
-  probe, or the backlog of a target that is recovering).
+  probe, or the backlog of a target that is recovering), or to one that failed less than
+  :data:`RECOVERY_PROBATION` seconds ago (a target that flaps, back UP between failures).
 
 Retries may hold at most :data:`RETRY_SHARE` of the slots, so that a burst of retries (many
 targets coming back at once, or a herd of probes) never takes the slots that first attempts of
@@ -34,13 +36,18 @@ RETRY_SHARE = 0.5
 #: How many first attempts may take a slot in a row while a retry waits that could go.
 RETRY_TURN = 4
 
+#: For how many seconds after a failed attempt a target's sends count as retries, even once it
+#: is UP again: a target that flaps (or hangs now and then) takes the retries' share of the
+#: slots, not the healthy targets'.
+RECOVERY_PROBATION = 60.0
+
 
 class SendClass(enum.Enum):
     """Which queue a send waits in for its slot."""
 
-    #: A transaction sent for the first time to a target that is UP.
+    #: A transaction sent for the first time to a target that is UP and has not failed lately.
     FIRST = "first"
-    #: A transaction sent again, or a send to a target that is not UP.
+    #: A transaction sent again, or a send to a target that is not UP or failed lately.
     RETRY = "retry"
 
 

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from relayer import _faults
 from relayer import _logevents as ev
 from relayer._scrub import scrub_target
-from relayer._slots import SendClass, SendSlots
+from relayer._slots import RECOVERY_PROBATION, SendClass, SendSlots
 from relayer.config import BackoffPolicy, TargetConfig, _draw
 from relayer.errors import ConfigurationError, LeaseLost, StoreUnavailable
 from relayer.formats import MATRIX, IWireFormat, claim_limits
@@ -159,6 +159,7 @@ class TargetRuntime:
             or it was stored so, and have not been told it is UP again since: they are, once
             the store holds it UP.
         wire: The target's wire format.
+        failed_at: When an attempt of the target last failed (in this process), or None.
     """
 
     config: TargetConfig
@@ -184,6 +185,7 @@ class TargetRuntime:
     unheld: bool = False
     observed_down: bool = False
     wire: IWireFormat = MATRIX
+    failed_at: float | None = None
 
     @property
     def failures(self) -> int:
@@ -633,7 +635,7 @@ class TransactionController:
                 # again abandons the transaction and forms its live events anew.
                 txn = await store.claim(target_id, *limits, self._clock.seconds(), default_ttl=ttl)
                 continue
-            kind = _send_class(t, txn)
+            kind = _send_class(t, txn, self._clock.seconds())
             waited = await self._take_slot(t, kind)
             if waited is None:
                 # The wait was withdrawn: the scheduler stops, or the target was removed.
@@ -1002,6 +1004,7 @@ class TransactionController:
         dead_letter: str | None = None,
     ) -> None:
         """Count a failure in memory, retried after ``delay``; :meth:`_record` stores it."""
+        t.failed_at = now
         if t.recoverer is None:
             t.recoverer = self._recoverer(t, 0)
         recoverer = t.recoverer
@@ -1168,9 +1171,16 @@ _HELD = (TargetState.BLOCKED, TargetState.DISABLED)
 _FALLBACK = BackoffPolicy()
 
 
-def _send_class(t: TargetRuntime, txn: Transaction) -> SendClass:
-    """A first attempt: the transaction's first send, to a target that is UP; else a retry."""
-    if t.state is TargetState.UP and txn.attempts <= 1:
+def _send_class(t: TargetRuntime, txn: Transaction, now: float) -> SendClass:
+    """
+    A first attempt: the transaction's first send, to a target that is UP and has not failed
+    for :data:`~relayer._slots.RECOVERY_PROBATION` seconds; else a retry.
+    """
+    if (
+        t.state is TargetState.UP
+        and txn.attempts <= 1
+        and (t.failed_at is None or now - t.failed_at >= RECOVERY_PROBATION)
+    ):
         return SendClass.FIRST
     return SendClass.RETRY
 

@@ -203,7 +203,8 @@ class Scheduler:
         max_sends_in_flight: How many sends may be in flight at once, across all targets (each
             target has at most one). A send that finds every slot taken waits for one: first
             attempts of targets that are UP go before retries (a transaction sent again, or any
-            send to a target that is not UP), retries hold at most half of the slots, and a
+            send to a target that is not UP or had an attempt fail in the last minute),
+            retries hold at most half of the slots, and a
             waiting retry is passed over by at most 4 first attempts in a row. Waiting takes
             nothing from a send's ``request_timeout``, which starts when it has its slot, and
             does not make a target DOWN. An int >= 1, or None for no bound (every target with

@@ -14,7 +14,7 @@ from _support import delivery_timers, result_of
 from twisted.internet.defer import Deferred
 
 from relayer import ConfigurationError, Scheduler, SQLiteStore, TargetState
-from relayer._slots import RETRY_TURN
+from relayer._slots import RECOVERY_PROBATION, RETRY_TURN
 from relayer.config import TargetConfig
 from relayer.scheduler import DEFAULT_MAX_SENDS_IN_FLIGHT
 from relayer.testing import FakeTransport, Harness, InlineDatabasePool, build_scheduler, target
@@ -244,3 +244,29 @@ def test_the_sends_property_counts_first_attempts_and_retries(db_path: Path) -> 
     transport["busy"].release()
     sends = h.scheduler.sends
     assert (sends.in_flight, sends.waiting) == (0, 0)
+
+
+def test_a_target_that_failed_lately_waits_as_a_retry_even_once_up(db_path: Path) -> None:
+    h, transport = build(["busy", "flappy", "healthy"], db_path, limit=1)
+    transport["flappy"].fail_with(500)
+    h.scheduler.submit("flappy", {"n": 0})
+    transport["flappy"].up()
+    h.clock.advance(state_of(h, "flappy").next_retry_at - h.clock.seconds())
+    assert state_of(h, "flappy").state is TargetState.UP
+
+    def race(n: int) -> list[str]:
+        transport.order.clear()
+        transport["busy"].hold()
+        h.scheduler.submit("busy", {"n": n})
+        # The flappy target asks for the slot first.
+        h.scheduler.submit("flappy", {"n": n})
+        h.scheduler.submit("healthy", {"n": n})
+        transport["busy"].release()
+        return transport.order
+
+    # Back UP, but it failed a moment ago: its new transaction waits as a retry.
+    assert race(1) == ["busy", "healthy", "flappy"]
+    # Once it has not failed for RECOVERY_PROBATION seconds, it is healthy again.
+    h.clock.advance(RECOVERY_PROBATION)
+    assert race(2) == ["busy", "flappy", "healthy"]
+    assert transport["flappy"].events == [{"n": n} for n in range(3)]
