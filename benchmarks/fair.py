@@ -12,6 +12,11 @@ runs' percentiles says how much the failing targets slow the healthy ones down.
 
 Once the load ends, the failing stops, and every event of every target must be delivered, in
 order, for the run to verify.
+
+Besides the plan's parameters, a run takes ``max_sends_in_flight`` (a count, or ``"none"``; the
+scheduler's default otherwise), ``hang_s`` (the failing targets' refusals come after that many
+seconds, as from receivers that hang) and ``backoff`` (every target's initial and maximum retry
+delay), to compare settings.
 """
 
 from __future__ import annotations
