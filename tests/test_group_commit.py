@@ -351,3 +351,35 @@ def test_a_sqlite_store_commits_submits_and_claims_ahead_of_a_backlogs_transacti
     close = _results([store.close()])
     pool.run_all()
     assert close == [None]
+
+
+def test_a_failing_group_with_priority_fails_alone_and_the_others_still_run() -> None:
+    db = _Database()
+    group = GroupCommit(db.run)
+    group.run(_unit("busy"))
+    passed = _results([group.run(_unit("b"))])
+    results: list[Any] = []
+
+    def then_two(value: Any) -> Any:
+        # While x's result is reported: y, and a unit that fails, both with priority.
+        results.append(value)
+        group.first(_unit("y")).addBoth(results.append)
+        group.first(_failing(StoreError("bad"))).addBoth(results.append)
+        return value
+
+    group.first(_unit("x")).addCallback(then_two)
+    db.finish_next()  # busy
+    db.finish_next()  # x, alone; b is passed over
+    assert len(db.transactions) == 2  # y with the failing unit; b right behind them
+    db.finish_next()  # rolled back: each is to be run again, alone
+    while db.transactions:
+        db.finish_next()
+    assert passed == ["b"]
+    assert results[:2] == ["x", "y"]
+    assert isinstance(results[2], Failure) and results[2].check(StoreError)
+    assert db.committed == ["busy", "x", "b", "y"]
+    # Nothing is left waiting: the next unit runs at once.
+    later = _results([group.run(_unit("c"))])
+    db.finish_next()
+    assert later == ["c"]
+    assert _results([group.idle()]) == [None]
