@@ -36,6 +36,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "sqlite_rows": 100_000,
             "latency": 200,
             "drain": 200_000,
+            "loaded": 200_000,
             "memory_pending": 100_000,
             # In quick mode the down targets retry after 60 s instead of 2 s, so that the run is
             # not spent probing 5,000 dead targets; full mode keeps the default backoff.
@@ -53,6 +54,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
         "sqlite_rows": 1_000_000,
         "latency": 2_000,
         "drain": 1_000_000,
+        "loaded": 1_000_000,
         "memory_pending": 1_000_000,
         "memory_down_backoff": None,
         "scale_10k": 1_000_000,
@@ -70,6 +72,7 @@ ONLY_CHOICES = (
     "send_only",
     "sqlite_insert",
     "latency",
+    "loaded",
     "drain",
     "memory",
     "scale",
@@ -141,6 +144,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
     rows = {**common, "events": size["sqlite_rows"], "commits": 500}
     runs.append(("sqlite_insert", "sqlite_insert", rows))
     runs.append(("latency", "latency", lat))
+    # Latency under load: single events to an idle target, 5 ms apart, while another target
+    # drains a backlog; the probes stop before the backlog is gone.
+    loaded = {**common, "events": size["loaded"], "warmup": 20, "probes": 5000, "gap": 0.005}
+    runs.append(("loaded", "loaded", loaded))
     runs.append(("drain", "drain", {**common, "events": size["drain"]}))
     memory = {**common, "targets": 10_000, "pending": size["memory_pending"]}
     if size["memory_down_backoff"]:
@@ -252,6 +259,13 @@ _TARGETS: list[tuple[str, str, str, str, Callable[[float, dict[str, Any]], bool]
     ("latency p50", "latency_p50_ms", "{:.2f} ms", "<= 3 ms", lambda v, s: v <= 3),
     ("latency p99", "latency_p99_ms", "{:.2f} ms", "<= 15 ms", lambda v, s: v <= 15),
     (
+        "latency p99 under load",
+        "loaded_latency_p99_ms",
+        "{:.2f} ms",
+        "<= 15 ms",
+        lambda v, s: v <= 15,
+    ),
+    (
         "drain",
         "drain_events_per_s",
         "{:,.0f} ev/s",
@@ -339,6 +353,14 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
     if ok("latency"):
         s["latency_p50_ms"] = results["latency"]["p50_ms"]
         s["latency_p99_ms"] = results["latency"]["p99_ms"]
+    if ok("loaded"):
+        loaded = results["loaded"]
+        s["loaded_latency_p50_ms"] = loaded["p50_ms"]
+        s["loaded_latency_p99_ms"] = loaded["p99_ms"]
+        if loaded.get("drain_events_per_s_while_probing") is not None:
+            s["loaded_drain_events_per_s"] = loaded["drain_events_per_s_while_probing"]
+        if ok("latency"):
+            s["loaded_vs_idle_p99"] = loaded["p99_ms"] / results["latency"]["p99_ms"]
     if ok("drain"):
         s["drain_events_per_s"] = results["drain"]["events_per_s"]
         s["drain_first_delivery_ms"] = results["drain"]["first_delivery_ms"]
@@ -431,6 +453,9 @@ def _table(summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         ("  throughput vs it", "throughput_vs_sqlite_insert", "{:.0%}"),
         ("SQLite commits", "sqlite_commits_per_s", "{:,.0f} /s"),
         ("drain vs send-only", "drain_vs_send_only", "{:.0%}"),
+        ("latency p50 under load", "loaded_latency_p50_ms", "{:.2f} ms"),
+        ("  p99 vs idle", "loaded_vs_idle_p99", "{:.2f}x"),
+        ("  drain meanwhile", "loaded_drain_events_per_s", "{:,.0f} ev/s"),
         ("relayer CPU per event", "throughput_cpu_us_per_event", "{:.1f} us"),
         ("disk bytes written per event", "throughput_disk_bytes_written_per_event", "{:,.0f}"),
         (

@@ -954,9 +954,17 @@ def sqlite_insert(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def loaded(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Latency under load: see :mod:`benchmarks.loaded`."""
+    from benchmarks.loaded import loaded as run
+
+    return await run(reactor, params)
+
+
 RELAYER_SCENARIOS = {
     "throughput": throughput,
     "latency": latency,
+    "loaded": loaded,
     "drain": drain,
     "memory": memory,
     "scale": scale,

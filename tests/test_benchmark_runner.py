@@ -41,6 +41,7 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
         "throughput#0",
         "sqlite_insert",
         "latency",
+        "loaded",
         "drain",
         "memory",
         "scale_1",
@@ -56,6 +57,10 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
     assert (runs["throughput#0"]["targets"], runs["throughput#0"]["events"]) == (10, 100_000)
     assert runs["send_only#0"]["batch"] == runs["throughput#0"]["batch"] == 1000
     assert runs["drain"]["events"] == 200_000
+    # The backlog drained under the probes: smaller in quick mode, so that CI stays short.
+    assert runs["loaded"]["events"] == 200_000
+    assert runs["loaded"]["synchronous"] == "FULL"
+    assert runs["loaded"]["warmup"] < runs["loaded"]["probes"]
     assert (runs["memory"]["targets"], runs["memory"]["pending"]) == (10_000, 100_000)
     assert [runs[f"scale_{n}"]["targets"] for n in (1, 100, 10_000)] == [1, 100, 10_000]
     assert (runs["fanout_10"]["targets"], runs["fanout_10"]["events"]) == (10, 10_000)
@@ -80,6 +85,7 @@ def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_through
     assert keys[:6] == [f"{name}#{i}" for i in range(3) for name in ("send_only", "throughput")]
     runs = {key: params for key, _, params in plan}
     assert runs["throughput#0"]["events"] == runs["drain"]["events"] == 1_000_000
+    assert runs["loaded"]["events"] == 1_000_000
     assert runs["memory"]["pending"] == 1_000_000
     assert runs["throughput_NORMAL"]["synchronous"] == "NORMAL"
     assert runs["fanout_10"]["events"] == runs["fanout_1"]["events"] == 100_000
@@ -90,6 +96,11 @@ def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_through
 def test_only_keeps_the_runs_named() -> None:
     plan = runner.plan(args(only=["scale", "latency"]))
     assert [key for key, _, _ in plan] == ["latency", "scale_1", "scale_100", "scale_10000"]
+
+
+def test_only_loaded_runs_the_latency_under_load_alone() -> None:
+    assert [key for key, _, _ in runner.plan(args(only=["loaded"]))] == ["loaded"]
+    assert "loaded" in runner.ONLY_CHOICES
 
 
 def test_only_fanout_runs_it_with_10_targets_and_with_1() -> None:
@@ -181,6 +192,45 @@ def test_the_summary_has_every_key_and_ratio() -> None:
     assert met["drain_vs_throughput"] is True
     assert met["cost_ratio_10k_vs_1_targets"] is False
     assert met["rss_mb_backlog"] is True
+
+
+def _loaded_result(p50: float, p99: float) -> dict[str, Any]:
+    return {
+        "events": 200_000,
+        "probes": 300,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "backlog_delivered_before_first_probe": 20_000,
+        "backlog_left_after_last_probe": 30_000,
+        "drain_events_per_s_while_probing": 70_000.0,
+        "problems": [],
+        "wall_s": 6.0,
+    }
+
+
+def test_the_latency_under_load_is_a_target_beside_the_idle_latency() -> None:
+    results = {
+        "latency": {"p50_ms": 2.0, "p99_ms": 5.0, "problems": []},
+        "loaded": _loaded_result(6.0, 20.0),
+    }
+    s = runner.summarise(results, args())
+    assert s["loaded_latency_p50_ms"] == 6.0
+    assert s["loaded_latency_p99_ms"] == 20.0
+    assert s["loaded_vs_idle_p99"] == pytest.approx(4.0)
+    assert s["loaded_drain_events_per_s"] == 70_000.0
+    assert s["targets"]["loaded_latency_p99_ms"]["met"] is False
+    rows = {line[:28].strip(): line[28:].strip() for line in runner._table(s, results).splitlines()}
+    assert rows["latency p99 under load"].startswith("20.00 ms")
+    assert rows["latency p99 under load"].endswith("MISSED")
+    assert rows["latency p50 under load"] == "6.00 ms"
+    assert rows["p99 vs idle"] == "4.00x"
+    assert rows["drain meanwhile"] == "70,000 ev/s"
+
+
+def test_the_latency_under_load_without_the_idle_run_has_no_ratio() -> None:
+    s = runner.summarise({"loaded": _loaded_result(3.0, 9.0)}, args())
+    assert s["targets"]["loaded_latency_p99_ms"]["met"] is True
+    assert "loaded_vs_idle_p99" not in s
 
 
 def test_a_crashed_run_is_left_out_of_the_summary() -> None:
@@ -319,6 +369,29 @@ def test_a_crashed_listing_run_leaves_only_its_own_figures_out() -> None:
     s = runner.summarise(results, args())
     assert s["list_rss_mb_100k"] == 73.0
     assert not any(key.endswith("_1m") for key in s)
+
+
+@pytest.mark.integration
+def test_the_loaded_scenario_probes_while_the_backlog_drains(tmp_path: Path) -> None:
+    # Transactions of 10 events: the backlog takes hundreds of them, the probes a few.
+    params = {
+        "events": 5000,
+        "batch": 10,
+        "chunk": 1000,
+        "window": 8,
+        "warmup": 2,
+        "probes": 5,
+        "gap": 0.001,
+        "synchronous": "NORMAL",
+        "db_dir": str(tmp_path),
+        "log": str(tmp_path / "loaded.log"),
+    }
+    result = run_child("loaded", params, 120)
+    assert result["problems"] == []
+    assert result["probes"] == 5
+    assert result["backlog_delivered_before_first_probe"] > 0
+    assert result["backlog_left_after_last_probe"] > 0
+    assert result["p99_ms"] >= result["p50_ms"] > 0
 
 
 @pytest.mark.integration

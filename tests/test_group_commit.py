@@ -207,3 +207,179 @@ async def test_a_sqlite_store_commits_waiting_work_together(tmp_path: Path) -> N
         assert len(commits) < len(names) / 2
     finally:
         await store.close()
+
+
+def test_units_with_priority_go_ahead_in_a_transaction_of_their_own() -> None:
+    db = _Database()
+    group = GroupCommit(db.run)
+    group.run(_unit("busy"))
+    results = _results([group.run(_unit("b")), group.first(_unit("x")), group.run(_unit("c"))])
+    first = _results([group.first(_unit("y"))])
+    db.finish_next()
+    # x and y, alone: b and c wait.
+    assert len(db.transactions) == 1
+    db.finish_next()
+    assert first == ["y"]
+    assert results == ["x"]
+    assert db.committed == ["busy", "x", "y"]
+    # Then b and c, together, in the order they came.
+    assert len(db.transactions) == 1
+    db.finish_next()
+    assert results == ["x", "b", "c"]
+    assert db.committed == ["busy", "x", "y", "b", "c"]
+    assert not db.transactions
+
+
+def test_units_without_priority_are_passed_over_only_once() -> None:
+    db = _Database()
+    group = GroupCommit(db.run)
+    group.run(_unit("busy"))
+    waiting = _results([group.run(_unit("b"))])
+    order: list[Any] = []
+
+    def then_another(value: Any) -> Any:
+        # Handed over while x's result is reported: it goes ahead of b too, but b follows
+        # right behind it, before any further unit with priority.
+        order.append(value)
+        group.first(_unit("y")).addCallback(order.append)
+        return value
+
+    group.first(_unit("x")).addCallback(then_another)
+    db.finish_next()  # busy
+    db.finish_next()  # x, alone
+    assert order == ["x"]
+    assert len(db.transactions) == 2  # y, then b right behind it
+    db.finish_next()
+    group.first(_unit("z")).addCallback(order.append)
+    db.finish_next()
+    assert order == ["x", "y"]
+    assert waiting == ["b"]
+    db.finish_next()
+    assert order == ["x", "y", "z"]
+    assert db.committed == ["busy", "x", "y", "b", "z"]
+
+
+def test_idle_waits_for_units_with_priority_too() -> None:
+    db = _Database()
+    group = GroupCommit(db.run)
+    group.run(_unit("busy"))
+    group.first(_unit("x"))
+    idle = _results([group.idle()])
+    db.finish_next()
+    assert idle == []
+    db.finish_next()
+    assert idle == [None]
+
+
+class _ScriptedPool:
+    """A database pool whose work runs, on the calling thread, only when the test says so."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def start(self) -> None:
+        pass
+
+    def run(self, f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run_next(self) -> None:
+        f, args, d = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except BaseException:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+
+    def run_all(self) -> None:
+        while self.jobs:
+            self.run_next()
+
+    def stop(self) -> Deferred[None]:
+        self.run_all()
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
+
+
+def test_a_sqlite_store_commits_submits_and_claims_ahead_of_a_backlogs_transactions(
+    tmp_path: Path,
+) -> None:
+    from twisted.internet.task import Clock
+
+    from relayer.store.base import Transaction
+    from relayer.store.sqlite import SQLiteStore
+
+    pool = _ScriptedPool()
+    store = SQLiteStore.open_path(Clock(), tmp_path / "relayer.db", pool=pool)
+    opened = _results([store.open()])
+    pool.run_all()
+    registered = _results([store.register_targets(["backlog", "idle"])])
+    pool.run_all()
+    assert opened == [None] and len(registered) == 1
+    stored = _results([store.add_events([("backlog", [b'{"n":%d}' % i for i in range(6)])], 1.0)])
+    pool.run_all()
+    claimed = _results([store.claim("backlog", 2, 1 << 20, 2.0)])
+    pool.run_all()
+    (txn,) = claimed
+    assert len(stored) == 1 and isinstance(txn, Transaction) and txn.n_events == 2
+
+    # The database thread is busy; the backlog's next transaction waits behind it, then a
+    # submit for the idle target comes.
+    order: list[str] = []
+    busy = store.confirm("backlog", txn.txn_id, 3.0)
+    busy.addCallback(lambda _: order.append("busy"))
+    store.complete("backlog", txn.txn_id, 2, 1 << 20, 3.0).addCallback(
+        lambda _: order.append("complete")
+    )
+
+    def submitted(ids: list[str]) -> None:
+        order.append("submit")
+        # The idle target's first claim goes ahead of the backlog's transaction too.
+        store.claim("idle", 2, 1 << 20, 3.0).addCallback(lambda _: order.append("claim"))
+
+    store.add_events([("idle", [b'{"n":0}'])], 3.0).addCallback(submitted)
+    pool.run_next()  # busy
+    assert order == ["busy"]
+    pool.run_next()  # the submit, alone
+    assert order == ["busy", "submit"]
+    pool.run_all()
+    assert order == ["busy", "submit", "claim", "complete"]
+    close = _results([store.close()])
+    pool.run_all()
+    assert close == [None]
+
+
+def test_a_failing_group_with_priority_fails_alone_and_the_others_still_run() -> None:
+    db = _Database()
+    group = GroupCommit(db.run)
+    group.run(_unit("busy"))
+    passed = _results([group.run(_unit("b"))])
+    results: list[Any] = []
+
+    def then_two(value: Any) -> Any:
+        # While x's result is reported: y, and a unit that fails, both with priority.
+        results.append(value)
+        group.first(_unit("y")).addBoth(results.append)
+        group.first(_failing(StoreError("bad"))).addBoth(results.append)
+        return value
+
+    group.first(_unit("x")).addCallback(then_two)
+    db.finish_next()  # busy
+    db.finish_next()  # x, alone; b is passed over
+    assert len(db.transactions) == 2  # y with the failing unit; b right behind them
+    db.finish_next()  # rolled back: each is to be run again, alone
+    while db.transactions:
+        db.finish_next()
+    assert passed == ["b"]
+    assert results[:2] == ["x", "y"]
+    assert isinstance(results[2], Failure) and results[2].check(StoreError)
+    assert db.committed == ["busy", "x", "b", "y"]
+    # Nothing is left waiting: the next unit runs at once.
+    later = _results([group.run(_unit("c"))])
+    db.finish_next()
+    assert later == ["c"]
+    assert _results([group.idle()]) == [None]
