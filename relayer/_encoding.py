@@ -129,7 +129,8 @@ _GATE_OPTION = orjson.OPT_STRICT_INTEGER
 #
 # - orjson accepts it with OPT_STRICT_INTEGER (no key but a str, no int out of range, nesting
 #   254 levels deep at most, no cycle), with subclasses, dates and dataclasses passed to a
-#   ``default`` that refuses them;
+#   ``default`` that refuses them (so that orjson gives up on them at once; the next check
+#   would refuse them anyway);
 # - every object in it is of one of those plain types exactly: a pickler that refuses every
 #   other object (_Refuser) pickles it. (orjson writes a few other types natively, which json
 #   refuses: Enum members, uuid.UUID, orjson.Fragment. They are refused here, wherever they are.)
@@ -275,10 +276,9 @@ def _encode_with_json(event: dict[Any, Any]) -> bytes:
     return data
 
 
-# Any integer outside +-(2**53 - 1) has 16 digits or more, and a JSON number's digits are
-# written together: bytes without 16 digits in a row hold no such integer.
-_LONG_DIGITS = re.compile(rb"[0-9]{16}")
-
+#: Bytes, as ints: ``int in bytes`` is a memchr, ``bytes in bytes`` is not.
+_NEWLINE = ord("\n")
+_PLUS = ord("+")
 _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
 
 
@@ -319,13 +319,21 @@ def check_encoded(event: bytes | bytearray | memoryview, max_bytes: int) -> byte
             f"an event given as bytes must be a JSON object, not {kind}; "
             'wrap other values in one, such as {"content": ...}'
         )
-    if b"\n" in data:
+    if _NEWLINE in data:
         raise InvalidEvent(
             "the event's bytes hold a raw newline, which relayer uses to separate events: "
             "encode the event compactly, without newlines between its tokens, as "
             "json.dumps(event, separators=(',', ':')) or orjson.dumps(event) do"
         )
-    if _LONG_DIGITS.search(data) is not None:
+    # The integers: orjson reads those of up to 64 bits as ints, which the gate checks, and
+    # larger ones as floats of 1.8e19 and more, which it writes with an exponent, "e+". So
+    # bytes whose value passes the gate and is written without a "+" hold no integer out of
+    # range; others are read again by json, which reads every integer as an int, and walked.
+    try:
+        rewritten = _gate(value, None, _GATE_OPTION)
+    except Exception:  # noqa: BLE001 - a refusal is not a verdict: the walk decides
+        rewritten = None
+    if rewritten is None or _PLUS in rewritten:
         problem = _integer_problem(data)
         if problem is not None:
             raise InvalidEvent(problem)

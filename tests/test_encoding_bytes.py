@@ -53,6 +53,8 @@ ACCEPTED = [
     b'{"s":"12345678901234567890123"}',
     b'{"f":0.30000000000000004,"g":1.2345678901234567e300,"h":12345678901234567.5}',
     b'{"big":1E308,"small":-1e-400}',
+    b'{"s":"+49 12345678901234567890","t":"1e+30"}',
+    b'{"d":' + b"[" * 300 + b"1" + b"]" * 300 + b"}",
 ]
 
 
@@ -105,6 +107,9 @@ REFUSED = [
     (b'{"n":9007199254740992}', r"integer at n is out of range"),
     (b'{"n":-9007199254740992}', r"integer at n is out of range"),
     (b'{"c":{"l":[1,18446744073709551616]}}', r"integer at c\.l\[1\] is out of range"),
+    (b'{"n":9223372036854775808}', r"integer at n is out of range"),
+    (b'{"n":-9223372036854775809}', r"integer at n is out of range"),
+    (b'{"d":' + b"[" * 300 + b"9007199254740992" + b"]" * 300 + b"}", "out of range"),
     (b'{"n":' + b"9" * 5000 + b"}", "too large for a double"),
     (b'{"n":' + b"9" * 300 + b"}", r"integer at n is out of range"),
 ]
