@@ -449,3 +449,16 @@ def test_threads_encode_alike() -> None:
     finally:
         sys.setswitchinterval(old)
     assert not failures
+
+
+@pytest.mark.parametrize("extra", [1e-7, 1e-5, float("nan"), float("inf"), 1.5, None, Colour.RED])
+def test_large_strings_are_pickled_in_pieces_and_checked_whole(extra: Any) -> None:
+    # The pickler writes a large string to its file directly, apart from what comes before
+    # and after it: the check looks at every piece.
+    big = "x" * 200_000
+    for event in (
+        {"a": big, "f": extra},
+        {"a": [big, "y" * 70_000, extra]},
+        {"f": extra, "a": big},
+    ):
+        assert_same(event)
