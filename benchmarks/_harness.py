@@ -66,6 +66,25 @@ def interleaved(names: Sequence[str], per_target: int, start: int = 0) -> Iterat
             yield name, make_event(seq)
 
 
+def encoded_event(seq: int) -> bytes:
+    """The JSON bytes of ``make_event(seq)``, as an application holding them would have them."""
+    return _ENCODED_HEAD + str(seq).encode() + _ENCODED_TAIL
+
+
+# The encoded template, cut where the sequence number goes: "s" is its first member.
+_ENCODED_HEAD = b'{"s":'
+_ENCODED_TAIL = _encoding.encode_event(make_event(0), 1 << 20)[len(_ENCODED_HEAD) + 1 :]
+
+
+def interleaved_encoded(
+    names: Sequence[str], per_target: int, start: int = 0
+) -> Iterator[tuple[str, bytes]]:
+    """As :func:`interleaved`, with each event as its JSON bytes (``encoded_event``)."""
+    for seq in range(start, start + per_target):
+        for name in names:
+            yield name, encoded_event(seq)
+
+
 def blocks(names: Sequence[str], per_target: int, block: int) -> Iterator[tuple[str, Any]]:
     """
     ``(target, event)`` pairs, ``block`` events of one target at a time, round-robin over the

@@ -69,6 +69,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
 #: What ``--only`` takes: a scenario, a single run of one, or postgres.
 ONLY_CHOICES = (
     "throughput",
+    "throughput_encoded",
     "send_only",
     "sqlite_insert",
     "latency",
@@ -141,6 +142,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
         # The baseline and relayer's throughput alternate, so that both see the same load.
         runs.append((f"send_only#{i}", "send_only", {**tp, "events": size["send_only"]}))
         runs.append((f"throughput#{i}", "throughput", tp))
+    for i in range(args.repeat):
+        # The same, with each event submitted as its JSON bytes (checked, not encoded).
+        runs.append((f"throughput_encoded#{i}", "throughput", {**tp, "encoded": True}))
     rows = {**common, "events": size["sqlite_rows"], "commits": 500}
     runs.append(("sqlite_insert", "sqlite_insert", rows))
     runs.append(("latency", "latency", lat))
@@ -343,6 +347,13 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
         s["send_only_runs_events_per_s"] = [r["events_per_s"] for r in so]
     if tp and so:
         s["throughput_vs_send_only"] = s["throughput_events_per_s"] / s["send_only_events_per_s"]
+    encoded = [results[k] for k in results if k.startswith("throughput_encoded#") and ok(k)]
+    if encoded:
+        s["throughput_encoded_events_per_s"] = _median(encoded, "events_per_s")
+        if so:
+            s["throughput_encoded_vs_send_only"] = (
+                s["throughput_encoded_events_per_s"] / s["send_only_events_per_s"]
+            )
     if ok("sqlite_insert"):
         s["sqlite_insert_rows_per_s"] = results["sqlite_insert"]["rows_per_s"]
         s["sqlite_commits_per_s"] = results["sqlite_insert"]["commits_per_s"]
@@ -449,6 +460,8 @@ def _table(summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
     lines.append("")
     for label, key, fmt in (
         ("send-only baseline", "send_only_events_per_s", "{:,.0f} ev/s"),
+        ("throughput, events as bytes", "throughput_encoded_events_per_s", "{:,.0f} ev/s"),
+        ("  vs send-only", "throughput_encoded_vs_send_only", "{:.0%}"),
         ("SQLite insert baseline", "sqlite_insert_rows_per_s", "{:,.0f} rows/s"),
         ("  throughput vs it", "throughput_vs_sqlite_insert", "{:.0%}"),
         ("SQLite commits", "sqlite_commits_per_s", "{:,.0f} /s"),

@@ -7,12 +7,18 @@ events, and the transaction body sent on the wire, join events with ``b",\\n"``.
 batching, re-batching and splitting free of any parsing: a transaction body is built by
 concatenation, and taken apart again by splitting on the separator.
 
+An event submitted already encoded, as bytes, is checked instead (:func:`check_encoded`), and
+stored and sent exactly as given.
+
 The wire body of a transaction is the JSON document ``{"events":[e1,\\ne2,\\n...]}``.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,6 +99,8 @@ def _outcome(encode: Callable[[Any], str], value: Any) -> tuple[Any, str]:
 
 _encode = _reused_encoder(_encoder)
 _gate = orjson.dumps
+_dumps = orjson.dumps
+_loads = orjson.loads
 
 
 #: The largest integer Matrix's canonical JSON allows, and the smallest is its negation.
@@ -110,14 +118,85 @@ MAX_SAFE_INTEGER = 2**53 - 1
 # orjson reads the underlying storage.)
 _GATE_OPTION = orjson.OPT_STRICT_INTEGER
 
+# The fast path. Most events are made of plain dicts, lists, tuples, strs, ints, floats, bools
+# and None only; for those, orjson writes the bytes that the json encoder above writes, byte for
+# byte, with two exceptions, both of floats: it writes NaN and the infinities as null (json
+# refuses them), and floats that repr() writes with an exponent of -05 to -09 differently
+# (1e-05 as 0.00001, 1.5e-07 as 1.5e-7). Strings are escaped alike (checked for every code
+# point), and ints, bools, None, separators and key order are written alike. So an event is
+# encoded by orjson, and its bytes are kept if all of these hold; else the event takes the path
+# of json and the gate, as if the fast path did not exist, to the same bytes or the same error:
+#
+# - orjson accepts it with OPT_STRICT_INTEGER (no key but a str, no int out of range, nesting
+#   254 levels deep at most, no cycle), with subclasses, dates and dataclasses passed to a
+#   ``default`` that refuses them (so that orjson gives up on them at once; the next check
+#   would refuse them anyway);
+# - every object in it is of one of those plain types exactly: a pickler that refuses every
+#   other object (_Refuser) pickles it. (orjson writes a few other types natively, which json
+#   refuses: Enum members, uuid.UUID, orjson.Fragment. They are refused here, wherever they are.)
+# - if the pickle holds a float (it then holds the byte of the BINFLOAT opcode, b"G"; a G in a
+#   string or a length just costs the checks), orjson's bytes hold neither "0.0000" nor "e-"
+#   followed by one digit alone, and the pickle no non-finite float (BINFLOAT writes the float
+#   big-endian: NaN and the infinities start with 0x7f or 0xff, then a byte of 0xf0 or more).
+_FAST_OPTION = (
+    orjson.OPT_STRICT_INTEGER
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+_SHORT_EXPONENT = re.compile(rb"e-[0-9](?![0-9])")
+#: The BINFLOAT opcode, as an int: ``int in bytes`` is a memchr, ``bytes in bytes`` is not.
+_BINFLOAT = pickle.BINFLOAT[0]
+_NON_FINITE = re.compile(rb"G[\x7f\xff][\xf0-\xff]", re.DOTALL)
+
+
+def _not_native(value: Any) -> Any:
+    """orjson's ``default``: what orjson does not write natively goes the json encoder's way."""
+    raise TypeError
+
+
+class _Refuser(pickle.Pickler):
+    """
+    A pickler of exact dicts, lists, tuples, strs, ints, floats, bools and None (and of sets,
+    frozensets, bytes and bytearrays, which orjson refuses) that refuses every other object.
+
+    The C pickler writes objects of those types exactly by itself; for any other object it
+    calls ``reducer_override`` first, and raising there refuses the object.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        raise TypeError(f"not a plain JSON type: {type(obj).__name__}")
+
+
+class _Sink:
+    """The file a :class:`_Refuser` writes to: ``write`` appends to a list."""
+
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self.write = write
+
+
+class _Pickling(threading.local):
+    """For each thread: a :class:`_Refuser` (``dump``) and the list it writes to (``chunks``)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        pickler = _Refuser(_Sink(self.chunks.append), protocol=2)
+        # No memo: an event orjson accepted holds no cycle, and this pickle is never loaded.
+        pickler.fast = True
+        self.dump = pickler.dump
+
+
+_pickling = _Pickling()
+
 
 def encode_event(event: Any, max_bytes: int) -> bytes:
     """
-    Encode one event as compact JSON.
+    Encode one event as compact JSON, or check one that is JSON already.
 
     Args:
         event: A JSON object: a dict whose keys are all strings, at every depth, and whose
-            integers are within +-(2**53 - 1), as Matrix's canonical JSON requires.
+            integers are within +-(2**53 - 1), as Matrix's canonical JSON requires. Or the
+            bytes of one, as :func:`check_encoded` takes them.
         max_bytes: The target's cap on a transaction's wire size. An event whose transaction,
             holding that event alone, would be larger than this is refused.
 
@@ -129,11 +208,46 @@ def encode_event(event: Any, max_bytes: int) -> bytes:
             string, or has an integer out of range; the message says where.
         EventTooLarge: The event alone would exceed ``max_bytes``.
     """
-    if type(event) is not dict and not isinstance(event, dict):
+    if type(event) is dict:
+        try:
+            data = _dumps(event, _not_native, _FAST_OPTION)
+            pickling = _pickling
+            chunks = pickling.chunks
+            chunks.clear()
+            pickling.dump(event)
+            pickled = b"".join(chunks)
+            if _BINFLOAT in pickled and (
+                data.find(b"0.0000") >= 0
+                or _SHORT_EXPONENT.search(data) is not None
+                or _NON_FINITE.search(pickled) is not None
+            ):
+                data = _encode_with_json(event)
+        except Exception:  # noqa: BLE001 - a refusal is not a verdict: json decides
+            data = _encode_with_json(event)
+    elif isinstance(event, (bytes, bytearray, memoryview)):
+        return check_encoded(event, max_bytes)
+    elif isinstance(event, dict):
+        data = _encode_with_json(event)
+    else:
         raise InvalidEvent(
             f"an event must be a JSON object (a dict), not {_kind(event)}; "
             'wrap other values in one, such as {"content": ...}'
         )
+    size = len(data) + ENVELOPE_BYTES
+    if size > max_bytes:
+        raise _too_large(len(data), max_bytes)
+    return data
+
+
+def _too_large(length: int, max_bytes: int) -> EventTooLarge:
+    return EventTooLarge(
+        f"the encoded event is {length} bytes; with the transaction envelope that is "
+        f"{length + ENVELOPE_BYTES} bytes, over the target's max_bytes of {max_bytes}"
+    )
+
+
+def _encode_with_json(event: dict[Any, Any]) -> bytes:
+    """The event's bytes as the json encoder writes them, checked by the gate; else raise."""
     try:
         text = _encode(event)
         data = text.encode("utf-8")
@@ -159,13 +273,86 @@ def encode_event(event: Any, max_bytes: int) -> bytes:
         problem = _find_problem(event)
         if problem is not None:
             raise InvalidEvent(problem) from None
-    size = len(data) + ENVELOPE_BYTES
-    if size > max_bytes:
-        raise EventTooLarge(
-            f"the encoded event is {len(data)} bytes; with the transaction envelope that is "
-            f"{size} bytes, over the target's max_bytes of {max_bytes}"
-        )
     return data
+
+
+#: Bytes, as ints: ``int in bytes`` is a memchr, ``bytes in bytes`` is not.
+_NEWLINE = ord("\n")
+_PLUS = ord("+")
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
+
+
+def check_encoded(event: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
+    """
+    Check an event submitted as the bytes of its JSON; return them as bytes, unchanged.
+
+    They must be one JSON object, in UTF-8, without a raw newline byte (events are joined with
+    ``b",\\n"``; a newline inside a string is written ``\\n``, so only whitespace between
+    tokens can be one), and with no integer outside +-(2**53 - 1). Whitespace elsewhere is
+    kept, as are repeated keys: relayer sends the bytes as they are. A bytearray or a
+    memoryview is copied, as it is at the call.
+
+    Raises:
+        InvalidEvent: One of these does not hold; the message says which.
+        EventTooLarge: The event alone would exceed ``max_bytes``.
+    """
+    if type(event) is bytes:
+        data = event
+    else:
+        try:
+            data = bytes(event)
+        except (TypeError, ValueError) as e:  # a released memoryview
+            raise InvalidEvent(f"the event's bytes cannot be read: {e}") from None
+    if len(data) + ENVELOPE_BYTES > max_bytes:
+        raise _too_large(len(data), max_bytes)
+    try:
+        value = _loads(data)
+    except orjson.JSONDecodeError as e:
+        if "infinity" in str(e):
+            raise InvalidEvent(
+                f"the event's bytes hold a number too large for a double: {e}"
+            ) from None
+        raise InvalidEvent(f"the event's bytes are not valid JSON in UTF-8: {e}") from None
+    if type(value) is not dict:
+        kind = _JSON_KINDS.get(type(value), "null" if value is None else "a boolean")
+        raise InvalidEvent(
+            f"an event given as bytes must be a JSON object, not {kind}; "
+            'wrap other values in one, such as {"content": ...}'
+        )
+    if _NEWLINE in data:
+        raise InvalidEvent(
+            "the event's bytes hold a raw newline, which relayer uses to separate events: "
+            "encode the event compactly, without newlines between its tokens, as "
+            "json.dumps(event, separators=(',', ':')) or orjson.dumps(event) do"
+        )
+    # The integers: orjson reads those of up to 64 bits as ints, which the gate checks, and
+    # larger ones as floats of 1.8e19 and more, which it writes with an exponent, "e+". So
+    # bytes whose value passes the gate and is written without a "+" hold no integer out of
+    # range; others are read again by json, which reads every integer as an int, and walked.
+    try:
+        rewritten = _gate(value, None, _GATE_OPTION)
+    except Exception:  # noqa: BLE001 - a refusal is not a verdict: the walk decides
+        rewritten = None
+    if rewritten is None or _PLUS in rewritten:
+        problem = _integer_problem(data)
+        if problem is not None:
+            raise InvalidEvent(problem)
+    return data
+
+
+def _integer_problem(data: bytes) -> str | None:
+    """An integer out of range in valid JSON bytes, as :func:`_find_problem` words it."""
+    try:
+        # orjson reads the largest integers as floats: json reads every integer as an int.
+        value = json.loads(data)
+    except RecursionError:
+        return "the event is nested too deeply to be checked"
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        return (
+            "the event holds an integer out of range: Matrix allows integers from "
+            "-(2**53 - 1) to 2**53 - 1; send a larger number as a string"
+        )
+    return _find_problem(value)
 
 
 def _kind(value: Any) -> str:

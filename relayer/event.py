@@ -77,7 +77,8 @@ class Event:
     :meth:`relayer.Scheduler.submit_many`.
 
     Attributes:
-        body: The event: a JSON object, as :meth:`relayer.Scheduler.submit` takes it.
+        body: The event: a JSON object, or its JSON as bytes, as
+            :meth:`relayer.Scheduler.submit` takes them.
         event_id: Your id for it (a Matrix event id, an order id): submitting an id that the
             store holds already stores nothing and returns the same id. None to let relayer
             give it one (``relayer-<n>``).

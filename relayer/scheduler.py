@@ -879,8 +879,10 @@ class Scheduler:
         Args:
             targets: A registered target's id, or a list of them (duplicates are ignored).
             event: A JSON object, as Matrix events are: a dict whose keys are strings at every
-                depth, with integers within +-(2**53 - 1), Matrix's canonical JSON range. Or an
-                :class:`relayer.Event` that carries it with its options.
+                depth, with integers within +-(2**53 - 1), Matrix's canonical JSON range. Or
+                the JSON of one, as ``bytes`` (or a ``bytearray`` or ``memoryview``, copied):
+                UTF-8, compact (without a raw newline byte), checked and sent as given, byte
+                for byte. Or an :class:`relayer.Event` that carries either with its options.
             event_id: Your id for the event (a Matrix event id, an order id). If the store
                 holds an event with this id already, nothing is stored, and the Deferred fires
                 with the same id: a repeated submit is harmless. None: relayer gives it an id.
@@ -895,8 +897,9 @@ class Scheduler:
             NotRunning: The scheduler is not started, or is stopping.
             UnknownTarget: A target has no such id.
             InvalidEvent: The event is not a dict, cannot be encoded as JSON, has a key that is
-                not a string or an integer out of range (the message says where); the id,
-                deadline or targets are not valid.
+                not a string or an integer out of range (the message says where); bytes that
+                are not one JSON object in UTF-8, or that hold a raw newline; the id, deadline
+                or targets are not valid.
             EventTooLarge: The encoded event exceeds a target's ``max_bytes``.
             Backpressure: ``max_waiting_events`` submitted events wait to be stored already;
                 nothing was stored.
@@ -937,8 +940,9 @@ class Scheduler:
 
         Args:
             events: ``(targets, event)`` pairs, in submit order: ``targets`` is a target id or
-                a list of them, and ``event`` a JSON object or an :class:`relayer.Event` (for
-                an id or a deadline of its own).
+                a list of them, and ``event`` a JSON object, its JSON as bytes (as
+                :meth:`submit` takes them), or an :class:`relayer.Event` (for an id or a
+                deadline of its own).
 
         Returns:
             A Deferred that fires with the events' ids, in order, once all of them are

@@ -39,6 +39,7 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
     assert set(runs) == {
         "send_only#0",
         "throughput#0",
+        "throughput_encoded#0",
         "sqlite_insert",
         "latency",
         "loaded",
@@ -56,6 +57,9 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
     }
     assert (runs["throughput#0"]["targets"], runs["throughput#0"]["events"]) == (10, 100_000)
     assert runs["send_only#0"]["batch"] == runs["throughput#0"]["batch"] == 1000
+    # The same throughput run, with the events submitted as their JSON bytes.
+    assert runs["throughput_encoded#0"] == {**runs["throughput#0"], "encoded": True}
+    assert "encoded" not in runs["throughput#0"]
     assert runs["drain"]["events"] == 200_000
     # The backlog drained under the probes: smaller in quick mode, so that CI stays short.
     assert runs["loaded"]["events"] == 200_000
@@ -83,6 +87,7 @@ def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_through
     plan = runner.plan(args(quick=False, repeat=3, compare_sync=True))
     keys = [key for key, _, _ in plan]
     assert keys[:6] == [f"{name}#{i}" for i in range(3) for name in ("send_only", "throughput")]
+    assert keys[6:9] == [f"throughput_encoded#{i}" for i in range(3)]
     runs = {key: params for key, _, params in plan}
     assert runs["throughput#0"]["events"] == runs["drain"]["events"] == 1_000_000
     assert runs["loaded"]["events"] == 1_000_000
@@ -101,6 +106,16 @@ def test_only_keeps_the_runs_named() -> None:
 def test_only_loaded_runs_the_latency_under_load_alone() -> None:
     assert [key for key, _, _ in runner.plan(args(only=["loaded"]))] == ["loaded"]
     assert "loaded" in runner.ONLY_CHOICES
+
+
+def test_only_throughput_runs_it_with_dicts_and_with_bytes() -> None:
+    assert [key for key, _, _ in runner.plan(args(only=["throughput"]))] == [
+        "throughput#0",
+        "throughput_encoded#0",
+    ]
+    assert [key for key, _, _ in runner.plan(args(only=["throughput_encoded"]))] == [
+        "throughput_encoded#0"
+    ]
 
 
 def test_only_fanout_runs_it_with_10_targets_and_with_1() -> None:
@@ -159,6 +174,7 @@ def test_the_summary_has_every_key_and_ratio() -> None:
     results: dict[str, dict[str, Any]] = {
         "send_only#0": {"events_per_s": 400_000.0},
         "throughput#0": {"events_per_s": 100_000.0, "cpu_us_per_event": 6.0},
+        "throughput_encoded#0": {"events_per_s": 120_000.0, "cpu_us_per_event": 5.0},
         "sqlite_insert": {"rows_per_s": 250_000.0, "commits_per_s": 8000.0},
         "latency": {"p50_ms": 2.0, "p99_ms": 4.0},
         "drain": {"events_per_s": 90_000.0, "first_delivery_ms": 5.0},
@@ -184,6 +200,9 @@ def test_the_summary_has_every_key_and_ratio() -> None:
         assert key in s, key
     assert s["mode"] == "quick"
     assert s["throughput_vs_send_only"] == pytest.approx(0.25)
+    assert s["throughput_encoded_events_per_s"] == 120_000.0
+    assert s["throughput_encoded_vs_send_only"] == pytest.approx(0.3)
+    assert s["throughput_events_per_s"] == 100_000.0  # the encoded run is not one of these
     assert s["drain_vs_throughput"] == pytest.approx(0.9)
     assert s["cost_ratio_10k_vs_1_targets"] == pytest.approx(1.6)
     met = {key: t["met"] for key, t in s["targets"].items()}
