@@ -786,7 +786,6 @@ class IStore(Interface):
         processes are told of the queued events as by :meth:`add_events`.
         """
 
-
     def add_command(
         target_id: str, action: str, now: float, txn_id: int | None = None
     ) -> Deferred[int]:
@@ -805,13 +804,12 @@ class IStore(Interface):
         the first if it is None). Only reads.
         """
 
-    def finish_command(
-        command_id: int, now: float, done_by: str, result: str
-    ) -> Deferred[bool]:
+    def finish_command(command_id: int, now: float, done_by: str, result: str) -> Deferred[bool]:
         """
         Mark a command applied; False if it was already (or is unknown). Commands applied
         more than a day before ``now`` are forgotten at the same time.
         """
+
 
 #: Maps a target id to its stored record.
 TargetRecords = Mapping[str, TargetRecord]
