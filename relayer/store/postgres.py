@@ -16,8 +16,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
+import attrs
 import sqlalchemy as sa
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from relayer import _logevents as ev
 from relayer.config import BackoffPolicy
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
-from relayer.errors import ConfigurationError, DatabaseInUse, StoreUnavailable
+from relayer.errors import ConfigurationError, DatabaseInUse, LeaseLost, StoreUnavailable
 from relayer.store import schema as _schema
 from relayer.store.sql import SQLStore
 from relayer.store.sqlite import _in_use_message
@@ -57,6 +58,8 @@ _LZ4 = (
 # PostgresStore._write), and the pipeline they were sent in, in the connection's info.
 _HELD = "relayer.held_writes"
 _PIPELINE = "relayer.pipeline"
+# The lease checks sent in that pipeline, whose rows are looked at once it is synced.
+_CHECKS = "relayer.lease_checks"
 
 
 def _send_held(conn: sa.Connection) -> None:
@@ -70,7 +73,12 @@ def _send_held(conn: sa.Connection) -> None:
     conn.info[_PIPELINE] = pipeline
     cursor = raw.cursor()
     for sql, params, many in held:
-        if many:
+        if isinstance(many, _LeaseCheck):
+            # A cursor of its own, whose row is looked at after the sync.
+            many.cursor = raw.cursor()
+            many.cursor.execute(sql, params)
+            conn.info.setdefault(_CHECKS, []).append(many)
+        elif many:
             cursor.executemany(sql, params)
         else:
             cursor.execute(sql, params)
@@ -81,6 +89,26 @@ def _sync(conn: sa.Connection) -> None:
     pipeline = conn.info.pop(_PIPELINE, None)
     if pipeline is not None:
         pipeline.__exit__(None, None, None)
+    for check in conn.info.pop(_CHECKS, ()):
+        check.verify()
+
+
+@attrs.define
+class _LeaseCheck:
+    """A lease check sent in a pipeline: it fails the transaction if the lease was lost."""
+
+    owner: str
+    target_id: str
+    now: float
+    cursor: Any = None
+
+    def verify(self) -> None:
+        row = self.cursor.fetchone()
+        self.cursor.close()
+        if row is None or row[0] != self.owner or row[1] <= self.now:
+            raise LeaseLost(
+                f"this process ({self.owner}) does not hold the lease on {self.target_id!r}"
+            )
 
 
 def _before_execute(conn: sa.Connection, *args: Any) -> None:
@@ -102,6 +130,7 @@ def _forget(conn: sa.Connection) -> None:
         # The connection was invalidated (it broke): its info went with it.
         return
     info.pop(_HELD, None)
+    info.pop(_CHECKS, None)
     pipeline = info.pop(_PIPELINE, None)
     if pipeline is not None:
         try:
@@ -126,6 +155,13 @@ def _pipelined(engine: sa.Engine) -> None:
     sa.event.listen(engine, "rollback", _forget)
     sa.event.listen(engine, "begin", _forget)
 
+
+_l = _schema.leases
+_LEASE_CHECK = (
+    sa.select(_l.c.owner, _l.c.expires_at)
+    .where(_l.c.target_id == sa.bindparam("p_target"))
+    .with_for_update()
+)
 
 _NOTIFY = sa.select(
     sa.func.pg_notify(
@@ -273,6 +309,7 @@ class PostgresStore(SQLStore):
         #: Held-back writes' SQL, by statement and parameter names: (SQL, constant parameters),
         #: or None for one that cannot be held back.
         self._compiled: dict[tuple[Any, tuple[str, ...]], tuple[str, dict[str, Any]] | None] = {}
+        self._lease_sql: str | None = None
         self._schema = schema
         self._reactor = reactor
         self.channel = f"relayer_events_{schema}" if schema else "relayer_events"
@@ -444,7 +481,7 @@ class PostgresStore(SQLStore):
         try:
             found = self._compiled[key]
         except KeyError:
-            compiled = statement.compile(dialect=conn.dialect, column_keys=list(names))
+            compiled = cast(Any, statement).compile(dialect=conn.dialect, column_keys=list(names))
             found = None
             if "POSTCOMPILE" not in compiled.string and not compiled.returning:
                 found = (compiled.string, dict(compiled.params))
@@ -461,10 +498,28 @@ class PostgresStore(SQLStore):
             conn.info.setdefault(_HELD, []).append((sql, rows, True))
 
     def _finish(self, conn: sa.Connection) -> None:
+        held = conn.info.get(_HELD)
+        if not held:
+            return
+        if any(isinstance(many, _LeaseCheck) for _, _, many in held):
+            # A lease check is looked at before anything is committed.
+            conn.exec_driver_sql("SELECT 1")
+            return
         # What is still held back goes with the COMMIT, in one pipeline; SQLAlchemy's own
         # commit then finds the transaction committed, and has nothing to do.
-        if conn.info.get(_HELD):
-            conn.exec_driver_sql("COMMIT")
+        conn.exec_driver_sql("COMMIT")
+
+    def _check_lease(self, conn: sa.Connection, target_id: str, now: float) -> None:
+        # Sent with the transaction's next statement, under the same row lock as ever, and
+        # looked at as soon as its answer is in: before anything is committed, and before
+        # the next statement's result is used.
+        owner = self.lease_owner
+        if owner is None:
+            return
+        if self._lease_sql is None:
+            self._lease_sql = _LEASE_CHECK.compile(dialect=conn.dialect).string
+        check = _LeaseCheck(owner, target_id, now)
+        conn.info.setdefault(_HELD, []).append((self._lease_sql, {"p_target": target_id}, check))
 
     def _run_heads(self, conn: sa.Connection, target_id: str, limit: int) -> Iterator[Any]:
         # A few runs at a time, by their place in the queue: no server-side cursor, whose
@@ -491,9 +546,9 @@ class PostgresStore(SQLStore):
 
     def _block_cursor(self, conn: sa.Connection) -> Any:
         if conn.info.get(_HELD):
-            # This cursor is the driver's own: what is held back goes first.
-            _send_held(conn)
-            _sync(conn)
+            # This cursor is the driver's own: what is held back goes first, through
+            # SQLAlchemy, which reports its errors as it does any statement's.
+            conn.exec_driver_sql("SELECT 1")
         # Results in binary: the bodies come as they are, rather than as hex text that takes
         # twice the bytes and has to be decoded.
         return conn.connection.driver_connection.cursor(binary=True)  # type: ignore[union-attr]
