@@ -29,7 +29,7 @@ from relayer.config import BackoffPolicy
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import ConfigurationError, DatabaseInUse, LeaseLost, StoreUnavailable
 from relayer.store import schema as _schema
-from relayer.store.sql import SQLStore
+from relayer.store.sql import _HEAD_TXN, SQLStore
 from relayer.store.sqlite import _in_use_message
 
 #: The most bytes a NOTIFY payload may carry (PostgreSQL's limit is 8000).
@@ -60,6 +60,9 @@ _HELD = "relayer.held_writes"
 _PIPELINE = "relayer.pipeline"
 # The lease checks sent in that pipeline, whose rows are looked at once it is synced.
 _CHECKS = "relayer.lease_checks"
+# How many statements the transaction has run so far, and the head of a queue read ahead.
+_COUNT = "relayer.statements"
+_AHEAD = "relayer.read_ahead"
 
 
 def _send_held(conn: sa.Connection) -> None:
@@ -73,11 +76,12 @@ def _send_held(conn: sa.Connection) -> None:
     conn.info[_PIPELINE] = pipeline
     cursor = raw.cursor()
     for sql, params, many in held:
-        if isinstance(many, _LeaseCheck):
-            # A cursor of its own, whose row is looked at after the sync.
+        if isinstance(many, (_LeaseCheck, _ReadAhead)):
+            # A cursor of its own, whose rows are looked at after the sync.
             many.cursor = raw.cursor()
             many.cursor.execute(sql, params)
-            conn.info.setdefault(_CHECKS, []).append(many)
+            if isinstance(many, _LeaseCheck):
+                conn.info.setdefault(_CHECKS, []).append(many)
         elif many:
             cursor.executemany(sql, params)
         else:
@@ -91,6 +95,18 @@ def _sync(conn: sa.Connection) -> None:
         pipeline.__exit__(None, None, None)
     for check in conn.info.pop(_CHECKS, ()):
         check.verify()
+
+
+@attrs.define
+class _ReadAhead:
+    """The first runs of a target's queue, read in the pipeline of its head transaction's query."""
+
+    target_id: str
+    limit: int
+    #: The statements run in the transaction once its answer was in: if any more have run
+    #: since, the queue may have changed, and it is read again.
+    count: int = 0
+    cursor: Any = None
 
 
 @attrs.define
@@ -112,8 +128,10 @@ class _LeaseCheck:
 
 
 def _before_execute(conn: sa.Connection, *args: Any) -> None:
+    info = conn.info
+    info[_COUNT] = info.get(_COUNT, 0) + 1
     # The writes held back go first, in the same pipeline as this statement.
-    if conn.info.get(_HELD):
+    if info.get(_HELD):
         _send_held(conn)
 
 
@@ -131,6 +149,8 @@ def _forget(conn: sa.Connection) -> None:
         return
     info.pop(_HELD, None)
     info.pop(_CHECKS, None)
+    info.pop(_AHEAD, None)
+    info.pop(_COUNT, None)
     pipeline = info.pop(_PIPELINE, None)
     if pipeline is not None:
         try:
@@ -310,6 +330,7 @@ class PostgresStore(SQLStore):
         #: or None for one that cannot be held back.
         self._compiled: dict[tuple[Any, tuple[str, ...]], tuple[str, dict[str, Any]] | None] = {}
         self._lease_sql: str | None = None
+        self._runs_sql: str | None = None
         self._schema = schema
         self._reactor = reactor
         self.channel = f"relayer_events_{schema}" if schema else "relayer_events"
@@ -521,12 +542,38 @@ class PostgresStore(SQLStore):
         check = _LeaseCheck(owner, target_id, now)
         conn.info.setdefault(_HELD, []).append((self._lease_sql, {"p_target": target_id}, check))
 
+    def _head_txn(self, conn: sa.Connection, target_id: str, max_events: int) -> Any:
+        # The head of the queue is read in the same round trip, in case there is no open
+        # transaction (nearly always), when the next one is formed from it.
+        if self._runs_sql is None:
+            self._runs_sql = _FIRST_RUNS.compile(dialect=conn.dialect).string
+        ahead = _ReadAhead(target_id, min(max_events, _RUN_PAGE))
+        conn.info.setdefault(_HELD, []).append(
+            (self._runs_sql, {"p_target": target_id, "p_limit": ahead.limit}, ahead)
+        )
+        row = conn.execute(_HEAD_TXN, {"p_target": target_id}).first()
+        ahead.count = conn.info.get(_COUNT, 0)
+        conn.info[_AHEAD] = ahead
+        return row
+
+    def _first_runs(self, conn: sa.Connection, target_id: str, limit: int) -> list[Any]:
+        ahead = conn.info.pop(_AHEAD, None)
+        if (
+            ahead is not None
+            and ahead.target_id == target_id
+            and ahead.limit == limit
+            and ahead.count == conn.info.get(_COUNT, 0)
+        ):
+            # Nothing has run since it was read: the queue is as it was.
+            rows = ahead.cursor.fetchall()
+            ahead.cursor.close()
+            return list(rows)
+        return list(conn.execute(_FIRST_RUNS, {"p_target": target_id, "p_limit": limit}).all())
+
     def _run_heads(self, conn: sa.Connection, target_id: str, limit: int) -> Iterator[Any]:
         # A few runs at a time, by their place in the queue: no server-side cursor, whose
         # declaring, fetching and closing would each cost a round trip to the server.
-        page = conn.execute(
-            _FIRST_RUNS, {"p_target": target_id, "p_limit": min(limit, _RUN_PAGE)}
-        ).all()
+        page = self._first_runs(conn, target_id, min(limit, _RUN_PAGE))
         while page:
             for row in page:
                 yield row[:5]
@@ -534,15 +581,17 @@ class PostgresStore(SQLStore):
             if limit <= 0 or len(page) < _RUN_PAGE:
                 return
             pos, row_id = page[-1][5], page[-1][0]
-            page = conn.execute(
-                _NEXT_RUNS,
-                {
-                    "p_target": target_id,
-                    "p_pos": pos,
-                    "p_id": row_id,
-                    "p_limit": min(limit, _RUN_PAGE),
-                },
-            ).all()
+            page = list(
+                conn.execute(
+                    _NEXT_RUNS,
+                    {
+                        "p_target": target_id,
+                        "p_pos": pos,
+                        "p_id": row_id,
+                        "p_limit": min(limit, _RUN_PAGE),
+                    },
+                ).all()
+            )
 
     def _block_cursor(self, conn: sa.Connection) -> Any:
         if conn.info.get(_HELD):

@@ -853,6 +853,14 @@ class SQLStore:
                 f"event {e.args[0]} of a transaction is missing from the store"
             ) from None
 
+    def _head_txn(self, conn: sa.Connection, target_id: str, max_events: int) -> Any:
+        """
+        The target's oldest open transaction, or None; ``max_events`` is how many events a
+        transaction formed next would take (a backend may read the head of the queue at the
+        same time, for :meth:`_run_heads`).
+        """
+        return conn.execute(_HEAD_TXN, {"p_target": target_id}).first()
+
     def _run_heads(self, conn: sa.Connection, target_id: str, limit: int) -> Any:
         """
         The first ``limit`` runs of the target's queue, in order, as ``(id, n_events, size,
@@ -1050,7 +1058,7 @@ class SQLStore:
         now: float,
         hold_down: bool = False,
     ) -> Claim:
-        row = conn.execute(_HEAD_TXN, {"p_target": target_id}).first()
+        row = self._head_txn(conn, target_id, max_events)
         if row is not None:
             if row.state == _AWAITING and row.confirm_by is not None and row.confirm_by > now:
                 return Awaiting(target_id, row.txn_id, row.confirm_by)
