@@ -502,7 +502,10 @@ class PostgresStore(SQLStore):
         try:
             found = self._compiled[key]
         except KeyError:
-            compiled = cast(Any, statement).compile(dialect=conn.dialect, column_keys=list(names))
+            # Compiled as for many rows: an INSERT then asks for no generated keys back.
+            compiled = cast(Any, statement).compile(
+                dialect=conn.dialect, column_keys=list(names), for_executemany=True
+            )
             found = None
             if "POSTCOMPILE" not in compiled.string and not compiled.returning:
                 found = (compiled.string, dict(compiled.params))

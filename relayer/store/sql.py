@@ -191,9 +191,14 @@ _DELIVERED = (
         # A woken BLOCKED or DISABLED target that delivers its head transaction is draining:
         # DOWN, like a recovering target, so a restart goes on with the drain instead of
         # waiting.
+        # Two comparisons rather than IN: a statement with no list to expand is compiled once,
+        # as it is (see PostgresStore._write).
         state=sa.case(
             (
-                _t.c.state.in_([TargetState.BLOCKED.value, TargetState.DISABLED.value]),
+                sa.or_(
+                    _t.c.state == TargetState.BLOCKED.value,
+                    _t.c.state == TargetState.DISABLED.value,
+                ),
                 TargetState.DOWN.value,
             ),
             else_=_t.c.state,
