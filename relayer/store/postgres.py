@@ -8,6 +8,11 @@ lease) does so under a row lock.
 
 When events are stored, the store sends ``NOTIFY`` on a channel of its own, so that the process
 that owns the target, which listens on that channel, wakes at once without polling.
+
+Round trips to the server are what a transaction mostly waits for, so the store holds back the
+writes whose results it does not need, and its lease checks, and sends them in one pipeline
+(psycopg's pipeline mode) with the transaction's next statement or its commit; a lease check
+is looked at as soon as its answer is in, and always before anything is committed.
 """
 
 from __future__ import annotations
@@ -245,6 +250,10 @@ def postgres_engine(
         schema: A schema to keep relayer's tables in, instead of the default search path; it is
             created if it does not exist.
         connect_timeout: How long connecting may take, in seconds.
+
+    A connection idle for more than :data:`PING_AFTER_IDLE` seconds is checked before use, and
+    replaced if broken. Each connection compresses large values with LZ4 where the server has
+    it (a session setting).
     """
     if schema is not None and not (isinstance(schema, str) and _SCHEMA_NAME.fullmatch(schema)):
         raise ConfigurationError(f"schema must be a plain SQL identifier, not {schema!r}")
