@@ -80,7 +80,12 @@ def _send_held(conn: sa.Connection) -> None:
     pipeline.__enter__()
     conn.info[_PIPELINE] = pipeline
     cursor = raw.cursor()
+    # The engine's other listeners (instrumentation, tests' fault injection) see each statement
+    # as it is sent, as they see those that SQLAlchemy sends.
+    listeners = [fn for fn in conn.dispatch.before_cursor_execute if fn is not _before_execute]
     for sql, params, many in held:
+        for fn in listeners:
+            fn(conn, cursor, sql, params, None, many is True)
         if isinstance(many, (_LeaseCheck, _ReadAhead)):
             # A cursor of its own, whose rows are looked at after the sync.
             many.cursor = raw.cursor()
