@@ -213,3 +213,30 @@ def test_an_idle_connection_that_the_server_ended_is_replaced_before_use(
         assert isinstance(txn, Transaction)
     finally:
         result_of(store.close())
+
+
+@POSTGRES_ONLY
+def test_a_connection_the_server_ended_a_moment_after_its_use_is_replaced_at_once(
+    db_path: str,
+) -> None:
+    # Used a moment ago, it is not pinged: the first statement finds it dead, and the unit
+    # runs again on a new connection, since nothing of it could have been committed.
+    store = _store(db_path)
+    try:
+        pid = result_of(
+            store._run(lambda conn: conn.execute(sa.text("SELECT pg_backend_pid()")).scalar())
+        )
+        engine = database_engine(db_path)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        finally:
+            engine.dispose()
+        counts = result_of(store.queue_counts())
+        assert set(counts) == {"t", "u"}
+        again = result_of(
+            store._run(lambda conn: conn.execute(sa.text("SELECT pg_backend_pid()")).scalar())
+        )
+        assert again != pid
+    finally:
+        result_of(store.close())

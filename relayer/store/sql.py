@@ -2004,17 +2004,39 @@ def _in_transaction(
 
     def in_transaction() -> T:
         try:
-            with engine.begin() as conn:
-                result = f(conn, *args)
-                if finish is not None:
-                    finish(conn)
-                return result
+            try:
+                return attempt()
+            except _Reconnected:
+                # The connection had been lost (the server ended it, say) before anything of
+                # the unit could be committed: run it again, once, on a new connection.
+                return attempt()
+        except _Reconnected as e:
+            raise StoreUnavailable(
+                f"the database is unavailable: {_db_message(e.__cause__ or e)}"
+            ) from e.__cause__
         except _TRANSIENT as e:
             raise StoreUnavailable(f"the database is unavailable: {_db_message(e)}") from e
         except sa.exc.SQLAlchemyError as e:
             raise StoreError(f"the database operation failed: {_db_message(e)}") from e
 
+    def attempt() -> T:
+        with engine.begin() as conn:
+            try:
+                result = f(conn, *args)
+            except sa.exc.DBAPIError as e:
+                # Raised before the commit was sent: nothing of the unit was committed.
+                if e.connection_invalidated:
+                    raise _Reconnected() from e
+                raise
+            if finish is not None:
+                finish(conn)
+            return result
+
     return pool.run(in_transaction)
+
+
+class _Reconnected(Exception):
+    """The connection was lost before the unit of work could commit: it may run again."""
 
 
 def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
