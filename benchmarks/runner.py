@@ -88,6 +88,7 @@ ONLY_CHOICES = (
     "listing_1m",
     "fair",
     "postgres",
+    "pg_throughput",
 )
 
 #: The fan-out scenario's target counts: its figures, and the same bytes stored per event
@@ -142,6 +143,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
         # The baseline and relayer's throughput alternate, so that both see the same load.
         runs.append((f"send_only#{i}", "send_only", {**tp, "events": size["send_only"]}))
         runs.append((f"throughput#{i}", "throughput", tp))
+        if getattr(args, "postgres", None):
+            # The same scenario on PostgreSQL, beside SQLite's runs: see pg_vs_sqlite.
+            runs.append((f"pg_throughput#{i}", "pg_throughput", {**tp, "database": args.postgres}))
     for i in range(args.repeat):
         # The same, with each event submitted as its JSON bytes (checked, not encoded).
         runs.append((f"throughput_encoded#{i}", "throughput", {**tp, "encoded": True}))
@@ -342,6 +346,15 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
         ):
             if all(r.get(key) is not None for r in tp):
                 s[f"throughput_{key}"] = _median(tp, key)
+    pg = [results[k] for k in results if k.startswith("pg_throughput#") and ok(k)]
+    if pg:
+        s["pg_throughput_events_per_s"] = _median(pg, "events_per_s")
+        s["pg_throughput_runs_events_per_s"] = [r["events_per_s"] for r in pg]
+        s["pg_throughput_cpu_us_per_event"] = _median(pg, "cpu_us_per_event")
+        if all(r.get("server_cpu_us_per_event") is not None for r in pg):
+            s["pg_throughput_server_cpu_us_per_event"] = _median(pg, "server_cpu_us_per_event")
+        if tp:
+            s["pg_vs_sqlite"] = s["pg_throughput_events_per_s"] / s["throughput_events_per_s"]
     if so:
         s["send_only_events_per_s"] = _median(so, "events_per_s")
         s["send_only_runs_events_per_s"] = [r["events_per_s"] for r in so]
@@ -462,6 +475,10 @@ def _table(summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         ("send-only baseline", "send_only_events_per_s", "{:,.0f} ev/s"),
         ("throughput, events as bytes", "throughput_encoded_events_per_s", "{:,.0f} ev/s"),
         ("  vs send-only", "throughput_encoded_vs_send_only", "{:.0%}"),
+        ("PostgreSQL throughput", "pg_throughput_events_per_s", "{:,.0f} ev/s"),
+        ("  vs SQLite throughput", "pg_vs_sqlite", "{:.0%}"),
+        ("  relayer CPU per event", "pg_throughput_cpu_us_per_event", "{:.1f} us"),
+        ("  PostgreSQL CPU per event", "pg_throughput_server_cpu_us_per_event", "{:.1f} us"),
         ("SQLite insert baseline", "sqlite_insert_rows_per_s", "{:,.0f} rows/s"),
         ("  throughput vs it", "throughput_vs_sqlite_insert", "{:.0%}"),
         ("SQLite commits", "sqlite_commits_per_s", "{:,.0f} /s"),
@@ -607,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SCENARIO",
         choices=ONLY_CHOICES,
         help="run only this scenario (repeatable): " + ", ".join(ONLY_CHOICES) + "; "
-        "postgres runs the PostgreSQL scenario alone, with --postgres URL",
+        "postgres runs the PostgreSQL scale-out scenario alone, and pg_throughput the "
+        "throughput scenario on PostgreSQL, with --postgres URL",
     )
     parser.add_argument(
         "--db-dir",
@@ -619,12 +637,14 @@ def main(argv: list[str] | None = None) -> int:
         "--postgres",
         metavar="URL",
         default=None,
-        help="also run the PostgreSQL scale-out scenario (1, 2 and 4 processes sharing the "
-        "targets through leases) on this database, in schemas of its own",
+        help="also run the throughput scenario on PostgreSQL (pg_throughput, one process) and "
+        "the PostgreSQL scale-out scenario (1, 2 and 4 processes sharing the targets through "
+        "leases) on this database, in schemas of its own",
     )
     args = parser.parse_args(argv)
-    if args.only and "postgres" in args.only and not args.postgres:
-        parser.error("--only postgres needs --postgres URL")
+    for needs in ("postgres", "pg_throughput"):
+        if args.only and needs in args.only and not args.postgres:
+            parser.error(f"--only {needs} needs --postgres URL")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     if args.compare_sync is None:

@@ -85,7 +85,13 @@ def _percentile(values: Sequence[float], q: float) -> float:
 class _Relayer:
     """A scheduler on a fresh SQLite file, delivering through a counting HTTP transport."""
 
-    def __init__(self, reactor: Any, configs: list[TargetConfig], params: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        configs: list[TargetConfig],
+        params: dict[str, Any],
+        make_store: Any = None,
+    ) -> None:
         self.folder = tempfile.TemporaryDirectory(prefix="relayer-bench-", dir=params.get("db_dir"))
         self.path = Path(self.folder.name) / "relayer.db"
         # The sink plays every target on one host. A deployment whose targets share a host
@@ -94,7 +100,12 @@ class _Relayer:
         per_host = params.get("max_persistent") or max(DEFAULT_PERSISTENT_PER_HOST, len(configs))
         self.http = HTTPTransport(reactor, max_persistent_per_host=per_host)
         self.counting = CountingTransport(self.http)
-        store = SQLiteStore.open_path(reactor, self.path, synchronous=params["synchronous"])
+        # Another store than SQLite's, if the scenario makes one (benchmarks/pg_throughput.py).
+        store = (
+            make_store(reactor)
+            if make_store is not None
+            else SQLiteStore.open_path(reactor, self.path, synchronous=params["synchronous"])
+        )
         self.scheduler = Scheduler(reactor, store, self.counting, configs)
         self._stopped = False
         self._params = params
@@ -157,14 +168,19 @@ def _names(prefix: str, n: int) -> list[str]:
 # -- relayer scenarios -----------------------------------------------------------------------------
 
 
-async def throughput(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """Steady throughput: events to 10 targets, as fast as they are delivered."""
+async def throughput(
+    reactor: Any, params: dict[str, Any], make_store: Any = None
+) -> dict[str, Any]:
+    """
+    Steady throughput: events to 10 targets, as fast as they are delivered; on a SQLite file,
+    or on the store that ``make_store(reactor)`` makes.
+    """
     n_targets = params["targets"]
     per_target = params["events"] // n_targets
     total = per_target * n_targets
     sink = Sink()
     names = _names("t", n_targets)
-    relayer = _Relayer(reactor, targets(sink, names, params["batch"]), params)
+    relayer = _Relayer(reactor, targets(sink, names, params["batch"]), params, make_store)
     try:
         await relayer.start()
         gc_timer = GCTimer()
@@ -964,8 +980,16 @@ async def loaded(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
     return await run(reactor, params)
 
 
+async def pg_throughput(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The throughput scenario on PostgreSQL: see :mod:`benchmarks.pg_throughput`."""
+    from benchmarks import pg_throughput as pg
+
+    return await pg.run(reactor, params)
+
+
 RELAYER_SCENARIOS = {
     "throughput": throughput,
+    "pg_throughput": pg_throughput,
     "latency": latency,
     "loaded": loaded,
     "drain": drain,

@@ -29,6 +29,7 @@ def args(**overrides: Any) -> argparse.Namespace:
         "repeat": 1,
         "compare_sync": False,
         "only": None,
+        "postgres": None,
     }
     values.update(overrides)
     return argparse.Namespace(**values)
@@ -98,6 +99,79 @@ def test_the_full_plan_uses_the_full_sizes_and_repeats_the_baseline_with_through
     assert runs["fair"]["targets"] == runs["fair_baseline"]["targets"] == 10_000
 
 
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_with_postgres_the_plan_runs_the_throughput_scenario_on_it_beside_each_sqlite_run(
+    quick: bool,
+) -> None:
+    plan = runner.plan(args(quick=quick, repeat=1 if quick else 3, postgres=PG_URL))
+    keys = [key for key, _, _ in plan]
+    n = 1 if quick else 3
+    assert keys[: 3 * n] == [
+        f"{name}#{i}" for i in range(n) for name in ("send_only", "throughput", "pg_throughput")
+    ]
+    runs = {key: (scenario, params) for key, scenario, params in plan}
+    scenario, params = runs["pg_throughput#0"]
+    assert scenario == "pg_throughput"
+    assert params["database"] == PG_URL
+    # The same work as SQLite's throughput runs.
+    sqlite = runs["throughput#0"][1]
+    for key in ("targets", "events", "batch", "chunk", "window", "submit_mode"):
+        assert params[key] == sqlite[key], key
+    # Without --postgres, there is none.
+    assert not any(k.startswith("pg_") for k, _, _ in runner.plan(args(quick=quick)))
+
+
+def test_only_pg_throughput_runs_it_alone_and_beside_throughput() -> None:
+    only = runner.plan(args(only=["pg_throughput"], postgres=PG_URL))
+    assert [key for key, _, _ in only] == ["pg_throughput#0"]
+    both = runner.plan(args(only=["throughput", "pg_throughput"], postgres=PG_URL))
+    assert [key for key, _, _ in both] == [
+        "throughput#0",
+        "pg_throughput#0",
+        "throughput_encoded#0",
+    ]
+
+
+def _pg_result(rate: float) -> dict[str, Any]:
+    return {
+        "events_per_s": rate,
+        "cpu_us_per_event": 9.0,
+        "server_cpu_us_per_event": 4.0,
+        "problems": [],
+        "wall_s": 2.0,
+    }
+
+
+def test_the_postgres_throughput_and_its_ratio_to_sqlite_are_top_level_keys() -> None:
+    results: dict[str, dict[str, Any]] = {
+        "throughput#0": {"events_per_s": 100_000.0, "cpu_us_per_event": 6.0, "problems": []},
+        "throughput#1": {"events_per_s": 140_000.0, "cpu_us_per_event": 6.0, "problems": []},
+        "throughput#2": {"events_per_s": 120_000.0, "cpu_us_per_event": 6.0, "problems": []},
+        "pg_throughput#0": _pg_result(50_000.0),
+        "pg_throughput#1": _pg_result(70_000.0),
+        "pg_throughput#2": _pg_result(60_000.0),
+    }
+    s = runner.summarise(results, args())
+    assert s["pg_throughput_events_per_s"] == 60_000.0
+    assert s["pg_throughput_runs_events_per_s"] == [50_000.0, 70_000.0, 60_000.0]
+    # Against the SQLite median of the same run.
+    assert s["pg_vs_sqlite"] == pytest.approx(0.5)
+    assert s["pg_throughput_cpu_us_per_event"] == 9.0
+    assert s["pg_throughput_server_cpu_us_per_event"] == 4.0
+    rows = {line[:28].strip(): line[28:].strip() for line in runner._table(s, results).splitlines()}
+    assert rows["PostgreSQL throughput"] == "60,000 ev/s"
+    assert rows["vs SQLite throughput"] == "50%"
+    # A crashed run is left out; without SQLite's runs there is no ratio.
+    alone = runner.summarise(
+        {"pg_throughput#0": _pg_result(50_000.0), "pg_throughput#1": {"crashed": "x"}}, args()
+    )
+    assert alone["pg_throughput_events_per_s"] == 50_000.0
+    assert "pg_vs_sqlite" not in alone
+
+
 def test_only_keeps_the_runs_named() -> None:
     plan = runner.plan(args(only=["scale", "latency"]))
     assert [key for key, _, _ in plan] == ["latency", "scale_1", "scale_100", "scale_10000"]
@@ -162,7 +236,7 @@ def test_only_listing_runs_both_sizes_and_each_can_run_alone() -> None:
     assert [key for key, _, _ in runner.plan(args(only=["listing_1m"]))] == ["listing_1m"]
 
 
-@pytest.mark.parametrize("only", [["nonsense"], ["postgres"]])
+@pytest.mark.parametrize("only", [["nonsense"], ["postgres"], ["pg_throughput"]])
 def test_a_bad_only_is_refused(only: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         runner.main([f"--only={o}" for o in only])
@@ -459,3 +533,26 @@ def test_a_listing_that_does_not_find_every_event_is_a_problem(tmp_path: Path) -
         "1500 events listed, not 1501",
         f"the last event listed is seq {filled['last_seq']}, not {filled['last_seq'] + 1}",
     ]
+
+
+@pytest.mark.integration
+@pytest.mark.postgres_only
+def test_the_postgres_throughput_scenario_delivers_every_event_on_postgresql() -> None:
+    from tests.conftest import DATABASE_URL
+
+    params = {
+        "synchronous": "FULL",
+        "batch": 100,
+        "chunk": 100,
+        "window": 4,
+        "submit_mode": "many",
+        "db_dir": None,
+        "gc_freeze": False,
+        "targets": 4,
+        "events": 2000,
+        "database": DATABASE_URL,
+    }
+    result = run_child("pg_throughput", params, 300)
+    assert result["problems"] == []
+    assert result["store"] == "postgresql"
+    assert result["events"] == 2000

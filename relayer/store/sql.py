@@ -131,7 +131,7 @@ _RUN_HEAD = (
     .limit(sa.bindparam("p_limit", type_=sa.Integer))
     .execution_options(yield_per=8)
 )
-_DELETE_RUNS = sa.delete(_r).where(_r.c.id.in_(sa.bindparam("p_ids", expanding=True)))
+_DELETE_RUN = sa.delete(_r).where(_r.c.id == sa.bindparam("p_id"))
 _SHORTEN_RUN = (
     sa.update(_r)
     .where(_r.c.id == sa.bindparam("p_id"))
@@ -191,9 +191,14 @@ _DELIVERED = (
         # A woken BLOCKED or DISABLED target that delivers its head transaction is draining:
         # DOWN, like a recovering target, so a restart goes on with the drain instead of
         # waiting.
+        # Two comparisons rather than IN: a statement with no list to expand is compiled once,
+        # as it is (see PostgresStore._write).
         state=sa.case(
             (
-                _t.c.state.in_([TargetState.BLOCKED.value, TargetState.DISABLED.value]),
+                sa.or_(
+                    _t.c.state == TargetState.BLOCKED.value,
+                    _t.c.state == TargetState.DISABLED.value,
+                ),
                 TargetState.DOWN.value,
             ),
             else_=_t.c.state,
@@ -321,7 +326,30 @@ class SQLStore:
     def _run(
         self, f: Callable[..., T], *args: Any, pool: DatabasePool | None = None
     ) -> Deferred[T]:
-        return _in_transaction(self._engine, pool or self._pool, f, *args)
+        return _in_transaction(self._engine, pool or self._pool, f, *args, finish=self._finish)
+
+    def _finish(self, conn: sa.Connection) -> None:
+        """Called once a unit of work has returned, before its commit: see :meth:`_write`."""
+
+    def _write(
+        self,
+        conn: sa.Connection,
+        statement: sa.Executable,
+        params: dict[str, Any] | list[dict[str, Any]],
+    ) -> None:
+        """
+        Run a write whose result is not needed (a list of parameters runs it once for each).
+
+        A backend may send it later, together with the transaction's next statement or its
+        commit (PostgreSQL pipelines them, saving round trips to the server); it always runs
+        before any later statement of the transaction, and an error in it fails the
+        transaction all the same.
+        """
+        conn.execute(statement, params)
+
+    def _write_driver(self, conn: sa.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Like :meth:`_write`, for a statement in the driver's own SQL, once for each row."""
+        conn.exec_driver_sql(sql, rows)
 
     def set_expired_listener(self, listener: Callable[[str, int], None] | None) -> None:
         """
@@ -744,7 +772,7 @@ class SQLStore:
             )
         if block_rows:
             # The hot path of every submit: rows handed to the driver as they are.
-            conn.exec_driver_sql(self._sql["insert_blocks"], block_rows)
+            self._write_driver(conn, self._sql["insert_blocks"], block_rows)
         rows = []
         for target_id, indices in batch.runs:
             seqs = (
@@ -767,7 +795,7 @@ class SQLStore:
                 }
             )
         if rows:
-            conn.execute(_INSERT_RUN, rows)
+            self._write(conn, _INSERT_RUN, rows)
             self._events_added(conn, list(dict.fromkeys(str(r["target_id"]) for r in rows)))
         return (
             [given[i] if i in given else f"{GENERATED_ID_PREFIX}{seq_of[i]}" for i in range(n)]
@@ -797,7 +825,7 @@ class SQLStore:
         found: dict[int, tuple[Any, ...]] = {}
         in_order: list[tuple[Any, ...]] = []
         statement = self._sql["select_all_blocks" if archived else "select_blocks"]
-        cursor = conn.connection.cursor()
+        cursor = self._block_cursor(conn)
         try:
             for low, high in spans:
                 cursor.execute(statement, (low, low, high))
@@ -830,6 +858,25 @@ class SQLStore:
                 f"event {e.args[0]} of a transaction is missing from the store"
             ) from None
 
+    def _head_txn(self, conn: sa.Connection, target_id: str, max_events: int) -> Any:
+        """
+        The target's oldest open transaction, or None; ``max_events`` is how many events a
+        transaction formed next would take (a backend may read the head of the queue at the
+        same time, for :meth:`_run_heads`).
+        """
+        return conn.execute(_HEAD_TXN, {"p_target": target_id}).first()
+
+    def _run_heads(self, conn: sa.Connection, target_id: str, limit: int) -> Any:
+        """
+        The first ``limit`` runs of the target's queue, in order, as ``(id, n_events, size,
+        seqs, oldest_at)`` rows: an iterable with a ``close()``, read a few rows at a time.
+        """
+        return conn.execute(_RUN_HEAD, {"p_target": target_id, "p_limit": limit})
+
+    def _block_cursor(self, conn: sa.Connection) -> Any:
+        """A driver cursor for reading blocks of events."""
+        return conn.connection.cursor()
+
     def _form(
         self,
         conn: sa.Connection,
@@ -852,7 +899,7 @@ class SQLStore:
             remainder: tuple[int, list[Any]] | None = None
             sep = len(_encoding.SEPARATOR)
             seen_any = False
-            result = conn.execute(_RUN_HEAD, {"p_target": target_id, "p_limit": max_events})
+            result = self._run_heads(conn, target_id, max_events)
             try:
                 for row_id, run_n, run_size, run_seqs, _oldest in result:
                     seen_any = True
@@ -889,11 +936,12 @@ class SQLStore:
             if not seen_any:
                 return None
             if consumed:
-                conn.execute(_DELETE_RUNS, {"p_ids": consumed})
+                self._write(conn, _DELETE_RUN, [{"p_id": i} for i in consumed])
             if remainder is not None:
                 row_id, rest = remainder
                 rest_seqs = [r[0] for r in rest]
-                conn.execute(
+                self._write(
+                    conn,
                     _SHORTEN_RUN,
                     {
                         "p_id": row_id,
@@ -952,9 +1000,10 @@ class SQLStore:
         txn_id, span = self._next_txn_id(conn, target_id)
         first, last = min(seqs), max(seqs)
         if last - first > span:
-            conn.execute(_WIDEN_SPAN, {"p_target": target_id, "p_span": last - first})
+            self._write(conn, _WIDEN_SPAN, {"p_target": target_id, "p_span": last - first})
         oldest = min(r[2] for r in rows)
-        conn.execute(
+        self._write(
+            conn,
             _INSERT_TXN,
             {
                 "target_id": target_id,
@@ -1014,7 +1063,7 @@ class SQLStore:
         now: float,
         hold_down: bool = False,
     ) -> Claim:
-        row = conn.execute(_HEAD_TXN, {"p_target": target_id}).first()
+        row = self._head_txn(conn, target_id, max_events)
         if row is not None:
             if row.state == _AWAITING and row.confirm_by is not None and row.confirm_by > now:
                 return Awaiting(target_id, row.txn_id, row.confirm_by)
@@ -1038,7 +1087,8 @@ class SQLStore:
                     self._requeue_head(conn, target_id, live, row.oldest_at)
             else:
                 attempts = row.attempts + 1
-                conn.execute(
+                self._write(
+                    conn,
                     _COUNT_ATTEMPT,
                     {
                         "p_target": target_id,
@@ -1096,8 +1146,8 @@ class SQLStore:
     ) -> Deferred[Claim]:
         def complete(conn: sa.Connection) -> Claim:
             self._check_lease(conn, target_id, now)
-            conn.execute(_FINISH_TXN, {"p_target": target_id, "p_txn": txn_id, "p_now": now})
-            conn.execute(_DELIVERED, {"p_target": target_id, "p_now": now})
+            self._write(conn, _FINISH_TXN, {"p_target": target_id, "p_txn": txn_id, "p_now": now})
+            self._write(conn, _DELIVERED, {"p_target": target_id, "p_now": now})
             return self._claim(conn, target_id, max_events, max_bytes, default_ttl, now)
 
         return self._run_claim(target_id, complete)
@@ -1941,20 +1991,52 @@ def _check_version(conn: sa.Connection) -> None:
 
 
 def _in_transaction(
-    engine: sa.Engine, pool: DatabasePool, f: Callable[..., T], *args: Any
+    engine: sa.Engine,
+    pool: DatabasePool,
+    f: Callable[..., T],
+    *args: Any,
+    finish: Callable[[sa.Connection], None] | None = None,
 ) -> Deferred[T]:
-    """Run ``f(connection, *args)`` on ``pool``, in one database transaction on ``engine``."""
+    """
+    Run ``f(connection, *args)`` on ``pool``, in one database transaction on ``engine``; then
+    ``finish(connection)``, if given, before the commit.
+    """
 
     def in_transaction() -> T:
         try:
-            with engine.begin() as conn:
-                return f(conn, *args)
+            try:
+                return attempt()
+            except _Reconnected:
+                # The connection had been lost (the server ended it, say) before anything of
+                # the unit could be committed: run it again, once, on a new connection.
+                return attempt()
+        except _Reconnected as e:
+            raise StoreUnavailable(
+                f"the database is unavailable: {_db_message(e.__cause__ or e)}"
+            ) from e.__cause__
         except _TRANSIENT as e:
             raise StoreUnavailable(f"the database is unavailable: {_db_message(e)}") from e
         except sa.exc.SQLAlchemyError as e:
             raise StoreError(f"the database operation failed: {_db_message(e)}") from e
 
+    def attempt() -> T:
+        with engine.begin() as conn:
+            try:
+                result = f(conn, *args)
+            except sa.exc.DBAPIError as e:
+                # Raised before the commit was sent: nothing of the unit was committed.
+                if e.connection_invalidated:
+                    raise _Reconnected() from e
+                raise
+            if finish is not None:
+                finish(conn)
+            return result
+
     return pool.run(in_transaction)
+
+
+class _Reconnected(Exception):
+    """The connection was lost before the unit of work could commit: it may run again."""
 
 
 def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
