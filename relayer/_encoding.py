@@ -100,6 +100,7 @@ def _outcome(encode: Callable[[Any], str], value: Any) -> tuple[Any, str]:
 _encode = _reused_encoder(_encoder)
 _gate = orjson.dumps
 _dumps = orjson.dumps
+_join = b"".join
 _loads = orjson.loads
 
 
@@ -222,6 +223,11 @@ def encode_event(event: Any, max_bytes: int) -> bytes:
                 or _NON_FINITE.search(pickled) is not None
             ):
                 data = _encode_with_json(event)
+            else:
+                # orjson's bytes keep the buffer they were written in (4 KiB at least, whatever
+                # their length) and events wait in memory until stored: keep a copy of their
+                # own size.
+                data = _join((data, b""))
         except Exception:  # noqa: BLE001 - a refusal is not a verdict: json decides
             data = _encode_with_json(event)
     elif isinstance(event, (bytes, bytearray, memoryview)):

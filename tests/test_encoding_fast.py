@@ -462,3 +462,22 @@ def test_large_strings_are_pickled_in_pieces_and_checked_whole(extra: Any) -> No
         {"f": extra, "a": big},
     ):
         assert_same(event)
+
+
+def test_the_bytes_of_an_event_take_about_their_own_size_in_memory() -> None:
+    """
+    Events wait in memory until they are stored: the bytes kept of each must not hold a much
+    larger buffer (orjson writes into one of 4 KiB at least, and its bytes keep it).
+    """
+    import tracemalloc
+
+    event = {"type": "m.room.message", "content": {"body": "x" * 200}, "n": [1, 2.5, None]}
+    size = len(encode_event(event, 10_000))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [encode_event(event, 10_000) for _ in range(1000)]
+        per_event = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert per_event < 2 * size + 64, (per_event, size)
