@@ -16,15 +16,6 @@ a group fails, the whole database transaction is rolled back, and
   as they would any unit that found the store unavailable;
 - otherwise every unit of the group is run again, on its own, in the same order, exactly as if
   they had never been grouped; only the one at fault fails.
-
-Some units are small and have a caller waiting for them: a submit, whose caller waits for its
-events to be durable, and the first claim of a target that was idle, whose events wait to be
-sent. Others can be large: the claim that follows each delivery of a target with a backlog
-forms its next transaction, a thousand events. A unit handed over with :meth:`GroupCommit.first`
-goes ahead of the others: while the database thread is busy, the units waiting with priority
-are taken first, in a database transaction of their own, committed and reported before those
-without it, which follow at once in a database transaction of theirs. No unit waits more than
-one more transaction for it, and nothing is reported before its commit.
 """
 
 from __future__ import annotations
@@ -58,12 +49,7 @@ class GroupCommit:
         self._run = run
         self._max_units = max_units
         self._queue: list[_Unit] = []
-        self._first: list[_Unit] = []
-        # The groups handed to ``run`` that have not finished: at most two, the units with
-        # priority and, right behind them, the others.
-        self._busy = 0
-        # Whether the units waiting without priority were passed over once already.
-        self._passed = False
+        self._busy = False
         self._pumping = False
         self._idle: list[Deferred[None]] = []
 
@@ -74,21 +60,10 @@ class GroupCommit:
         self._pump()
         return done
 
-    def first(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """
-        Like :meth:`run`, for a small unit that its caller waits for: while the database
-        thread is busy, it waits with the others handed over with priority, and they go
-        ahead of the units handed over with :meth:`run`, in a database transaction of their own.
-        """
-        done: Deferred[Any] = Deferred()
-        self._first.append((f, args, done))
-        self._pump()
-        return done
-
     def idle(self) -> Deferred[None]:
         """A Deferred that fires once every unit handed over so far has finished."""
         d: Deferred[None] = Deferred()
-        if not self._busy and not self._queue and not self._first:
+        if not self._busy and not self._queue:
             d.callback(None)
         else:
             self._idle.append(d)
@@ -101,44 +76,23 @@ class GroupCommit:
             return
         self._pumping = True
         try:
-            while (self._first or self._queue) and not self._busy:
-                groups = []
-                if self._first:
-                    groups.append(self._take(self._first))
-                if self._queue:
-                    if not groups or self._passed:
-                        # Units passed over once go right behind the units with priority:
-                        # the pool runs groups in the order given.
-                        groups.append(self._take(self._queue))
-                        self._passed = False
-                    else:
-                        # They wait for the units with priority to be committed and reported
-                        # first, so that what their callers hand over next (a submit's first
-                        # claim) goes ahead of them too; but no more than once.
-                        self._passed = True
-                self._busy = len(groups)
-                for units in groups:
-                    self._hand_over(units)
-            if not self._busy and not self._queue and not self._first and self._idle:
+            while self._queue and not self._busy:
+                units = self._queue[: self._max_units]
+                del self._queue[: self._max_units]
+                self._busy = True
+                if len(units) == 1:
+                    f, args, done = units[0]
+                    self._call(f, *args).addBoth(self._finished_one, done)
+                else:
+                    self._call(_together, [(f, args) for f, args, _ in units]).addBoth(
+                        self._finished, units
+                    )
+            if not self._busy and not self._queue and self._idle:
                 idle, self._idle = self._idle, []
                 for d in idle:
                     d.callback(None)
         finally:
             self._pumping = False
-
-    def _take(self, queue: list[_Unit]) -> list[_Unit]:
-        units = queue[: self._max_units]
-        del queue[: self._max_units]
-        return units
-
-    def _hand_over(self, units: list[_Unit]) -> None:
-        if len(units) == 1:
-            f, args, done = units[0]
-            self._call(f, *args).addBoth(self._finished_one, done)
-        else:
-            self._call(_together, [(f, args) for f, args, _ in units]).addBoth(
-                self._finished, units
-            )
 
     def _call(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         try:
@@ -167,7 +121,7 @@ class GroupCommit:
             DeferredList(alone, consumeErrors=True).addCallback(lambda _: self._next())
 
     def _next(self) -> None:
-        self._busy -= 1
+        self._busy = False
         self._pump()
 
 

@@ -25,7 +25,6 @@ from twisted.internet.interfaces import IReactorFromThreads
 from relayer.dbpool import DatabasePool, ThreadedDatabasePool
 from relayer.errors import ConfigurationError, DatabaseInUse
 from relayer.store._group import GroupCommit
-from relayer.store.base import Claim
 from relayer.store.sql import SQLStore
 
 T = TypeVar("T")
@@ -115,12 +114,6 @@ class SQLiteStore(SQLStore):
     work that wait while it is busy run together in one database transaction, with one commit
     (one fsync) for all of them, and each reports its result only after that commit.
 
-    Submits (:meth:`add_events`) and claims (:meth:`claim`: the first claim of a target that
-    was idle, or that comes back) go ahead of the other units waiting for that thread (see
-    :meth:`relayer.store._group.GroupCommit.first`), so that a single event to an idle target
-    does not wait in one database transaction with the next thousand-event transaction of a
-    target that drains a backlog.
-
     Reads run on ``read_engine`` (deferred transactions, beside the writer) and ``read_pool``:
     by default the writer's engine and pool.
     """
@@ -137,8 +130,6 @@ class SQLiteStore(SQLStore):
         super().__init__(engine, pool, lease_pool, read_engine=read_engine, read_pool=read_pool)
         self._group = GroupCommit(super()._run)
         self._lock_fd: int | None = None
-        # Whether the unit handed over now goes ahead of the others (see claim).
-        self._urgent = False
 
     @property
     def lock_path(self) -> str | None:
@@ -185,25 +176,7 @@ class SQLiteStore(SQLStore):
     ) -> Deferred[T]:
         if pool is not None and pool is not self._pool:
             return super()._run(f, *args, pool=pool)
-        if self._urgent or f == self._add_events:
-            return self._group.first(f, *args)
         return self._group.run(f, *args)
-
-    def claim(
-        self,
-        target_id: str,
-        max_events: int,
-        max_bytes: int,
-        now: float,
-        *,
-        default_ttl: float | None = None,
-    ) -> Deferred[Claim]:
-        # The claim hands its unit over before it returns: with priority.
-        self._urgent = True
-        try:
-            return super().claim(target_id, max_events, max_bytes, now, default_ttl=default_ttl)
-        finally:
-            self._urgent = False
 
     def close(self) -> Deferred[None]:
         async def close() -> None:
