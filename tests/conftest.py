@@ -230,7 +230,10 @@ def _contents(conn: sa.Connection) -> list[Any]:
 if POSTGRES:
     from relayer.store import schema as _schema
 
-    _schema.upgrade = _RecordedUpgrade(_schema.upgrade)  # type: ignore[assignment]
+    # Once only: this file imported again under another name (``tests.conftest``) would wrap
+    # the recorded upgrade in a second one, whose recording would then see no statements.
+    if not hasattr(_schema.upgrade, "real"):
+        _schema.upgrade = _RecordedUpgrade(_schema.upgrade)  # type: ignore[assignment]
 
 
 def postgres_schema_url(schema: str) -> str:

@@ -538,7 +538,7 @@ def test_a_listing_that_does_not_find_every_event_is_a_problem(tmp_path: Path) -
 @pytest.mark.integration
 @pytest.mark.postgres_only
 def test_the_postgres_throughput_scenario_delivers_every_event_on_postgresql() -> None:
-    from tests.conftest import DATABASE_URL
+    from conftest import DATABASE_URL
 
     params = {
         "synchronous": "FULL",
