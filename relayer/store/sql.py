@@ -2028,9 +2028,24 @@ def _in_transaction(
                 if e.connection_invalidated:
                     raise _Reconnected() from e
                 raise
+            except dbapi_error as e:
+                # From a cursor of the driver's own (the hot path reads blocks through one),
+                # which SQLAlchemy does not see: classified as SQLAlchemy would have, and a
+                # connection found dead is thrown away rather than put back in the pool.
+                raw = conn.connection.dbapi_connection
+                if engine.dialect.is_disconnect(e, raw, None):
+                    conn.invalidate(e)
+                    raise _Reconnected() from e
+                raise sa.exc.DBAPIError.instance(
+                    None, None, e, dbapi_error, dialect=engine.dialect
+                ) from e
+            # Not run again if it fails: it may send the COMMIT (PostgresStore._finish), and a
+            # connection lost then leaves it unknown whether the unit was committed.
             if finish is not None:
                 finish(conn)
             return result
+
+    dbapi_error = engine.dialect.loaded_dbapi.Error
 
     return pool.run(in_transaction)
 
