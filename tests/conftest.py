@@ -61,10 +61,27 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
+def _uses_the_database(item: pytest.Item) -> bool:
+    """
+    Whether a test runs against the database under test: through the ``db_path`` fixture, as a
+    test that needs PostgreSQL, or in a module that looks at which database this run is on.
+    """
+    if "db_path" in getattr(item, "fixturenames", ()) or item.get_closest_marker("postgres_only"):
+        return True
+    module = getattr(item, "module", None)
+    return module is not None and (hasattr(module, "POSTGRES") or hasattr(module, "DATABASE_URL"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if POSTGRES and item.get_closest_marker("sqlite_only"):
             item.add_marker(pytest.mark.skip(reason="about SQLite; this run is on PostgreSQL"))
+        elif POSTGRES and not _uses_the_database(item):
+            # The test never touches the database under test (it runs on a SQLite file of its
+            # own, in memory, or on no database at all): the run on SQLite has run it as is.
+            item.add_marker(
+                pytest.mark.skip(reason="uses no PostgreSQL; the run on SQLite runs it as is")
+            )
         if not POSTGRES and item.get_closest_marker("postgres_only"):
             item.add_marker(
                 pytest.mark.skip(reason="needs PostgreSQL: set RELAYER_TEST_DATABASE_URL")
