@@ -305,7 +305,7 @@ def test_status_pages_follow_code_point_order_whatever_the_collation(db_path: st
         with engine.begin() as conn:
             conn.execute(
                 sa.text(
-                    'ALTER TABLE relayer_targets ALTER COLUMN target_id TYPE varchar(255) '
+                    "ALTER TABLE relayer_targets ALTER COLUMN target_id TYPE varchar(255) "
                     'COLLATE "und-x-icu"'
                 )
             )
@@ -323,3 +323,40 @@ def test_status_pages_follow_code_point_order_whatever_the_collation(db_path: st
     finally:
         engine.dispose()
         result_of(scheduler.stop())
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("lock", ["exclusive", "shared", "none"])
+def test_only_a_store_alone_on_its_schema_stores_events_without_a_notify(
+    db_path: str, lock: str
+) -> None:
+    import psycopg
+
+    from relayer.store.postgres import postgres_url
+    from tests._support import result_of
+
+    store = PostgresStore.open_url(Clock(), db_path, pool=InlineDatabasePool(), pool_size=1)
+    result_of(store.open())
+    # Another process, listening as a scheduler with leases does.
+    url = sa.make_url(postgres_url(db_path)).set(drivername="postgresql", query={})
+    listener = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+    try:
+        listener.execute(f'LISTEN "{store.channel}"')
+        if lock != "none":
+            result_of(store.hold_process_lock(shared=lock == "shared"))
+        result_of(store.register_targets(["mine", "other"]))
+        result_of(store.add_events([("mine", [b'{"n":1}'])], 0.0))
+        # Then a store without the lock, as an operator's command or a second process has,
+        # stores an event: its notification comes after any that the first store sent.
+        store.release_process_lock()
+        result_of(store.add_events([("other", [b'{"n":2}'])], 0.0))
+        heard = []
+        for note in listener.notifies(timeout=10.0):
+            heard.append(note.payload)
+            if note.payload == "other":
+                break
+        expected = ["other"] if lock == "exclusive" else ["mine", "other"]
+        assert heard == expected
+    finally:
+        listener.close()
+        result_of(store.close())

@@ -7,7 +7,9 @@ that must not race (allocating a transaction id, claiming a target's next transa
 lease) does so under a row lock.
 
 When events are stored, the store sends ``NOTIFY`` on a channel of its own, so that the process
-that owns the target, which listens on that channel, wakes at once without polling.
+that owns the target, which listens on that channel, wakes at once without polling; a store
+that holds the exclusive process lock (a scheduler without leases, alone on the schema) sends
+none, since no other scheduler may run there to hear it.
 
 Round trips to the server are what a transaction mostly waits for, so the store holds back the
 writes whose results it does not need, and its lease checks, and sends them in one pipeline
@@ -352,6 +354,9 @@ class PostgresStore(SQLStore):
         self.command_channel = f"relayer_commands_{schema}" if schema else "relayer_commands"
         # The connection that holds the process lock, outside the engine's pool.
         self._lock_conn: Any = None
+        # Whether this store holds the exclusive process lock: no other scheduler runs on the
+        # schema, so that none needs to hear of the events this one stores.
+        self._alone = False
         self._lock_guard = threading.Lock()
 
     def hold_process_lock(self, shared: bool) -> Deferred[None]:
@@ -389,6 +394,7 @@ class PostgresStore(SQLStore):
                 raise DatabaseInUse(_in_use_message(shared, f"schema {where!r}"))
             with self._lock_guard:
                 self._lock_conn = raw
+                self._alone = not shared
 
         return self._run(take)
 
@@ -401,6 +407,7 @@ class PostgresStore(SQLStore):
         """
         with self._lock_guard:
             raw, self._lock_conn = self._lock_conn, None
+            self._alone = False
         if raw is not None:
             raw.close()
 
@@ -620,6 +627,10 @@ class PostgresStore(SQLStore):
         return conn.connection.driver_connection.cursor(binary=True)  # type: ignore[union-attr]
 
     def _events_added(self, conn: sa.Connection, target_ids: Sequence[str]) -> None:
+        if self._alone:
+            # The only scheduler on the schema stored them, and its controller hears of them
+            # from the store's answer: a NOTIFY would tell nobody anything.
+            return
         payload = "\n".join(dict.fromkeys(target_ids))
         if len(payload.encode("utf-8")) > _MAX_PAYLOAD:
             payload = "*"
