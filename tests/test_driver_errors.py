@@ -49,40 +49,29 @@ def _failure_of(store: Any, method: str, *args: Any) -> Any:
 
 
 @pytest.mark.sqlite_only
-def test_an_operational_error_of_a_driver_cursor_is_the_store_being_unavailable(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        # The store is unavailable: the step is retried later, as any that found it so.
+        (sqlite3.OperationalError("disk I/O error"), True),
+        # Any other error of the database is a StoreError, as SQLAlchemy's statements give.
+        (sqlite3.DatabaseError("file is not a database"), False),
+    ],
+)
+def test_an_error_of_a_driver_cursor_is_classified_as_the_store_s(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, unavailable: bool
 ) -> None:
     store = _store(db_path)
     try:
-        monkeypatch.setattr(
-            SQLStore,
-            "_block_cursor",
-            lambda self, conn: _Failing(sqlite3.OperationalError("disk I/O error")),
-        )
+        monkeypatch.setattr(SQLStore, "_block_cursor", lambda self, conn: _Failing(error))
         failure = _failure_of(store, "claim", "t", 10, 10**6, 2.0)
-        assert failure.check(StoreUnavailable), failure
-        assert "disk I/O error" in str(failure.value)
+        assert failure.check(StoreError), failure
+        assert bool(failure.check(StoreUnavailable)) is unavailable, failure
+        assert str(error) in str(failure.value)
         monkeypatch.undo()
         # Nothing was claimed: the next step forms the transaction.
         txn = result_of(store.claim("t", 10, 10**6, 3.0))
         assert isinstance(txn, Transaction) and list(txn.events) == [b'{"n":1}']
-    finally:
-        result_of(store.close())
-
-
-@pytest.mark.sqlite_only
-def test_any_other_error_of_a_driver_cursor_is_a_store_error(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = _store(db_path)
-    try:
-        monkeypatch.setattr(
-            SQLStore,
-            "_block_cursor",
-            lambda self, conn: _Failing(sqlite3.DatabaseError("file is not a database")),
-        )
-        failure = _failure_of(store, "claim", "t", 10, 10**6, 2.0)
-        assert failure.check(StoreError) and not failure.check(StoreUnavailable), failure
     finally:
         result_of(store.close())
 
