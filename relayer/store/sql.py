@@ -2001,6 +2001,8 @@ def _in_transaction(
     Run ``f(connection, *args)`` on ``pool``, in one database transaction on ``engine``; then
     ``finish(connection)``, if given, before the commit.
     """
+    # The driver's own errors, raised by the cursors of its own that the hot path uses.
+    dbapi_error = engine.dialect.loaded_dbapi.Error
 
     def in_transaction() -> T:
         try:
@@ -2044,8 +2046,6 @@ def _in_transaction(
             if finish is not None:
                 finish(conn)
             return result
-
-    dbapi_error = engine.dialect.loaded_dbapi.Error
 
     return pool.run(in_transaction)
 
