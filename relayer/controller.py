@@ -25,8 +25,8 @@ scheduler stopping, the target removed, its lease) is looked at again after the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import attrs
 from twisted.internet import error as ierror
@@ -160,6 +160,8 @@ class TargetRuntime:
             the store holds it UP.
         wire: The target's wire format.
         failed_at: When an attempt of the target last failed (in this process), or None.
+        first_claim: While the loop waits for the claim made with the events being stored
+            (see :meth:`TransactionController.reserve_first_claims`), the Deferred it waits on.
     """
 
     config: TargetConfig
@@ -186,6 +188,7 @@ class TargetRuntime:
     observed_down: bool = False
     wire: IWireFormat = MATRIX
     failed_at: float | None = None
+    first_claim: Deferred[Any] | None = None
 
     @property
     def failures(self) -> int:
@@ -398,6 +401,73 @@ class TransactionController:
             if t.state is TargetState.UP and not t.running:
                 self._kick(t)
 
+    def reserve_first_claims(
+        self, target_ids: Iterable[str], most: int
+    ) -> dict[str, tuple[int, int, float | None]]:
+        """
+        Start the loops of up to ``most`` of these targets that are idle, each to send its
+        first transaction as claimed with the events being stored for it.
+
+        Events are about to be stored for ``target_ids``. A target that is UP and has nothing
+        under way would claim its first transaction once they are stored, in a database
+        transaction of its own; the store can claim it in the one that stores the events
+        instead, which spares the new events a second wait for the database. Each loop started
+        here waits for :meth:`first_claims`, and nothing else starts one for the target
+        meanwhile, so the claim made with the events is the loop's own.
+
+        Returns:
+            Each reserved target's ``(max_events, max_bytes, default_ttl)``, for the claim.
+        """
+        reserved: dict[str, tuple[int, int, float | None]] = {}
+        if self._stopping:
+            return reserved
+        now = self._clock.seconds()
+        for target_id in target_ids:
+            if len(reserved) >= most:
+                break
+            t = self.targets.get(target_id)
+            if t is None or not self._idle(t, now):
+                continue
+            first: Deferred[Any] = Deferred()
+            t.first_claim = first
+            self._kick(t, first)
+            if t.running and t.first_claim is first:
+                # The loop waits for it (it ends at once if the target may not send now).
+                config = t.config
+                reserved[target_id] = (*claim_limits(config, t.wire), config.default_ttl)
+            else:
+                t.first_claim = None
+        return reserved
+
+    def first_claims(self, target_ids: Iterable[str], claimed: Mapping[str, Claim]) -> None:
+        """
+        Hand the reserved loops of ``target_ids`` their first claims: each target's entry in
+        ``claimed``, once durable. A target that has none there (the events were not stored
+        with it) claims for itself, as any loop does.
+        """
+        for target_id in target_ids:
+            t = self.targets.get(target_id)
+            if t is None or t.first_claim is None:
+                continue
+            first, t.first_claim = t.first_claim, None
+            first.callback(claimed.get(target_id, _UNCLAIMED))
+
+    def _idle(self, t: TargetRuntime, now: float) -> bool:
+        """Whether the target is UP with nothing under way, so that a send may start now."""
+        return (
+            t.state is TargetState.UP
+            and not t.running
+            and not t.removed
+            and not t.wake_requested
+            and t.unrecorded is None
+            and t.awaiting is None
+            and now >= t.not_before
+            and t.config.target_id not in self._paused
+            and not _scheduled(t.loop_retry)
+            and not _scheduled(t.fence)
+            and not _scheduled(t.confirm_timer)
+        )
+
     def confirmed(self, target_id: str) -> None:
         """A transaction of the target was confirmed: go on with the next ones."""
         t = self.targets.get(target_id)
@@ -519,7 +589,7 @@ class TransactionController:
 
     # -- the delivery loop ----------------------------------------------------------------------
 
-    def _kick(self, t: TargetRuntime) -> None:
+    def _kick(self, t: TargetRuntime, first: Deferred[Any] | None = None) -> None:
         if t.running or self._stopping or t.removed:
             return
         now = self._clock.seconds()
@@ -534,7 +604,7 @@ class TransactionController:
         t.running = True
         t.dirty = False
         target_id = t.config.target_id
-        d = Deferred.fromCoroutine(self._deliver(t))
+        d = Deferred.fromCoroutine(self._deliver(t, first))
         self._loops[target_id] = d
         d.addBoth(self._finished, t, d)
 
@@ -588,13 +658,14 @@ class TransactionController:
             )
         t.loop_retry = self._clock.callLater(delay, self._kick, t)
 
-    async def _deliver(self, t: TargetRuntime) -> None:
+    async def _deliver(self, t: TargetRuntime, first: Deferred[Any] | None = None) -> None:
         config = t.config
         target_id = config.target_id
         store = self._store
         limits = claim_limits(config, t.wire)
         ttl = config.default_ttl
         if not self._may_send(t):
+            t.first_claim = None
             self._paused.add(target_id)
             return
         if t.unrecorded is not None:
@@ -602,7 +673,12 @@ class TransactionController:
             # resume as it says (a retry after its backoff, or blocked).
             await self._record(t)
             return
-        txn: Claim = await store.claim(target_id, *limits, self._clock.seconds(), default_ttl=ttl)
+        txn: Claim
+        found: object = _UNCLAIMED if first is None else await first
+        if found is _UNCLAIMED:
+            txn = await store.claim(target_id, *limits, self._clock.seconds(), default_ttl=ttl)
+        else:
+            txn = cast(Claim, found)
         while True:
             if isinstance(txn, Awaiting):
                 # The head transaction awaits its confirmation: nothing else goes out until it
@@ -1166,6 +1242,10 @@ class TransactionController:
 
 #: The states of a target held until it is woken.
 _HELD = (TargetState.BLOCKED, TargetState.DISABLED)
+
+#: What a loop reserved for a first claim is handed when the claim was not made with the
+#: events: it claims for itself.
+_UNCLAIMED = object()
 
 #: The backoff used when a target's policy cannot give one.
 _FALLBACK = BackoffPolicy()

@@ -12,16 +12,20 @@ then nothing of theirs was stored.
 
 Each target's events are stored as runs no longer than one transaction of that target (by count
 and bytes), so forming a transaction never has to read more than it sends.
+
+A target that is idle when its events are written has its first transaction claimed in the same
+database transaction as the events (when the store can: ``add_events_claiming``), so that the
+send starts once they are committed, without a second wait for the database.
 """
 
 from __future__ import annotations
 
 import random as _random
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import accumulate
 from operator import add
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -33,17 +37,37 @@ from relayer import _encoding, _faults
 from relayer import _logevents as ev
 from relayer.config import BackoffPolicy
 from relayer.errors import StoreError, StoreUnavailable
-from relayer.store.base import EventBatch, IStore
+from relayer.store.base import Claim, EventBatch, IStore
 
 #: The most events one write takes, so that one commit stays a reasonable size. A single
 #: ``submit_many`` larger than this is still written in one commit.
 MAX_EVENTS_PER_WRITE = 20_000
+
+#: The most targets whose first transactions one write of events claims with them. The others
+#: claim theirs once the events are stored, so that a write to many idle targets (a fan-out)
+#: is not made to wait for the forming of all their transactions.
+MAX_FIRST_CLAIMS_PER_WRITE = 32
 
 #: The default backoff between attempts of a write that failed because the store was
 #: unavailable: 50 ms, doubling, up to 5 s.
 DEFAULT_STORE_RETRY = BackoffPolicy(initial=0.05, multiplier=2.0, maximum=5.0, jitter=0.2)
 #: How long, by default, a write is retried before its submits fail: 60 s.
 DEFAULT_STORE_RETRY_TIMEOUT = 60.0
+
+
+class FirstClaims(Protocol):
+    """
+    Who delivers the stored events, when the first transaction of an idle target may be
+    claimed with them (the :class:`relayer.controller.TransactionController`).
+    """
+
+    def reserve_first_claims(
+        self, target_ids: Iterable[str], most: int
+    ) -> dict[str, tuple[int, int, float | None]]:
+        """Reserve up to ``most`` idle ones of these targets; give their claim limits and TTL."""
+
+    def first_claims(self, target_ids: Iterable[str], claimed: Mapping[str, Claim]) -> None:
+        """Hand the reserved targets their claims; those without one claim for themselves."""
 
 
 @attrs.define
@@ -120,6 +144,9 @@ class EventGrouper:
         retry_timeout: How long a write is retried before its submits fail with
             :class:`relayer.errors.StoreError`.
         random: The jitter source for ``retry``.
+        first_claims: Reserves the idle targets whose first transaction is claimed with their
+            events, and is handed those claims; None claims nothing with the events. It is
+            used only with a store that has ``add_events_claiming``.
     """
 
     log = Logger(namespace="relayer.grouper")
@@ -134,9 +161,11 @@ class EventGrouper:
         retry: BackoffPolicy = DEFAULT_STORE_RETRY,
         retry_timeout: float = DEFAULT_STORE_RETRY_TIMEOUT,
         random: Callable[[], float] = _random.random,
+        first_claims: FirstClaims | None = None,
     ) -> None:
         self._clock = clock
         self._store = store
+        self._first_claims = first_claims if hasattr(store, "add_events_claiming") else None
         self._limits = limits
         self._on_stored = on_stored
         self.retry = retry
@@ -265,6 +294,29 @@ class EventGrouper:
         started = self._clock.seconds()
         attempt = 0
         settled = False
+        # The first attempt also claims the first transaction of each target that is idle;
+        # any other attempt stores the events alone.
+        reserved: dict[str, tuple[int, int, float | None]] = {}
+        if self._first_claims is not None:
+            reserved = self._first_claims.reserve_first_claims(
+                target_ids, MAX_FIRST_CLAIMS_PER_WRITE
+            )
+        claimed: Mapping[str, Claim] = {}
+
+        def hand_over() -> None:
+            # The reserved loops go on: with their claims, or claiming for themselves.
+            nonlocal reserved
+            if reserved:
+                ids, reserved = list(reserved), {}
+                try:
+                    assert self._first_claims is not None
+                    self._first_claims.first_claims(ids, claimed)
+                except Exception:
+                    self.log.failure(
+                        "Handing over the first transactions of {targets} targets failed",
+                        relayer_event=ev.SUBMIT_HANDOVER_FAILED,
+                        targets=len(ids),
+                    )
 
         def settle() -> None:
             # Before the submits' Deferreds fire: a submit made from their callbacks must not
@@ -277,8 +329,14 @@ class EventGrouper:
         try:
             while True:
                 try:
-                    ids = await self._store.add_events(events, self._clock.seconds())
+                    if reserved:
+                        ids, claimed = await self._store.add_events_claiming(  # type: ignore[attr-defined]
+                            events, self._clock.seconds(), reserved
+                        )
+                    else:
+                        ids = await self._store.add_events(events, self._clock.seconds())
                 except StoreUnavailable as e:
+                    hand_over()
                     attempt += 1
                     waited = self._clock.seconds() - started
                     if waited >= self.retry_timeout:
@@ -311,6 +369,11 @@ class EventGrouper:
                     )
                     await deferLater(self._clock, delay)
                 except Exception as e:
+                    if reserved:
+                        # The claims failed the events' database transaction: the events are
+                        # stored alone, at once, and the targets claim for themselves.
+                        hand_over()
+                        continue
                     self.log.failure(
                         "Storing {events} submitted events failed; their submits fail",
                         relayer_event=ev.SUBMIT_FAILED,
@@ -329,8 +392,12 @@ class EventGrouper:
                         n = submission.count
                         submission.done.callback(ids[offset : offset + n])
                         offset += n
+                    hand_over()
                     try:
-                        self._on_stored(target_ids)
+                        # A target claimed with the events has seen every one of them.
+                        self._on_stored(
+                            [t for t in target_ids if t not in claimed] if claimed else target_ids
+                        )
                     except Exception:
                         self.log.failure(
                             "Handing over the stored events of {targets} targets failed",
@@ -340,6 +407,7 @@ class EventGrouper:
                     return
         finally:
             settle()
+            hand_over()
             self._busy = False
             if self._queue:
                 self._write()

@@ -351,6 +351,7 @@ class Scheduler:
             self._controller.notify,
             retry_timeout=float(store_retry_timeout),
             random=random,
+            first_claims=self._controller,
         )
         self._registering: set[Deferred[Any]] = set()
         for config in targets:

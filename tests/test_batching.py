@@ -131,13 +131,18 @@ def test_submits_are_acknowledged_only_after_commit_and_share_commits(db_path: P
     pool = ManualPool()
     store = open_store(clock, db_path, pool=pool)  # type: ignore[arg-type]
     writes: list[int] = []
-    add_events = store.add_events
+    add_events, add_events_claiming = store.add_events, store.add_events_claiming
 
     def counting_add_events(runs: Any, now: float) -> Deferred[None]:
         writes.append(len(runs.bodies))
         return add_events(runs, now)
 
+    def counting_add_events_claiming(runs: Any, now: float, claims: Any) -> Deferred[Any]:
+        writes.append(len(runs.bodies))
+        return add_events_claiming(runs, now, claims)
+
     store.add_events = counting_add_events  # type: ignore[method-assign]
+    store.add_events_claiming = counting_add_events_claiming  # type: ignore[method-assign]
     transport = FakeTransport(clock)
     scheduler = Scheduler(clock, store, transport, [target("target")])
     started = scheduler.start()

@@ -163,7 +163,10 @@ def test_a_repeat_submitted_while_the_first_is_being_stored_stores_nothing(
     transport = FakeTransport(clock)
     scheduler = Scheduler(clock, store, transport, [target("a"), target("b")])
     assert scheduler.start().called
-    store.hold_calls("add_events")  # the store is slow: submits wait to be stored
+    # The store is slow: submits wait to be stored (the first write also claims a's first
+    # transaction, a being idle).
+    store.hold_calls("add_events_claiming")
+    store.hold_calls("add_events")
     first = scheduler.submit("a", {"n": 1}, event_id="e1")
     again = scheduler.submit("b", {"n": "again"}, event_id="e1")
     many = scheduler.submit_many([("a", {"n": 2}), ("a", Event({"n": "again"}, event_id="e1"))])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from typing import Any, TypeVar
 
@@ -370,20 +370,26 @@ class SQLStore:
 
         def committed(result: tuple[T, int]) -> T:
             claim, expired = result
-            listener = self._expired_listener
-            if expired and listener is not None:
-                try:
-                    listener(target_id, expired)
-                except Exception:
-                    self.log.failure(
-                        "The listener of expired events failed",
-                        relayer_event=ev.STORE_EXPIRY_LISTENER_FAILED,
-                        target=target_id,
-                        events=expired,
-                    )
+            if expired:
+                self._expired(target_id, expired)
             return claim
 
         return self._run(unit).addCallback(committed)
+
+    def _expired(self, target_id: str, count: int) -> None:
+        """Tell the listener that ``count`` events of the target are stored as expired."""
+        listener = self._expired_listener
+        if listener is None:
+            return
+        try:
+            listener(target_id, count)
+        except Exception:
+            self.log.failure(
+                "The listener of expired events failed",
+                relayer_event=ev.STORE_EXPIRY_LISTENER_FAILED,
+                target=target_id,
+                events=count,
+            )
 
     def _read(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         """
@@ -599,18 +605,62 @@ class SQLStore:
     ) -> Deferred[list[str]]:
         if not isinstance(batch, EventBatch):
             batch = EventBatch.of_runs(batch)
+        return Deferred.fromCoroutine(self._add_with_sets(batch, self._add_events, batch, now))
+
+    def add_events_claiming(
+        self,
+        batch: EventBatch,
+        now: float,
+        claims: Mapping[str, tuple[int, int, float | None]],
+    ) -> Deferred[tuple[list[str], dict[str, Claim]]]:
+        """
+        Store events as :meth:`add_events` does, and then, in the same database transaction,
+        claim the next transaction of each of ``claims``' targets as :meth:`claim` does.
+
+        ``claims`` gives each target's ``(max_events, max_bytes, default_ttl)``. It is how the
+        first transaction of a target that was idle goes out without a second wait for the
+        database: the events and that transaction are committed together.
+
+        Returns:
+            A Deferred that fires with the events' ids and each target's claim, once both are
+            durable. If it fails, nothing of either was stored.
+        """
+
+        def unit(conn: sa.Connection) -> tuple[list[str], dict[str, Claim], dict[str, int]]:
+            ids = self._add_events(conn, batch, now)
+            claimed: dict[str, Claim] = {}
+            expired: dict[str, int] = {}
+            for target_id, (max_events, max_bytes, ttl) in claims.items():
+                counter = conn.info[_EXPIRED_KEY] = [0]
+                try:
+                    self._check_lease(conn, target_id, now)
+                    claimed[target_id] = self._claim(
+                        conn, target_id, max_events, max_bytes, ttl, now, hold_down=True
+                    )
+                finally:
+                    conn.info.pop(_EXPIRED_KEY, None)
+                if counter[0]:
+                    expired[target_id] = counter[0]
+            return ids, claimed, expired
+
+        async def add() -> tuple[list[str], dict[str, Claim]]:
+            ids, claimed, expired = await self._add_with_sets(batch, unit)
+            for target_id, count in expired.items():
+                self._expired(target_id, count)
+            return ids, claimed
+
+        return Deferred.fromCoroutine(add())
+
+    async def _add_with_sets(self, batch: EventBatch, f: Callable[..., T], *args: Any) -> T:
+        """Run the unit ``f`` that stores ``batch``, once the lists of targets it names are."""
         keys = {target_id for target_id, _ in batch.runs}
         keys.update(map("\n".join, batch.targets.values()))
         missing = [k for k in keys if k not in self._set_ids]
-
-        async def add() -> list[str]:
-            if missing:
-                # Target lists are written in a database transaction of their own, and only
-                # remembered once it has committed: a list is never named by an event before.
-                self._set_ids.update(await self._run(self._ensure_sets, missing))
-            return await self._run(self._add_events, batch, now)
-
-        return Deferred.fromCoroutine(add())
+        if missing:
+            # Target lists are written in a database transaction of their own, and only
+            # remembered once it has committed: a list is never named by an event before.
+            self._set_ids.update(await self._run(self._ensure_sets, missing))
+        return await self._run(f, *args)
 
     def _find_sets(self, conn: sa.Connection, keys: list[str]) -> dict[str, int]:
         """The ids of those of these lists of targets that are stored."""
