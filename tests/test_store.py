@@ -16,7 +16,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from relayer import Scheduler, SchemaVersionError, SQLiteStore, StoreError, TargetState
+from relayer import (
+    DeliveryState,
+    Scheduler,
+    SchemaVersionError,
+    SQLiteStore,
+    StoreError,
+    TargetState,
+)
 from relayer._encoding import ENVELOPE_BYTES, events_of_body, join_events, transaction_body
 from relayer.errors import ConfigurationError, NotRunning
 from relayer.store import DeadLetter, QueueCounts, SQLStore, Transaction, schema
@@ -793,6 +800,65 @@ def test_queue_counts_read_only_the_page_s_targets_by_index(db_path: Path) -> No
     # Every table is searched through an index, none scanned whole.
     assert plans and all(not p.startswith("SCAN") for p in plans), plans
     result_of(s.close())
+
+
+def sqlite_steps(engine: sa.Engine) -> list[int]:
+    """
+    Counts the SQLite virtual machine's steps on ``engine``'s connections, from now on: a
+    measure of a query's work that, unlike its time, is the same on every run.
+    """
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        dbapi_connection.set_progress_handler(count, 1)
+
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.set_progress_handler(None, 1)
+
+    sa.event.listen(engine, "checkout", checkout)
+    sa.event.listen(engine, "checkin", checkin)
+    return steps
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("with_events", [False, True], ids=["ids", "bodies"])
+def test_a_page_deep_in_a_listing_costs_what_the_first_page_costs(
+    store: SQLiteStore, with_events: bool
+) -> None:
+    # 300 blocks of 5 delivered events, each block in its own transaction; a page is 5
+    # events. Finding a page's first block once read every block before it, through the view
+    # of live and archived events: the last page cost a hundred times the first.
+    blocks, per = 300, 5
+    for b in range(blocks):
+        batch = [("t", [ev(b * per + i, pad=200) for i in range(per)])]
+        result_of(store.add_events(batch, 1.0))
+    claim = result_of(store.claim("t", per, BIG, 2.0))
+    while isinstance(claim, Transaction):
+        claim = result_of(store.complete("t", claim.txn_id, per, BIG, 2.0))
+    steps = sqlite_steps(store._read_engine)
+    cursor: str | None = None
+    costs: list[int] = []
+    listed: list[int] = []
+    while True:
+        before = steps[0]
+        page = result_of(
+            store.target_events("t", DeliveryState.DELIVERED, cursor, per, with_events=with_events)
+        )
+        costs.append(steps[0] - before)
+        listed.extend(int(e.event_id.rsplit("-", 1)[1]) for e in page.entries)
+        if with_events:
+            bodies = [e.event for e in page.entries]
+            assert bodies == [ev(n - 1, pad=200) for n in listed[-len(page.entries) :]]
+        if page.next is None:
+            break
+        cursor = page.next
+    assert listed == list(range(1, blocks * per + 1))
+    assert len(costs) == blocks
+    assert max(costs) <= 2 * costs[0], (costs[0], costs[len(costs) // 2], costs[-1])
 
 
 def test_dead_letters_are_paged_by_transaction_id(db_path: Path | str) -> None:

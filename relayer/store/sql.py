@@ -243,12 +243,14 @@ _QMARK_SQL = {
         "FROM relayer_events WHERE first_seq <= ?), ?) AND first_seq <= ? "
         "ORDER BY first_seq"
     ),
-    # The same, among live and archived blocks alike.
+    # The same, among live and archived blocks alike. Not max(first_seq): over the view's
+    # UNION ALL, SQLite computes it by reading every block before (bodies and all), while an
+    # ORDER BY with LIMIT 1 merges the two tables' keys and stops at the first.
     "select_all_blocks": (
         "SELECT first_seq, last_seq, seqs, submitted_at, bodies, expires, ids "
-        "FROM relayer_all_events WHERE first_seq >= coalesce((SELECT max(first_seq) "
-        "FROM relayer_all_events WHERE first_seq <= ?), ?) AND first_seq <= ? "
-        "ORDER BY first_seq"
+        "FROM relayer_all_events WHERE first_seq >= coalesce((SELECT first_seq "
+        "FROM relayer_all_events WHERE first_seq <= ? ORDER BY first_seq DESC LIMIT 1), ?) "
+        "AND first_seq <= ? ORDER BY first_seq"
     ),
     "insert_blocks": (
         "INSERT INTO relayer_events (first_seq, last_seq, seqs, n_events, set_id, "
@@ -2393,8 +2395,12 @@ def _event_info(conn: sa.Connection, seqs: list[int]) -> dict[int, tuple[float, 
             stretches.append([low, high])
     found: dict[int, tuple[float, str]] = {}
     for low, high in stretches:
+        # The last block that begins at or before ``low`` (see "select_all_blocks").
         start = conn.execute(
-            sa.select(sa.func.max(_ae.c.first_seq)).where(_ae.c.first_seq <= low)
+            sa.select(_ae.c.first_seq)
+            .where(_ae.c.first_seq <= low)
+            .order_by(_ae.c.first_seq.desc())
+            .limit(1)
         ).scalar()
         for numbers, submitted_at, ids in conn.execute(
             sa.select(_ae.c.seqs, _ae.c.submitted_at, _ae.c.ids)
