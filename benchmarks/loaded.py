@@ -44,6 +44,13 @@ from relayer.transport.http import DEFAULT_PERSISTENT_PER_HOST
 BACKLOG = "backlog"
 PROBE = "probe"
 
+#: The fewest probes (or ``probes``, if fewer are asked for) that must be measured while the
+#: backlog drains: fewer is a failed run, since their 99th percentile would mean little.
+MIN_PROBES = 100
+
+#: The share of the backlog delivered at which probing stops, unless ``stop_at`` says.
+STOP_AT = 0.9
+
 
 @implementer(ITransport)
 class _ProbeWatch:
@@ -107,7 +114,7 @@ async def loaded(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
     """Latency of single events to an idle target while another drains a backlog."""
     n = params["events"]
     warmup, probes, gap = params["warmup"], params["probes"], params["gap"]
-    stop_at = params.get("stop_at", 0.9)
+    stop_at = params.get("stop_at", STOP_AT)
     # Each target has a sink process of its own, as two targets would be two servers: the
     # probes must not wait in the sink behind the decoding of the backlog's transactions.
     sink = Sink()
@@ -177,7 +184,7 @@ async def loaded(reactor: Any, params: dict[str, Any]) -> dict[str, Any]:
     problems = check_report(report, {BACKLOG: n}) + check_report(probe_report, {PROBE: seq})
     if backlog != n:
         problems.append(f"the backlog was {backlog} events before the wake, not {n}")
-    if measured_n < min(probes, 100):
+    if measured_n < min(probes, MIN_PROBES):
         problems.append(f"only {measured_n} probes were measured while the backlog drained")
     if len(accepted) != measured_n:
         problems.append(f"the sink timed {len(accepted)} probes, not {measured_n}")

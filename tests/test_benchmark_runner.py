@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
+from benchmarks import loaded as loaded_scenario
 from benchmarks import runner, scenarios
 from benchmarks._harness import run_child, stored_bytes
 from relayer.testing import open_store
@@ -62,8 +63,15 @@ def test_the_quick_plan_runs_every_scenario_at_its_quick_size() -> None:
     assert runs["throughput_encoded#0"] == {**runs["throughput#0"], "encoded": True}
     assert "encoded" not in runs["throughput#0"]
     assert runs["drain"]["events"] == 200_000
-    # The backlog drained under the probes: smaller in quick mode, so that CI stays short.
-    assert runs["loaded"]["events"] == 200_000
+    # The backlog drained under the probes: smaller in quick mode, so that CI stays short,
+    # yet large enough that, however fast the machine drains it, it lasts for the warm-up and
+    # the fewest probes, each at least the gap apart.
+    loaded_run = runs["loaded"]
+    assert loaded_run["events"] == 500_000
+    drained = loaded_run["events"] * loaded_run.get("stop_at", loaded_scenario.STOP_AT)
+    lasts_s = drained / runner.FASTEST_DRAIN
+    probing = loaded_run["warmup"] + min(loaded_run["probes"], loaded_scenario.MIN_PROBES)
+    assert lasts_s >= probing * loaded_run["gap"] * 1.5
     assert runs["loaded"]["synchronous"] == "FULL"
     assert runs["loaded"]["warmup"] < runs["loaded"]["probes"]
     assert (runs["memory"]["targets"], runs["memory"]["pending"]) == (10_000, 100_000)
