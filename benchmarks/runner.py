@@ -310,6 +310,13 @@ _TARGETS: list[tuple[str, str, str, str, Callable[[float, dict[str, Any]], bool]
         lambda v, s: v <= 1.5,
     ),
     (
+        "listing speed, 1M vs 100k",
+        "list_speed_1m_vs_100k",
+        "{:.0%}",
+        ">= 50%",
+        lambda v, s: v >= 0.5,
+    ),
+    (
         "fair p50 vs none failing",
         "fair_p50_ratio",
         "{:.2f}x",
@@ -437,6 +444,12 @@ def summarise(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
             s[f"dead_list_rss_mb_{suffix}"] = listing["dead_peak_rss_mb"]
             s[f"dead_list_baseline_rss_mb_{suffix}"] = listing["dead_baseline_rss_mb"]
             s[f"dead_list_events_per_s_{suffix}"] = listing["dead_events_per_s"]
+    small, large = (size_suffix(n) for n in LISTING_EVENTS)
+    if f"list_events_per_s_{small}" in s and f"list_events_per_s_{large}" in s:
+        # A listing reads each page by key: ten times the events, the same speed.
+        s[f"list_speed_{large}_vs_{small}"] = (
+            s[f"list_events_per_s_{large}"] / s[f"list_events_per_s_{small}"]
+        )
     if ok("fair") and ok("fair_baseline"):
         for q in ("p50", "p99"):
             s[f"fair_healthy_{q}_ms"] = results["fair"][f"healthy_{q}_ms"]
