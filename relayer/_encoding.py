@@ -215,8 +215,12 @@ def encode_event(event: Any, max_bytes: int) -> bytes:
             pickling = _pickling
             chunks = pickling.chunks
             chunks.clear()
-            pickling.dump(event)
-            pickled = b"".join(chunks)
+            try:
+                pickling.dump(event)
+                pickled = b"".join(chunks)
+            finally:
+                # Not kept until the next event: the pickle is as large as the event.
+                chunks.clear()
             if _BINFLOAT in pickled and (
                 data.find(b"0.0000") >= 0
                 or _SHORT_EXPONENT.search(data) is not None

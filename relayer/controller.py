@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import attrs
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -679,6 +679,8 @@ class TransactionController:
             txn = await store.claim(target_id, *limits, self._clock.seconds(), default_ttl=ttl)
         else:
             txn = cast(Claim, found)
+        # Nothing but ``txn`` holds the claimed transaction (see _released).
+        first = found = None
         while True:
             if isinstance(txn, Awaiting):
                 # The head transaction awaits its confirmation: nothing else goes out until it
@@ -728,7 +730,11 @@ class TransactionController:
                     reclaim = txn.deadline is not None and self._clock.seconds() >= txn.deadline
                 if not reclaim:
                     _faults.checkpoint("txn.stored")
-                    outcome = await self._send(t, txn)
+                    sending = self._attempt(t, txn)
+                    # What the loop keeps of the transaction while it is sent: what it needs to
+                    # record the outcome (its events' bytes went with the request).
+                    txn = _released(txn)
+                    outcome = await sending
             finally:
                 self.slots.release(kind)
             if reclaim:
@@ -988,9 +994,52 @@ class TransactionController:
         t.confirm_timer = None
         self._kick(t)
 
-    async def _send(self, t: TargetRuntime, txn: Transaction) -> SendOutcome | None:
+    def _request(
+        self, t: TargetRuntime, txn: Transaction
+    ) -> Callable[[], Deferred[SendOutcome]] | SendOutcome:
         """
-        Send a transaction; None if the send was abandoned because the scheduler stops.
+        Frame a transaction in the target's wire format: what starts its send, or the outcome
+        of an attempt that cannot be made (the transaction is too large for the format, or
+        framing it failed).
+        """
+        config = t.config
+        wire = t.wire
+        if wire.max_events is not None and txn.n_events > wire.max_events:
+            # Formed before the target took this format: split until each part fits.
+            return SendOutcome.too_large(
+                f"{txn.n_events} events are more than one request of the {wire.name!r} wire "
+                f"format carries ({wire.max_events})"
+            )
+        transport = self._transport
+        try:
+            if IRequestTransport.providedBy(transport):
+                request = wire.request(config, txn, self._clock.seconds())
+                return lambda: transport.send_request(config, request, wire)
+            if wire is MATRIX:
+                txn_id, body = txn.txn_id, matrix_body(txn.events)
+                return lambda: transport.send(config, txn_id, body)
+            raise ConfigurationError(
+                f"the wire format {wire.name!r} needs a transport that provides IRequestTransport"
+            )
+        except Exception as e:  # noqa: BLE001 - every send error is a transient failure
+            return SendOutcome(OutcomeKind.RETRY, _describe(e, config), failure=_failure_class(e))
+
+    def _attempt(self, t: TargetRuntime, txn: Transaction) -> Deferred[SendOutcome | None]:
+        """
+        Frame a transaction and send it (see :meth:`_send`); what the returned Deferred holds
+        meanwhile is its request, not the transaction's events.
+        """
+        start = self._request(t, txn)
+        if isinstance(start, SendOutcome):
+            return succeed(start)
+        return Deferred.fromCoroutine(self._send(t, start))
+
+    async def _send(
+        self, t: TargetRuntime, start: Callable[[], Deferred[SendOutcome]]
+    ) -> SendOutcome | None:
+        """
+        Send a transaction, framed by :meth:`_request`; None if the send was abandoned because
+        the scheduler stops.
 
         The target's ``request_timeout`` is enforced here, whatever the transport does: at the
         deadline the send is abandoned and counts as a transient failure, so no send outlives
@@ -1021,25 +1070,9 @@ class TransactionController:
             expired = True
             waiting.cancel()
 
-        wire = t.wire
-        if wire.max_events is not None and txn.n_events > wire.max_events:
-            # Formed before the target took this format: split until each part fits.
-            return SendOutcome.too_large(
-                f"{txn.n_events} events are more than one request of the {wire.name!r} wire "
-                f"format carries ({wire.max_events})"
-            )
         waiting: Deferred[SendOutcome] = Deferred(cancel_send)
         try:
-            if IRequestTransport.providedBy(self._transport):
-                request = wire.request(config, txn, self._clock.seconds())
-                sending = self._transport.send_request(config, request, wire)
-            elif wire is MATRIX:
-                sending = self._transport.send(config, txn.txn_id, matrix_body(txn.events))
-            else:
-                raise ConfigurationError(
-                    f"the wire format {wire.name!r} needs a transport that provides "
-                    "IRequestTransport"
-                )
+            sending = start()
             sending.addBoth(forward)
             deadline = self._clock.callLater(timeout, expire)
             t.in_flight = waiting
@@ -1249,6 +1282,14 @@ _UNCLAIMED = object()
 
 #: The backoff used when a target's policy cannot give one.
 _FALLBACK = BackoffPolicy()
+
+
+def _released(txn: Transaction) -> Transaction:
+    """
+    The transaction without its events' bytes, for the rest of an attempt once its request
+    holds them: its id, its number of events, its attempts and times stay.
+    """
+    return attrs.evolve(txn, events=())
 
 
 def _send_class(t: TargetRuntime, txn: Transaction, now: float) -> SendClass:

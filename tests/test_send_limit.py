@@ -17,7 +17,14 @@ from relayer import ConfigurationError, Scheduler, SQLiteStore, TargetState
 from relayer._slots import RECOVERY_PROBATION, RETRY_TURN
 from relayer.config import TargetConfig
 from relayer.scheduler import DEFAULT_MAX_SENDS_IN_FLIGHT
-from relayer.testing import FakeTransport, Harness, InlineDatabasePool, build_scheduler, target
+from relayer.testing import (
+    FakeTransport,
+    Harness,
+    InlineDatabasePool,
+    build_scheduler,
+    step,
+    target,
+)
 from relayer.transport.base import SendOutcome
 
 
@@ -270,3 +277,35 @@ def test_a_target_that_failed_lately_waits_as_a_retry_even_once_up(db_path: Path
     h.clock.advance(RECOVERY_PROBATION)
     assert race(2) == ["busy", "flappy", "healthy"]
     assert transport["flappy"].events == [{"n": n} for n in range(3)]
+
+
+@pytest.mark.parametrize("wire", ["matrix", "standard-webhooks"])
+def test_a_send_in_flight_holds_its_events_once_as_its_request(tmp_path: Path, wire: str) -> None:
+    # Sends in flight are bounded in number (max_sends_in_flight), so what each holds bounds
+    # the memory of all of them: the bytes of its request, not those and its events' too.
+    import tracemalloc
+
+    options: dict[str, Any] = {"max_events": 1, "max_bytes": 8_000_000}
+    if wire != "matrix":
+        options.update(
+            format="standard-webhooks", secrets=("whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",)
+        )
+    h = build_scheduler([target("t", **options)], path=tmp_path / "relayer.db")
+    h.transport["t"].hold()
+    size = 4_000_000
+    event = {"big": "x" * size}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        h.scheduler.submit("t", event)
+        step(h.clock, 0)
+        assert h.transport["t"].in_flight == 1
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # The request's body (and the transport's record of it, the same bytes): one copy.
+    assert size <= held < 1.5 * size, held
+    assert h.transport["t"].release() == 1
+    step(h.clock, 0)
+    assert h.transport["t"].events == [event]
+    result_of(h.scheduler.stop())

@@ -68,7 +68,7 @@ class Transaction:
         target_id: The target it is for.
         txn_id: Its id: per target, strictly increasing and never reused.
         events: Its events' encoded bytes, in order.
-        seqs: Their sequence numbers in the store, in the same order.
+        seqs: Their sequence numbers in the store, in the same order: one for each event.
         attempts: How many times it has been claimed for sending, this time included.
         oldest_at: When its oldest event was submitted.
         deadline: The earliest deadline of its events, or None: no send of it may start at or
@@ -93,8 +93,8 @@ class Transaction:
 
     @property
     def n_events(self) -> int:
-        """How many events it holds."""
-        return len(self.events)
+        """How many events it holds (one number each: it stays once the bytes are let go)."""
+        return len(self.seqs)
 
     @property
     def body(self) -> bytes:
