@@ -730,10 +730,11 @@ class TransactionController:
                     reclaim = txn.deadline is not None and self._clock.seconds() >= txn.deadline
                 if not reclaim:
                     _faults.checkpoint("txn.stored")
-                    sending = self._attempt(t, txn)
                     # What the loop keeps of the transaction while it is sent: what it needs to
-                    # record the outcome (its events' bytes went with the request).
-                    txn = _released(txn)
+                    # record the outcome (its events' bytes go with the request).
+                    released = _released(txn)
+                    sending = self._attempt(t, txn)
+                    txn = released
                     outcome = await sending
             finally:
                 self.slots.release(kind)
@@ -809,7 +810,8 @@ class TransactionController:
                 if split is None:
                     txn = await store.claim(target_id, *limits, now, default_ttl=ttl)
                 else:
-                    txn = split
+                    # Held by ``txn`` alone, so that its events go with its request.
+                    txn, split = split, None
                 continue
             if action is Action.SPLIT:
                 action = Action.DEAD_LETTER
@@ -1021,6 +1023,8 @@ class TransactionController:
             raise ConfigurationError(
                 f"the wire format {wire.name!r} needs a transport that provides IRequestTransport"
             )
+        except CancelledError:
+            return SendOutcome.retry("the request was cancelled")
         except Exception as e:  # noqa: BLE001 - every send error is a transient failure
             return SendOutcome(OutcomeKind.RETRY, _describe(e, config), failure=_failure_class(e))
 

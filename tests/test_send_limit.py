@@ -309,3 +309,36 @@ def test_a_send_in_flight_holds_its_events_once_as_its_request(tmp_path: Path, w
     step(h.clock, 0)
     assert h.transport["t"].events == [event]
     result_of(h.scheduler.stop())
+
+
+def test_the_part_of_a_split_transaction_in_flight_holds_its_events_once(tmp_path: Path) -> None:
+    import tracemalloc
+
+    h = build_scheduler([target("t", max_events=10, max_bytes=40_000_000)], path=tmp_path / "r.db")
+    fake = h.transport["t"]
+    fake.respond(413)
+    fake.hold()
+    size = 2_000_000
+    events = [{"n": n, "big": "x" * size} for n in range(4)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        h.scheduler.submit_many([("t", e) for e in events])
+        step(h.clock, 0)
+        assert [len(body) > 4 * size for _, body in fake.requests] == [True]
+        # Refused as too large: split in two, and the first half sent, and held.
+        fake.release(keep_holding=True)
+        step(h.clock, 0)
+        assert fake.in_flight == 1
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # The fake's record of the first request (4 events) and the request in flight (2 events),
+    # and not the events of the part in flight again.
+    assert [round(len(body) / size) for _, body in fake.requests] == [4, 2]
+    assert 6 * size <= held < 7 * size, held
+    fake.up()
+    assert fake.release() == 1
+    step(h.clock, 0)
+    assert fake.events == events
+    result_of(h.scheduler.stop())
