@@ -17,7 +17,7 @@ import pytest_twisted
 import treq
 from _support import eventually, reactor_
 from standardwebhooks import webhooks as reference
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -38,6 +38,7 @@ from relayer import (
     Scheduler,
     SendOutcome,
     TargetConfig,
+    TargetState,
     WireRequest,
 )
 from relayer.formats import sign, verify, webhook_id
@@ -289,6 +290,43 @@ def test_a_webhook_target_needs_a_request_transport(tmp_path: Path) -> None:
     assert "<MatrixOnlyTransport> does not" in str(info.value)
     assert NEW not in str(info.value)
     assert list(scheduler.targets) == ["m"]
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (CancelledError(), "the request was cancelled"),
+        (ValueError("no signing key"), "ValueError: no signing key"),
+    ],
+)
+def test_a_format_that_fails_to_frame_a_request_is_a_transient_failure(
+    tmp_path: Path, error: Exception, reason: str
+) -> None:
+    @implementer(IWireFormat)
+    class Failing:
+        name = "failing"
+        max_events = None
+
+        def check(self, target: TargetConfig) -> None:
+            pass
+
+        def request(self, target: TargetConfig, t: Transaction, now: float) -> WireRequest:
+            raise error
+
+        def classify(self, status: int, retry_after: str | None, now: float) -> SendOutcome:
+            return SendOutcome.delivered()
+
+    clock = Clock()
+    transport = FakeTransport(clock)
+    store = open_store(clock, tmp_path / "r.db")
+    config = TargetConfig("t", "https://t.example", format="failing")
+    scheduler = Scheduler(clock, store, transport, [config], formats={"failing": Failing()})
+    assert scheduler.start().called
+    scheduler.submit("t", {"n": 0})
+    clock.advance(0)
+    [status] = scheduler.status().result
+    assert (status.state, status.last_error) == (TargetState.DOWN, reason)
+    assert transport["t"].wire_requests == []
 
 
 def test_the_scheduler_takes_formats_of_its_own(tmp_path: Path) -> None:
